@@ -1,0 +1,148 @@
+//! The local admin socket: how `outpost ca ...` reaches a running gateway.
+//!
+//! A Unix socket `admin.sock` in the data directory, mode 0600 (only the gateway's user),
+//! one JSON request per connection, one JSON reply. When no gateway runs, the CLI opens the
+//! store itself instead (sled allows one process at a time, so never both).
+
+use crate::ca::{CaError, CaHandle, Issued};
+use crate::store::CertRecord;
+use serde::{Deserialize, Serialize};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub const SOCKET: &str = "admin.sock";
+const MAX_REQUEST: u64 = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("gateway answered: {0}")]
+    Remote(String),
+    #[error("unreadable answer from the gateway: {0}")]
+    Protocol(String),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    IssueDevice { id: String, csr: Option<String> },
+    RevokeSerial { serial: String },
+    RevokeDevice { id: String },
+    List,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reply {
+    Issued {
+        serial: String,
+        cert_pem: String,
+        key_pem: Option<String>,
+        ca_pem: String,
+    },
+    Records { records: Vec<CertRecord> },
+    Error { message: String },
+}
+
+impl From<Issued> for Reply {
+    fn from(i: Issued) -> Self {
+        Reply::Issued {
+            serial: i.serial,
+            cert_pem: i.cert_pem,
+            key_pem: i.key_pem,
+            ca_pem: i.ca_pem,
+        }
+    }
+}
+
+fn records(r: Result<Vec<CertRecord>, CaError>) -> Reply {
+    match r {
+        Ok(records) => Reply::Records { records },
+        Err(e) => Reply::Error { message: e.to_string() },
+    }
+}
+
+async fn handle(req: Request, ca: &CaHandle) -> Reply {
+    match req {
+        Request::IssueDevice { id, csr } => match ca.issue_device(&id, csr).await {
+            Ok(i) => i.into(),
+            Err(e) => Reply::Error { message: e.to_string() },
+        },
+        Request::RevokeSerial { serial } => records(ca.revoke_serial(&serial).await),
+        Request::RevokeDevice { id } => records(ca.revoke_device(&id).await),
+        Request::List => records(ca.list().await),
+    }
+}
+
+/// Bind the admin socket (replacing a stale one: the store lock proves no other gateway
+/// uses this data dir).
+pub fn bind(data_dir: &Path) -> Result<UnixListener, AdminError> {
+    let path = data_dir.join(SOCKET);
+    let io = |source| AdminError::Io { path: path.clone(), source };
+    if path.exists() {
+        std::fs::remove_file(&path).map_err(io)?;
+    }
+    let l = UnixListener::bind(&path).map_err(io)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(l)
+}
+
+pub async fn serve(listener: UnixListener, ca: CaHandle, tracker: TaskTracker, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => { tracing::warn!(error = %e, "admin accept failed"); continue; }
+            },
+        };
+        let ca = ca.clone();
+        tracker.spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut line = String::new();
+            let mut rd = BufReader::new(rd.take(MAX_REQUEST));
+            let reply = match rd.read_line(&mut line).await {
+                Ok(_) => match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => handle(req, &ca).await,
+                    Err(e) => Reply::Error { message: format!("bad request: {e}") },
+                },
+                Err(e) => Reply::Error { message: format!("read: {e}") },
+            };
+            let mut text = serde_json::to_string(&reply).unwrap_or_else(|_| "{}".into());
+            text.push('\n');
+            let _ = wr.write_all(text.as_bytes()).await;
+        });
+    }
+}
+
+/// Send one request to the running gateway. `Ok(None)`: no gateway listens here.
+pub async fn call(data_dir: &Path, req: &Request) -> Result<Option<Reply>, AdminError> {
+    let path = data_dir.join(SOCKET);
+    let io = |source| AdminError::Io { path: path.clone(), source };
+    let stream = match UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+            return Ok(None)
+        }
+        Err(e) => return Err(io(e)),
+    };
+    let (rd, mut wr) = stream.into_split();
+    let mut text = serde_json::to_string(req).map_err(|e| AdminError::Protocol(e.to_string()))?;
+    text.push('\n');
+    wr.write_all(text.as_bytes()).await.map_err(io)?;
+    let mut line = String::new();
+    BufReader::new(rd.take(64 * MAX_REQUEST)).read_line(&mut line).await.map_err(io)?;
+    let reply: Reply = serde_json::from_str(&line).map_err(|e| AdminError::Protocol(e.to_string()))?;
+    match reply {
+        Reply::Error { message } => Err(AdminError::Remote(message)),
+        other => Ok(Some(other)),
+    }
+}

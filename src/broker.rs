@@ -1,0 +1,124 @@
+//! The routing core: an in-process rumqttd, reachable only through the front door.
+//!
+//! rumqttd listens on an ephemeral loopback port with an authentication hook that accepts
+//! only a random secret generated at start and known to the front door alone. Any other
+//! process that finds the port is refused at CONNECT, so the front door (TLS, identity,
+//! ACLs, revocation, limits) cannot be bypassed.
+
+use crate::config::Config;
+use rand::RngCore;
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot reserve a loopback port for the broker: {0}")]
+    Port(std::io::Error),
+    #[error("cannot start the broker thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the broker did not start listening on {0} within 5 s")]
+    NotListening(SocketAddr),
+}
+
+/// Where the front door reaches the routing core, and the secret that opens it.
+#[derive(Clone)]
+pub struct BrokerLink {
+    pub addr: SocketAddr,
+    pub secret: Arc<str>,
+}
+
+/// Headroom for the CONNECT rewrite (user name + secret) over the client's packet limit.
+const CONNECT_HEADROOM: usize = 1024;
+
+pub fn start(cfg: &Config) -> Result<BrokerLink, BrokerError> {
+    let mut raw = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut raw);
+    let secret: Arc<str> = Arc::from(hex::encode(raw));
+
+    let addr = {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(BrokerError::Port)?;
+        l.local_addr().map_err(BrokerError::Port)?
+    };
+
+    let mut connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 5000,
+        max_payload_size: cfg.limits.max_packet_size + CONNECT_HEADROOM,
+        max_inflight_count: cfg.limits.max_inflight,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let expected = secret.clone();
+    connections.set_auth_handler(move |_client: String, _user: String, pass: String| {
+        let ok = constant_time_eq(pass.as_bytes(), expected.as_bytes());
+        async move { ok }
+    });
+    let server = rumqttd::ServerSettings {
+        name: "core".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    let router = rumqttd::RouterConfig {
+        max_connections: cfg.limits.max_connections + 16,
+        max_outgoing_packet_count: 200,
+        max_segment_size: cfg.broker.segment_size,
+        max_segment_count: cfg.broker.segment_count,
+        custom_segment: None,
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
+    };
+    let rcfg = rumqttd::Config {
+        id: 0,
+        router,
+        v4: Some(HashMap::from([("core".to_string(), server)])),
+        ..Default::default()
+    };
+    std::thread::Builder::new()
+        .name("outpost-broker".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(rcfg);
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "routing core stopped");
+            }
+        })
+        .map_err(BrokerError::Thread)?;
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !probe(addr, &secret) {
+        if Instant::now() > deadline {
+            return Err(BrokerError::NotListening(addr));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    tracing::debug!(%addr, "routing core listening (loopback, front door only)");
+    Ok(BrokerLink { addr, secret })
+}
+
+/// A full MQTT round trip with the secret: CONNECT, expect CONNACK accepted, DISCONNECT.
+fn probe(addr: SocketAddr, secret: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let connect = crate::frontdoor::mqtt::encode_connect(&crate::frontdoor::mqtt::Connect {
+        clean_session: true,
+        keep_alive: 10,
+        client_id: "outpost-core-probe".into(),
+        will: None,
+        username: Some("outpost-core-probe".into()),
+        password: Some(secret.as_bytes().to_vec()),
+    });
+    let mut ack = [0u8; 4];
+    let ok = s.write_all(&connect).is_ok() && s.read_exact(&mut ack).is_ok() && ack == [0x20, 2, 0, 0];
+    let _ = s.write_all(&[0xe0, 0]);
+    ok
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

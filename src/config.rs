@@ -1,0 +1,445 @@
+//! Configuration: one TOML document, typed, with defaults that work out of the box.
+//!
+//! `Config::default()` is the embedded default that `outpost run` uses with no file;
+//! `outpost print-default-config` prints it. Every section denies unknown fields so that a
+//! typo is an error naming the field, not a silently ignored setting.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Errors from loading or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("invalid config: field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub listeners: ListenersConfig,
+    pub limits: LimitsConfig,
+    pub broker: BrokerConfig,
+    pub acl: AclConfig,
+    pub ca: CaConfig,
+    pub tls: TlsConfig,
+    pub metrics: MetricsConfig,
+    pub mdns: MdnsConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Gateway identity: used as the CA and server certificate name, in mDNS TXT and logs.
+    /// Empty means "derive from the host name".
+    pub id: String,
+    /// State directory (CA, store, admin socket). Overridden by `--data-dir`.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenersConfig {
+    /// Device listener: MQTT over TLS with a client certificate required.
+    pub mqtts: SocketAddr,
+    /// Optional plain MQTT listener for processes on the gateway itself.
+    pub plain: Option<SocketAddr>,
+    /// Allow the plain listener on a non-loopback address (default false: refused at start).
+    pub allow_plain_on_network: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open connections across all listeners; further connections are closed at accept.
+    pub max_connections: usize,
+    /// Largest MQTT packet accepted from a client (bytes, whole packet).
+    pub max_packet_size: usize,
+    /// Time allowed for the TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+    /// Time allowed between the end of the handshake and a complete CONNECT packet.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// QoS 1/2 messages in flight per connection inside the broker.
+    pub max_inflight: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Bytes per in-memory log segment of each topic in the routing core.
+    pub segment_size: usize,
+    /// Segments kept per topic; a subscriber further behind than
+    /// `segment_size * segment_count` bytes loses the oldest messages.
+    pub segment_count: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            segment_size: 16 * 1024 * 1024,
+            segment_count: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeniedPublish {
+    /// Acknowledge according to QoS and discard (MQTT 3.1.1 section 3.3.5).
+    Drop,
+    /// Close the network connection.
+    Disconnect,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AclConfig {
+    /// Topic patterns every device may publish to; `{id}` is the device identity.
+    pub device_publish: Vec<String>,
+    /// Topic patterns every device may subscribe to.
+    pub device_subscribe: Vec<String>,
+    /// Patterns for clients on the plain (loopback) listener; `{id}` is their client id.
+    pub local_publish: Vec<String>,
+    pub local_subscribe: Vec<String>,
+    /// What happens to a PUBLISH the ACL denies.
+    pub on_denied_publish: DeniedPublish,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaConfig {
+    /// Validity of device certificates the CA issues.
+    #[serde(with = "humantime_serde")]
+    pub device_validity: Duration,
+    /// Validity of the gateway CA certificate created on first start.
+    #[serde(with = "humantime_serde")]
+    pub ca_validity: Duration,
+    /// Validity of the gateway's own TLS server certificate.
+    #[serde(with = "humantime_serde")]
+    pub server_validity: Duration,
+    /// Extra DNS names or IP addresses for the server certificate (localhost, 127.0.0.1,
+    /// ::1, the host name and `outpost.local` are always included).
+    pub server_names: Vec<String>,
+    /// How long each published CRL is valid (it is re-signed well before).
+    #[serde(with = "humantime_serde")]
+    pub crl_validity: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Additional CA certificates (PEM files) whose device certificates are accepted,
+    /// e.g. the cloud's device CA.
+    pub extra_client_cas: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    /// Prometheus text at `http://{listen}/metrics`. Loopback unless you mean otherwise.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MdnsConfig {
+    /// Advertise the device listener as `_secure-mqtt._tcp`.
+    pub enabled: bool,
+    /// Instance name; empty means the gateway id.
+    pub instance: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long connections may take to drain after SIGTERM before they are cut.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            gateway: GatewayConfig::default(),
+            listeners: ListenersConfig::default(),
+            limits: LimitsConfig::default(),
+            broker: BrokerConfig::default(),
+            acl: AclConfig::default(),
+            ca: CaConfig::default(),
+            tls: TlsConfig::default(),
+            metrics: MetricsConfig::default(),
+            mdns: MdnsConfig::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            id: String::new(),
+            data_dir: PathBuf::from("outpost-data"),
+        }
+    }
+}
+
+impl Default for ListenersConfig {
+    fn default() -> Self {
+        ListenersConfig {
+            mqtts: SocketAddr::from(([0, 0, 0, 0], 8883)),
+            plain: Some(SocketAddr::from(([127, 0, 0, 1], 1883))),
+            allow_plain_on_network: false,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 10_000,
+            max_packet_size: 256 * 1024,
+            tls_handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            max_inflight: 100,
+        }
+    }
+}
+
+impl Default for AclConfig {
+    fn default() -> Self {
+        AclConfig {
+            device_publish: vec!["devices/{id}/#".into()],
+            device_subscribe: vec!["devices/{id}/#".into(), "$outpost/uplink/state".into()],
+            local_publish: vec!["#".into(), "$outpost/#".into()],
+            local_subscribe: vec!["#".into(), "$outpost/#".into()],
+            on_denied_publish: DeniedPublish::Drop,
+        }
+    }
+}
+
+const DAY: u64 = 24 * 3600;
+
+impl Default for CaConfig {
+    fn default() -> Self {
+        CaConfig {
+            // Field advice: validity at least 3x the longest expected outage.
+            device_validity: Duration::from_secs(365 * DAY),
+            ca_validity: Duration::from_secs(20 * 365 * DAY),
+            server_validity: Duration::from_secs(2 * 365 * DAY),
+            server_names: Vec::new(),
+            crl_validity: Duration::from_secs(7 * DAY),
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            extra_client_cas: Vec::new(),
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9883)),
+        }
+    }
+}
+
+impl Default for MdnsConfig {
+    fn default() -> Self {
+        MdnsConfig {
+            enabled: true,
+            instance: String::new(),
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Config {
+    /// Parse a TOML document and validate it.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// The defaults as a TOML document (what `print-default-config` prints).
+    pub fn default_toml() -> String {
+        // Serialising our own plain structs cannot fail.
+        toml::to_string_pretty(&Config::default()).unwrap_or_default()
+    }
+
+    /// Check every value that types alone cannot. Errors name the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.gateway.data_dir.as_os_str().is_empty() {
+            return Err(invalid("gateway.data_dir", "must not be empty"));
+        }
+        if !self.gateway.id.is_empty() {
+            crate::acl::validate_identity(&self.gateway.id)
+                .map_err(|e| invalid("gateway.id", e.to_string()))?;
+        }
+        if let Some(plain) = self.listeners.plain {
+            if !plain.ip().is_loopback() && !self.listeners.allow_plain_on_network {
+                return Err(invalid(
+                    "listeners.plain",
+                    format!(
+                        "{plain} is not a loopback address; the plain listener has no TLS \
+                         (set listeners.allow_plain_on_network = true to insist)"
+                    ),
+                ));
+            }
+        }
+        let l = &self.limits;
+        if l.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        if !(128..=256 * 1024 * 1024).contains(&l.max_packet_size) {
+            return Err(invalid(
+                "limits.max_packet_size",
+                "must be between 128 bytes and 256 MiB",
+            ));
+        }
+        if l.tls_handshake_timeout.is_zero() {
+            return Err(invalid("limits.tls_handshake_timeout", "must be > 0"));
+        }
+        if l.connect_timeout.is_zero() || l.connect_timeout > Duration::from_secs(3600) {
+            return Err(invalid("limits.connect_timeout", "must be > 0 and <= 1h"));
+        }
+        if l.max_inflight == 0 || l.max_inflight > u16::MAX as usize {
+            return Err(invalid("limits.max_inflight", "must be 1..=65535"));
+        }
+        for (field, pats) in [
+            ("acl.device_publish", &self.acl.device_publish),
+            ("acl.device_subscribe", &self.acl.device_subscribe),
+            ("acl.local_publish", &self.acl.local_publish),
+            ("acl.local_subscribe", &self.acl.local_subscribe),
+        ] {
+            for p in pats {
+                crate::acl::Pattern::parse(p).map_err(|e| invalid(field, format!("{p:?}: {e}")))?;
+            }
+        }
+        if self.broker.segment_size < l.max_packet_size * 2 {
+            return Err(invalid(
+                "broker.segment_size",
+                "must be at least twice limits.max_packet_size",
+            ));
+        }
+        if !(2..=1024).contains(&self.broker.segment_count) {
+            return Err(invalid("broker.segment_count", "must be 2..=1024"));
+        }
+        let c = &self.ca;
+        if c.device_validity < Duration::from_secs(3600) {
+            return Err(invalid("ca.device_validity", "must be at least 1h"));
+        }
+        if c.ca_validity <= c.device_validity || c.ca_validity <= c.server_validity {
+            return Err(invalid(
+                "ca.ca_validity",
+                "must be longer than ca.device_validity and ca.server_validity",
+            ));
+        }
+        if c.server_validity < Duration::from_secs(3600) {
+            return Err(invalid("ca.server_validity", "must be at least 1h"));
+        }
+        if c.crl_validity < Duration::from_secs(3600) {
+            return Err(invalid("ca.crl_validity", "must be at least 1h"));
+        }
+        for n in &c.server_names {
+            if n.is_empty() || n.len() > 253 {
+                return Err(invalid("ca.server_names", format!("bad name {n:?}")));
+            }
+        }
+        if self.shutdown.grace > Duration::from_secs(600) {
+            return Err(invalid("shutdown.grace", "must be at most 10 minutes"));
+        }
+        Ok(())
+    }
+
+    /// The gateway id in force: the configured one, else derived from the host name.
+    pub fn gateway_id(&self) -> String {
+        if !self.gateway.id.is_empty() {
+            return self.gateway.id.clone();
+        }
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| crate::acl::validate_identity(h).is_ok())
+            .unwrap_or_else(|| "outpost".to_string());
+        format!("outpost-{host}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_round_trips_through_toml() {
+        let text = Config::default_toml();
+        let back = Config::from_toml(&text).expect("default config must parse");
+        assert_eq!(back, Config::default());
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = Config::from_toml("[limits]\nmax_conections = 5\n").unwrap_err();
+        assert!(err.to_string().contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn plain_listener_on_network_is_refused_with_field_name() {
+        let err = Config::from_toml("[listeners]\nplain = \"0.0.0.0:1883\"\n").unwrap_err();
+        assert!(err.to_string().contains("listeners.plain"), "{err}");
+    }
+
+    #[test]
+    fn bad_acl_pattern_is_refused() {
+        let err = Config::from_toml("[acl]\ndevice_publish = [\"a/#/b\"]\n").unwrap_err();
+        assert!(err.to_string().contains("acl.device_publish"), "{err}");
+    }
+
+    #[test]
+    fn durations_are_human_readable() {
+        let cfg = Config::from_toml("[limits]\nconnect_timeout = \"3s\"\n").unwrap();
+        assert_eq!(cfg.limits.connect_timeout, Duration::from_secs(3));
+    }
+}

@@ -1,0 +1,451 @@
+//! One client connection: CONNECT checks, then a two-way MQTT proxy to the routing core that
+//! enforces the ACL on every PUBLISH and SUBSCRIBE, and cuts the session when its
+//! certificate is revoked or expires.
+
+use super::mqtt::{self, MqttError};
+use super::{dial_core, serial_of, Shared};
+use crate::acl::{validate_identity, Rules};
+use crate::config::DeniedPublish;
+use bytes::{Buf, Bytes, BytesMut};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Identity taken from a verified client certificate.
+#[derive(Debug, Clone)]
+pub struct CertIdentity {
+    pub id: String,
+    pub serial: String,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
+impl CertIdentity {
+    pub fn from_der(der: &[u8]) -> Result<CertIdentity, String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .ok_or("no common name")?;
+        validate_identity(cn).map_err(|e| format!("common name {cn:?}: {e}"))?;
+        Ok(CertIdentity {
+            id: cn.to_string(),
+            serial: serial_of(cert.raw_serial()),
+            not_after: cert.validity().not_after.timestamp(),
+        })
+    }
+}
+
+pub enum Peer {
+    /// Came through TLS with a verified certificate.
+    Device(CertIdentity),
+    /// Came through the plain loopback listener.
+    Local,
+}
+
+/// Why a connection ended (for logs).
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    CoreClosed,
+    Shutdown,
+    Revoked,
+    Expired,
+    Malformed(MqttError),
+    Io(std::io::Error),
+    DeniedPublish(String),
+}
+
+/// Messages from the client-side pump to the writer of the client socket.
+enum Local {
+    /// Bytes the front door answers itself (acks for dropped publishes, SUBACKs).
+    Send(Bytes),
+    /// A SUBSCRIBE went to the core with some filters removed: merge its SUBACK.
+    /// `None` = take the core's code, `Some(c)` = our code for a refused filter.
+    ExpectSuback(u16, Vec<Option<u8>>),
+}
+
+const READ_CHUNK: usize = 16 * 1024;
+
+pub async fn serve<S>(stream: S, peer: Peer, shared: Arc<Shared>, cancel: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    shared.metrics.connections_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let end = session(stream, &peer, &shared, &cancel).await;
+    shared.metrics.connections_open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    match end {
+        End::ClientClosed | End::CoreClosed => tracing::debug!(?end, "connection closed"),
+        End::Shutdown => tracing::debug!("connection closed for shutdown"),
+        End::Revoked => tracing::warn!("certificate revoked: session disconnected"),
+        End::Expired => tracing::warn!("certificate expired: session disconnected"),
+        End::Malformed(e) => {
+            shared.metrics.inc(|m| &m.malformed_packets);
+            tracing::warn!(error = %e, "malformed packet: connection closed");
+        }
+        End::Io(e) => tracing::debug!(error = %e, "connection I/O error"),
+        End::DeniedPublish(t) => tracing::warn!(topic = %t, "publish denied: connection closed (policy)"),
+    }
+}
+
+async fn read_connect<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<mqtt::Connect, End> {
+    loop {
+        if let Some((ptype, flags, hdr, total)) = mqtt::frame(buf, max).map_err(End::Malformed)? {
+            if ptype != mqtt::CONNECT || flags != 0 {
+                return Err(End::Malformed(MqttError::UnexpectedType(ptype)));
+            }
+            let c = mqtt::parse_connect(&buf[hdr..total]).map_err(End::Malformed);
+            buf.advance(total);
+            return c;
+        }
+        buf.reserve(READ_CHUNK);
+        match rd.read_buf(buf).await {
+            Ok(0) => return Err(End::ClientClosed),
+            Ok(_) => {}
+            Err(e) => return Err(End::Io(e)),
+        }
+    }
+}
+
+async fn session<S>(stream: S, peer: &Peer, shared: &Arc<Shared>, cancel: &CancellationToken) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &shared.cfg.limits;
+    let (mut crd, mut cwr) = tokio::io::split(stream);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+
+    let connect = tokio::select! {
+        _ = cancel.cancelled() => return End::Shutdown,
+        r = tokio::time::timeout(limits.connect_timeout, read_connect(&mut crd, &mut buf, limits.max_packet_size)) => match r {
+            Err(_) => {
+                shared.metrics.inc(|m| &m.connect_timeouts);
+                tracing::info!("no CONNECT in time: closed");
+                return End::ClientClosed;
+            }
+            Ok(Err(End::Malformed(MqttError::Protocol { name, level }))) => {
+                refuse(&mut cwr, mqtt::CONNACK_BAD_PROTOCOL).await;
+                return End::Malformed(MqttError::Protocol { name, level });
+            }
+            Ok(Err(e)) => return e,
+            Ok(Ok(c)) => c,
+        },
+    };
+
+    // Identity: from the certificate for devices, from the client id for local clients.
+    let (identity, rules, serial, not_after): (String, &Rules, Option<String>, Option<i64>) = match peer {
+        Peer::Device(cert) => {
+            if !connect.client_id.is_empty() && connect.client_id != cert.id {
+                shared.metrics.inc(|m| &m.connections_refused_identity);
+                tracing::warn!(client_id = %connect.client_id, "client id does not match certificate identity: refused");
+                refuse(&mut cwr, mqtt::CONNACK_ID_REJECTED).await;
+                return End::ClientClosed;
+            }
+            (cert.id.clone(), &shared.device_rules, Some(cert.serial.clone()), Some(cert.not_after))
+        }
+        Peer::Local => {
+            let id = if connect.client_id.is_empty() {
+                format!("local-{:016x}", rand::random::<u64>())
+            } else {
+                connect.client_id.clone()
+            };
+            if validate_identity(&id).is_err() {
+                shared.metrics.inc(|m| &m.connections_refused_identity);
+                tracing::warn!(client_id = %id, "client id is not a valid identity: refused");
+                refuse(&mut cwr, mqtt::CONNACK_ID_REJECTED).await;
+                return End::ClientClosed;
+            }
+            (id, &shared.local_rules, None, None)
+        }
+    };
+    tracing::Span::current().record("id", identity.as_str());
+
+    if let Some(w) = &connect.will {
+        if !rules.may_publish(&identity, &w.topic) {
+            shared.metrics.inc(|m| &m.acl_denied_publish);
+            tracing::warn!(device = %identity, topic = %w.topic, "will topic denied by ACL: refused");
+            refuse(&mut cwr, mqtt::CONNACK_NOT_AUTHORIZED).await;
+            return End::ClientClosed;
+        }
+    }
+    if let Some(s) = &serial {
+        if shared.revocations.borrow().revoked.contains(s) {
+            shared.metrics.inc(|m| &m.revoked_disconnects);
+            return End::Revoked;
+        }
+    }
+
+    let core = match dial_core(&shared.broker).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "routing core unreachable");
+            return End::Io(e);
+        }
+    };
+    let (mut brd, mut bwr) = core.into_split();
+    let rewritten = mqtt::Connect {
+        client_id: identity.clone(),
+        // rumqttd refuses keep-alive 0 ("never"); the longest interval is the closest.
+        keep_alive: if connect.keep_alive == 0 { u16::MAX } else { connect.keep_alive },
+        username: Some(identity.clone()),
+        password: Some(shared.broker.secret.as_bytes().to_vec()),
+        ..connect
+    };
+    if let Err(e) = bwr.write_all(&mqtt::encode_connect(&rewritten)).await {
+        return End::Io(e);
+    }
+    tracing::info!(client = %identity, "session started");
+
+    let (ltx, lrx) = mpsc::channel::<Local>(64);
+    let metrics = shared.metrics.clone();
+    let mut downstream = Box::pin(pump_to_client(&mut brd, &mut cwr, lrx, metrics));
+
+    let mut upstream_state = Upstream {
+        identity: &identity,
+        rules,
+        policy: shared.cfg.acl.on_denied_publish,
+        max_packet: limits.max_packet_size,
+        dropped_qos2: HashSet::new(),
+        shared,
+        ltx,
+    };
+    let mut revocations = shared.revocations.clone();
+    let expiry = not_after
+        .map(|t| {
+            let left = t - time::OffsetDateTime::now_utc().unix_timestamp();
+            Duration::from_secs(left.max(0) as u64)
+        })
+        .unwrap_or(Duration::from_secs(100 * 365 * 24 * 3600));
+    let expiry = tokio::time::sleep(expiry);
+    tokio::pin!(expiry);
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                let _ = bwr.shutdown().await;
+                return End::Shutdown;
+            }
+            changed = revocations.changed(), if serial.is_some() => {
+                if changed.is_ok() {
+                    if let Some(s) = &serial {
+                        if revocations.borrow_and_update().revoked.contains(s) {
+                            shared.metrics.inc(|m| &m.revoked_disconnects);
+                            return End::Revoked;
+                        }
+                    }
+                }
+            }
+            _ = &mut expiry => {
+                shared.metrics.inc(|m| &m.expired_disconnects);
+                return End::Expired;
+            }
+            end = &mut downstream => return end,
+            r = read_more(&mut crd, &mut buf) => {
+                match r {
+                    Ok(0) => { let _ = bwr.shutdown().await; return End::ClientClosed; }
+                    Ok(n) => shared.metrics.add(|m| &m.bytes_in, n as u64),
+                    Err(e) => return End::Io(e),
+                }
+                let out = match upstream_state.process(&mut buf).await {
+                    Ok(out) => out,
+                    Err(end) => return end,
+                };
+                if !out.is_empty() {
+                    if let Err(e) = bwr.write_all(&out).await {
+                        return End::Io(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Answer CONNECT with a refusal and close the stream cleanly (TLS close_notify included).
+async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, code: u8) {
+    let _ = w.write_all(&mqtt::connack(false, code)).await;
+    let _ = w.flush().await;
+    let _ = w.shutdown().await;
+}
+
+async fn read_more<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
+    buf.reserve(READ_CHUNK);
+    rd.read_buf(buf).await
+}
+
+struct Upstream<'a> {
+    identity: &'a str,
+    rules: &'a Rules,
+    policy: DeniedPublish,
+    max_packet: usize,
+    /// QoS 2 publishes we refused and acknowledged with PUBREC: their PUBREL is ours too.
+    dropped_qos2: HashSet<u16>,
+    shared: &'a Shared,
+    ltx: mpsc::Sender<Local>,
+}
+
+impl Upstream<'_> {
+    async fn local(&self, msg: Local) -> Result<(), End> {
+        self.ltx.send(msg).await.map_err(|_| End::CoreClosed)
+    }
+
+    /// Take every complete frame out of `buf`; return the bytes to forward to the core.
+    async fn process(&mut self, buf: &mut BytesMut) -> Result<BytesMut, End> {
+        let mut out = BytesMut::new();
+        while let Some((ptype, flags, hdr, total)) = mqtt::frame(buf, self.max_packet).map_err(End::Malformed)? {
+            mqtt::check_client_flags(ptype, flags).map_err(End::Malformed)?;
+            let body = &buf[hdr..total];
+            match ptype {
+                mqtt::PUBLISH => {
+                    let (topic, qos, pid) = mqtt::parse_publish(flags, body).map_err(End::Malformed)?;
+                    if self.rules.may_publish(self.identity, &topic) {
+                        self.shared.metrics.inc(|m| &m.messages_in);
+                        out.extend_from_slice(&buf[..total]);
+                    } else {
+                        self.shared.metrics.inc(|m| &m.acl_denied_publish);
+                        tracing::warn!(device = %self.identity, %topic, qos, "publish denied by ACL");
+                        if self.policy == DeniedPublish::Disconnect {
+                            return Err(End::DeniedPublish(topic));
+                        }
+                        match (qos, pid) {
+                            (1, Some(p)) => self.local(Local::Send(mqtt::ack(mqtt::PUBACK, p))).await?,
+                            (2, Some(p)) => {
+                                self.dropped_qos2.insert(p);
+                                self.local(Local::Send(mqtt::ack(mqtt::PUBREC, p))).await?
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                mqtt::PUBREL => {
+                    let pid = mqtt::parse_pid(body).map_err(End::Malformed)?;
+                    if self.dropped_qos2.remove(&pid) {
+                        self.local(Local::Send(mqtt::ack(mqtt::PUBCOMP, pid))).await?;
+                    } else {
+                        out.extend_from_slice(&buf[..total]);
+                    }
+                }
+                mqtt::SUBSCRIBE => {
+                    let sub = mqtt::parse_subscribe(body).map_err(End::Malformed)?;
+                    let mut template = Vec::with_capacity(sub.filters.len());
+                    let mut allowed = Vec::with_capacity(sub.filters.len());
+                    for (f, q) in &sub.filters {
+                        if self.rules.may_subscribe(self.identity, f) {
+                            template.push(None);
+                            allowed.push((f.clone(), *q));
+                        } else {
+                            self.shared.metrics.inc(|m| &m.acl_denied_subscribe);
+                            tracing::warn!(device = %self.identity, filter = %f, "subscribe denied by ACL");
+                            template.push(Some(mqtt::SUBACK_FAILURE));
+                        }
+                    }
+                    if allowed.is_empty() {
+                        let codes: Vec<u8> = template.iter().map(|c| c.unwrap_or(mqtt::SUBACK_FAILURE)).collect();
+                        self.local(Local::Send(mqtt::suback(sub.pid, &codes))).await?;
+                    } else if allowed.len() == sub.filters.len() {
+                        out.extend_from_slice(&buf[..total]);
+                    } else {
+                        self.local(Local::ExpectSuback(sub.pid, template)).await?;
+                        out.extend_from_slice(&mqtt::encode_subscribe(&mqtt::Subscribe { pid: sub.pid, filters: allowed }));
+                    }
+                }
+                mqtt::CONNECT => return Err(End::Malformed(MqttError::UnexpectedType(mqtt::CONNECT))),
+                mqtt::PUBACK | mqtt::PUBREC | mqtt::PUBCOMP | mqtt::UNSUBSCRIBE => {
+                    mqtt::parse_pid(body).map_err(End::Malformed)?;
+                    out.extend_from_slice(&buf[..total]);
+                }
+                mqtt::PINGREQ | mqtt::DISCONNECT => {
+                    if total != 2 {
+                        return Err(End::Malformed(MqttError::BadLength));
+                    }
+                    out.extend_from_slice(&buf[..total]);
+                }
+                other => return Err(End::Malformed(MqttError::UnexpectedType(other))),
+            }
+            buf.advance(total);
+        }
+        Ok(out)
+    }
+}
+
+/// Core → client: forward frames, merge partial SUBACKs, interleave the front door's own
+/// packets. Local packets are taken first so that a SUBACK template always arrives before
+/// the SUBACK it applies to.
+async fn pump_to_client<R, W>(
+    core: &mut R,
+    client: &mut W,
+    mut local: mpsc::Receiver<Local>,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut pending: HashMap<u16, Vec<Option<u8>>> = HashMap::new();
+    let mut local_open = true;
+    loop {
+        tokio::select! {
+            biased;
+            msg = local.recv(), if local_open => match msg {
+                Some(Local::Send(b)) => {
+                    if let Err(e) = client.write_all(&b).await { return End::Io(e); }
+                }
+                Some(Local::ExpectSuback(pid, t)) => { pending.insert(pid, t); }
+                None => local_open = false,
+            },
+            r = read_more(core, &mut buf) => {
+                match r {
+                    Ok(0) => { let _ = client.shutdown().await; return End::CoreClosed; }
+                    Ok(_) => {}
+                    Err(e) => return End::Io(e),
+                }
+                let mut out = BytesMut::new();
+                // The core is trusted; its frames are bounded by its own packet limit.
+                loop {
+                    let (ptype, hdr, total) = match mqtt::frame(&buf, usize::MAX) {
+                        Ok(Some((t, _, h, n))) => (t, h, n),
+                        Ok(None) => break,
+                        Err(e) => return End::Malformed(e),
+                    };
+                    match ptype {
+                        mqtt::PUBLISH => {
+                            metrics.inc(|m| &m.messages_out);
+                            out.extend_from_slice(&buf[..total]);
+                        }
+                        mqtt::SUBACK if !pending.is_empty() => {
+                            let body = &buf[hdr..total];
+                            let pid = mqtt::parse_pid(body).unwrap_or(0);
+                            match pending.remove(&pid) {
+                                Some(template) => {
+                                    let mut core_codes = body.get(2..).unwrap_or(&[]).iter().copied();
+                                    let codes: Vec<u8> = template
+                                        .into_iter()
+                                        .map(|c| c.unwrap_or_else(|| core_codes.next().unwrap_or(mqtt::SUBACK_FAILURE)))
+                                        .collect();
+                                    out.extend_from_slice(&mqtt::suback(pid, &codes));
+                                }
+                                None => out.extend_from_slice(&buf[..total]),
+                            }
+                        }
+                        _ => out.extend_from_slice(&buf[..total]),
+                    }
+                    buf.advance(total);
+                }
+                if !out.is_empty() {
+                    metrics.add(|m| &m.bytes_out, out.len() as u64);
+                    if let Err(e) = client.write_all(&out).await { return End::Io(e); }
+                }
+            }
+        }
+    }
+}

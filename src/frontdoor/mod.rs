@@ -1,0 +1,294 @@
+//! The front door: every client connection enters here and nowhere else.
+//!
+//! It owns the listeners, TLS (rustls with the ring provider, client certificate required,
+//! CRL checked), the connection limit and the per-connection timeouts. Each accepted socket
+//! gets its own task, so a client that stalls its handshake delays nobody. After the
+//! handshake the identity comes from the certificate; [`conn`] then proxies MQTT to the
+//! routing core and enforces the ACL packet by packet.
+
+pub mod conn;
+pub mod mqtt;
+
+use crate::acl::Rules;
+use crate::broker::BrokerLink;
+use crate::ca::{Revocations, serial_hex};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrontDoorError {
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("client verifier: {0}")]
+    Verifier(String),
+    #[error("cannot read trusted CA file {path}: {reason}")]
+    ExtraCa { path: PathBuf, reason: String },
+    #[error("server key: {0}")]
+    Key(String),
+    #[error("ACL: {0}")]
+    Acl(#[from] crate::acl::AclError),
+}
+
+/// Everything the TLS layer needs that does not change with revocations.
+pub struct TlsMaterial {
+    pub server_chain: Vec<CertificateDer<'static>>,
+    pub server_key: PrivateKeyDer<'static>,
+    pub roots: Arc<RootCertStore>,
+}
+
+impl TlsMaterial {
+    pub fn new(
+        server_cert_pem: &str,
+        server_key_pem: &str,
+        ca_der: &[u8],
+        extra_cas: &[PathBuf],
+    ) -> Result<TlsMaterial, FrontDoorError> {
+        let mut chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut server_cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| FrontDoorError::Key(e.to_string()))?;
+        chain.push(CertificateDer::from(ca_der.to_vec()));
+        let server_key = rustls_pemfile::private_key(&mut server_key_pem.as_bytes())
+            .map_err(|e| FrontDoorError::Key(e.to_string()))?
+            .ok_or_else(|| FrontDoorError::Key("no private key in server.key".into()))?;
+        let mut roots = RootCertStore::empty();
+        roots.add(CertificateDer::from(ca_der.to_vec()))?;
+        for path in extra_cas {
+            let text = std::fs::read(path).map_err(|e| FrontDoorError::ExtraCa {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            let mut n = 0;
+            for c in rustls_pemfile::certs(&mut text.as_slice()) {
+                let c = c.map_err(|e| FrontDoorError::ExtraCa {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                roots.add(c)?;
+                n += 1;
+            }
+            if n == 0 {
+                return Err(FrontDoorError::ExtraCa {
+                    path: path.clone(),
+                    reason: "no PEM certificate in file".into(),
+                });
+            }
+        }
+        Ok(TlsMaterial {
+            server_chain: chain,
+            server_key,
+            roots: Arc::new(roots),
+        })
+    }
+
+    /// A server config that requires a client certificate chaining to our roots and not on
+    /// the CRL. CRLs are fixed per config, so a new one is built on every revocation.
+    pub fn server_config(&self, rev: &Revocations) -> Result<Arc<ServerConfig>, FrontDoorError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut crls = Vec::new();
+        if !rev.crl_der.is_empty() {
+            crls.push(CertificateRevocationListDer::from(rev.crl_der.clone()));
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            // Certificates of extra trusted CAs are not covered by our CRL.
+            .allow_unknown_revocation_status()
+            .build()
+            .map_err(|e| FrontDoorError::Verifier(e.to_string()))?;
+        let cfg = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.server_chain.clone(), self.server_key.clone_key())?;
+        Ok(Arc::new(cfg))
+    }
+}
+
+/// What a connection task needs, shared by all of them.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub broker: BrokerLink,
+    pub metrics: Arc<Metrics>,
+    pub device_rules: Rules,
+    pub local_rules: Rules,
+    pub revocations: watch::Receiver<Arc<Revocations>>,
+    pub permits: Arc<Semaphore>,
+}
+
+impl Shared {
+    pub fn new(
+        cfg: Arc<Config>,
+        broker: BrokerLink,
+        metrics: Arc<Metrics>,
+        revocations: watch::Receiver<Arc<Revocations>>,
+    ) -> Result<Shared, FrontDoorError> {
+        Ok(Shared {
+            device_rules: Rules::new(&cfg.acl.device_publish, &cfg.acl.device_subscribe)?,
+            local_rules: Rules::new(&cfg.acl.local_publish, &cfg.acl.local_subscribe)?,
+            permits: Arc::new(Semaphore::new(cfg.limits.max_connections)),
+            cfg,
+            broker,
+            metrics,
+            revocations,
+        })
+    }
+}
+
+/// Keep the TLS config in step with the CRL: rebuilt on every change.
+pub fn follow_revocations(
+    material: TlsMaterial,
+    mut revocations: watch::Receiver<Arc<Revocations>>,
+    shutdown: CancellationToken,
+) -> Result<watch::Receiver<Arc<ServerConfig>>, FrontDoorError> {
+    let first = material.server_config(&revocations.borrow_and_update())?;
+    let (tx, rx) = watch::channel(first);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                changed = revocations.changed() => {
+                    if changed.is_err() { break; }
+                    let rev = revocations.borrow_and_update().clone();
+                    match material.server_config(&rev) {
+                        Ok(c) => { tx.send_replace(c); }
+                        Err(e) => tracing::error!(error = %e, "cannot rebuild TLS config after CRL change"),
+                    }
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Accept TLS device connections until shutdown.
+pub async fn accept_tls(
+    listener: TcpListener,
+    tls: watch::Receiver<Arc<ServerConfig>>,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => { accept_error(e).await; continue; }
+            },
+        };
+        let Some(permit) = admit(&shared, peer) else { continue };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
+        let shared = shared.clone();
+        let token = shutdown.child_token();
+        tracker.spawn(
+            async move {
+                let _permit = permit;
+                let _ = tcp.set_nodelay(true);
+                let hs = tokio::time::timeout(shared.cfg.limits.tls_handshake_timeout, acceptor.accept(tcp));
+                let stream = tokio::select! {
+                    _ = token.cancelled() => return,
+                    r = hs => match r {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            shared.metrics.inc(|m| &m.tls_handshake_failures);
+                            tracing::info!(error = %e, "TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            shared.metrics.inc(|m| &m.tls_handshake_timeouts);
+                            tracing::info!("TLS handshake timed out");
+                            return;
+                        }
+                    },
+                };
+                let Some(peer_cert) = stream.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+                    shared.metrics.inc(|m| &m.tls_handshake_failures);
+                    return;
+                };
+                let identity = match conn::CertIdentity::from_der(peer_cert) {
+                    Ok(i) => i,
+                    Err(reason) => {
+                        shared.metrics.inc(|m| &m.connections_refused_identity);
+                        tracing::warn!(%reason, "certificate carries no usable device identity");
+                        return;
+                    }
+                };
+                let span = tracing::info_span!("device", id = %identity.id, serial = %identity.serial);
+                conn::serve(stream, conn::Peer::Device(identity), shared, token).instrument(span).await;
+            }
+            .instrument(tracing::info_span!("conn", %peer, tls = true)),
+        );
+    }
+    tracing::info!("TLS listener closed");
+}
+
+/// Accept plain connections (loopback by default) until shutdown.
+pub async fn accept_plain(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => { accept_error(e).await; continue; }
+            },
+        };
+        let Some(permit) = admit(&shared, peer) else { continue };
+        let shared = shared.clone();
+        let token = shutdown.child_token();
+        tracker.spawn(
+            async move {
+                let _permit = permit;
+                let _ = tcp.set_nodelay(true);
+                conn::serve(tcp, conn::Peer::Local, shared, token).await;
+            }
+            .instrument(tracing::info_span!("conn", %peer, tls = false, id = tracing::field::Empty)),
+        );
+    }
+    tracing::info!("plain listener closed");
+}
+
+fn admit(shared: &Shared, peer: SocketAddr) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match shared.permits.clone().try_acquire_owned() {
+        Ok(p) => {
+            shared.metrics.inc(|m| &m.connections_total);
+            Some(p)
+        }
+        Err(_) => {
+            shared.metrics.inc(|m| &m.connections_refused_limit);
+            tracing::warn!(%peer, limit = shared.cfg.limits.max_connections, "connection limit reached; closing");
+            None
+        }
+    }
+}
+
+async fn accept_error(e: std::io::Error) {
+    // EMFILE and friends: back off briefly instead of spinning.
+    tracing::warn!(error = %e, "accept failed");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}
+
+/// Connect to the routing core.
+pub async fn dial_core(link: &BrokerLink) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect(link.addr).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+pub(crate) fn serial_of(raw: &[u8]) -> String {
+    serial_hex(raw)
+}

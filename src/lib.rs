@@ -1,0 +1,224 @@
+//! Outpost: an edge gateway whose promise is that nothing stops when the internet does.
+//!
+//! `run` wires the capabilities together; each lives in its own module and owns its state.
+//! See ARCHITECTURE.md for the map.
+#![forbid(unsafe_code)]
+
+pub mod acl;
+pub mod admin;
+pub mod broker;
+pub mod ca;
+pub mod config;
+pub mod frontdoor;
+pub mod mdns;
+pub mod metrics;
+pub mod store;
+pub mod systemd;
+
+use crate::ca::{Ca, CaHandle};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// File in the data dir listing the bound addresses of a running gateway.
+pub const ENDPOINTS_FILE: &str = "endpoints.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Ca(#[from] ca::CaError),
+    #[error(transparent)]
+    FrontDoor(#[from] frontdoor::FrontDoorError),
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+}
+
+/// Addresses a running gateway is bound to (also written to `endpoints.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Endpoints {
+    pub gateway_id: String,
+    pub mqtts: SocketAddr,
+    pub plain: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+    pub pid: u32,
+}
+
+impl Endpoints {
+    pub fn read(data_dir: &Path) -> Option<Endpoints> {
+        let text = std::fs::read_to_string(data_dir.join(ENDPOINTS_FILE)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+}
+
+/// Create the data directory (0700: it holds the CA key).
+pub fn prepare_data_dir(dir: &Path) -> Result<(), RunError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| RunError::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Open the store and the CA of a data directory (used by `run` and by the offline CLI).
+pub fn open_ca(config: &Config) -> Result<Ca, RunError> {
+    let dir = &config.gateway.data_dir;
+    prepare_data_dir(dir)?;
+    let store = Store::open(&dir.join("store"))?;
+    Ok(Ca::open_or_create(dir, &config.gateway_id(), &config.ca, store)?)
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind { what, addr, source })
+}
+
+fn local(l: &TcpListener, what: &'static str, addr: SocketAddr) -> Result<SocketAddr, RunError> {
+    l.local_addr().map_err(|source| RunError::Bind { what, addr, source })
+}
+
+/// Run the gateway until `shutdown` is cancelled, then drain and flush.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    let config = Arc::new(config);
+    let data_dir = config.gateway.data_dir.clone();
+    let gateway_id = config.gateway_id();
+    let ca = open_ca(&config)?;
+    let (server_cert, server_key) = ca.server_identity(&config.ca.server_names)?;
+    let material = frontdoor::TlsMaterial::new(&server_cert, &server_key, ca.ca_der(), &config.tls.extra_client_cas)?;
+    let (ca, ca_thread) = CaHandle::spawn(ca)?;
+
+    // Bind everything before announcing anything.
+    let mqtts = bind("mqtts", config.listeners.mqtts).await?;
+    let plain = match config.listeners.plain {
+        Some(a) => Some(bind("plain", a).await?),
+        None => None,
+    };
+    let metrics_l = if config.metrics.enabled {
+        Some(bind("metrics", config.metrics.listen).await?)
+    } else {
+        None
+    };
+    let admin_l = admin::bind(&data_dir)?;
+    let core = broker::start(&config)?;
+
+    let metrics = Arc::new(Metrics::default());
+    let tracker = TaskTracker::new();
+    let tls = frontdoor::follow_revocations(material, ca.revocations(), shutdown.clone())?;
+    let shared = Arc::new(frontdoor::Shared::new(config.clone(), core, metrics.clone(), ca.revocations())?);
+
+    let endpoints = Endpoints {
+        gateway_id: gateway_id.clone(),
+        mqtts: local(&mqtts, "mqtts", config.listeners.mqtts)?,
+        plain: match &plain {
+            Some(l) => Some(local(l, "plain", config.listeners.mqtts)?),
+            None => None,
+        },
+        metrics: match &metrics_l {
+            Some(l) => Some(local(l, "metrics", config.metrics.listen)?),
+            None => None,
+        },
+        pid: std::process::id(),
+    };
+    metrics::log_bound("mqtts (devices, TLS + client certificate)", endpoints.mqtts);
+    if let Some(a) = endpoints.plain {
+        metrics::log_bound("plain MQTT (local processes)", a);
+    }
+    if let Some(a) = endpoints.metrics {
+        metrics::log_bound("metrics (Prometheus)", a);
+    }
+    tracing::info!(path = %data_dir.join(admin::SOCKET).display(), "admin socket");
+
+    tracker.spawn(frontdoor::accept_tls(mqtts, tls, shared.clone(), tracker.clone(), shutdown.clone()));
+    if let Some(l) = plain {
+        tracker.spawn(frontdoor::accept_plain(l, shared.clone(), tracker.clone(), shutdown.clone()));
+    }
+    if let Some(l) = metrics_l {
+        let (m, s) = (metrics.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            if let Err(e) = metrics::serve(l, m, s).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
+    tracker.spawn(admin::serve(admin_l, ca.clone(), tracker.clone(), shutdown.clone()));
+    {
+        // Re-sign the CRL well before it expires.
+        let (ca, s) = (ca.clone(), shutdown.clone());
+        let every = config.ca.crl_validity / 4;
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = s.cancelled() => break,
+                    _ = tokio::time::sleep(every) => { let _ = ca.refresh_crl().await; }
+                }
+            }
+        });
+    }
+    let advert = if config.mdns.enabled {
+        let instance = if config.mdns.instance.is_empty() { gateway_id.clone() } else { config.mdns.instance.clone() };
+        match mdns::Advert::start(&instance, &gateway_id, endpoints.mqtts.port(), &ca::fingerprint(ca.ca_der())) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(error = %e, "mDNS advertisement not started");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let ep_text = serde_json::to_string_pretty(&endpoints).unwrap_or_default();
+    ca::write_file(&data_dir.join(ENDPOINTS_FILE), ep_text.as_bytes(), 0o644)?;
+    systemd::ready();
+    tracker.spawn(systemd::watchdog(shutdown.clone()));
+    tracing::info!(gateway = %gateway_id, "gateway ready");
+
+    shutdown.cancelled().await;
+    tracing::info!(grace = ?config.shutdown.grace, "shutting down: no new connections, draining");
+    systemd::stopping();
+    tracker.close();
+    if tokio::time::timeout(config.shutdown.grace, tracker.wait()).await.is_err() {
+        tracing::warn!(open = tracker.len(), "grace period over: remaining tasks abandoned");
+    }
+    if let Some(a) = advert {
+        let _ = tokio::task::spawn_blocking(move || a.stop()).await;
+    }
+    let _ = std::fs::remove_file(data_dir.join(admin::SOCKET));
+    let _ = std::fs::remove_file(data_dir.join(ENDPOINTS_FILE));
+    drop(shared);
+    drop(ca);
+    // The CA thread owns the store: it flushes and exits once every handle is gone.
+    let joined = tokio::task::spawn_blocking(move || ca_thread.join());
+    if tokio::time::timeout(Duration::from_secs(5), joined).await.is_err() {
+        tracing::error!("store owner did not finish flushing in 5 s");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

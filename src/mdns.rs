@@ -1,0 +1,49 @@
+//! mDNS-SD advertisement of the device listener as `_secure-mqtt._tcp`.
+//!
+//! TXT carries the gateway id and the SHA-256 fingerprint of the gateway CA, so a device
+//! can pin the CA it finds. The record is withdrawn (goodbye packet) on shutdown.
+
+use mdns_sd::{ServiceDaemon, ServiceInfo};
+use std::collections::HashMap;
+
+pub const SERVICE_TYPE: &str = "_secure-mqtt._tcp.local.";
+
+#[derive(Debug, thiserror::Error)]
+#[error("mDNS: {0}")]
+pub struct MdnsError(String);
+
+pub struct Advert {
+    daemon: ServiceDaemon,
+    fullname: String,
+}
+
+impl Advert {
+    pub fn start(instance: &str, gateway_id: &str, port: u16, ca_fingerprint: &str) -> Result<Advert, MdnsError> {
+        let e = |e: mdns_sd::Error| MdnsError(e.to_string());
+        let daemon = ServiceDaemon::new().map_err(e)?;
+        let props = HashMap::from([
+            ("gw".to_string(), gateway_id.to_string()),
+            ("ca_sha256".to_string(), ca_fingerprint.to_string()),
+            ("proto".to_string(), "mqtt-3.1.1".to_string()),
+        ]);
+        let host = format!("{gateway_id}.local.");
+        let info = ServiceInfo::new(SERVICE_TYPE, instance, &host, "", port, props)
+            .map_err(e)?
+            .enable_addr_auto();
+        let fullname = info.get_fullname().to_string();
+        daemon.register(info).map_err(e)?;
+        tracing::info!(service = %fullname, port, "advertising over mDNS");
+        Ok(Advert { daemon, fullname })
+    }
+
+    /// Withdraw the record and stop the daemon, waiting briefly for the goodbye to go out.
+    pub fn stop(self) {
+        if let Ok(rx) = self.daemon.unregister(&self.fullname) {
+            let _ = rx.recv_timeout(std::time::Duration::from_secs(1));
+        }
+        if let Ok(rx) = self.daemon.shutdown() {
+            let _ = rx.recv_timeout(std::time::Duration::from_secs(1));
+        }
+        tracing::info!(service = %self.fullname, "mDNS advertisement withdrawn");
+    }
+}

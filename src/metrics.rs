@@ -1,0 +1,118 @@
+//! Counters and gauges, rendered as Prometheus text on a loopback HTTP port.
+//!
+//! Plain atomics: every capability increments what it owns; nobody locks anything to count.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Default, Debug)]
+pub struct Metrics {
+    pub connections_open: AtomicI64,
+    pub connections_total: AtomicU64,
+    pub connections_refused_limit: AtomicU64,
+    pub connections_refused_identity: AtomicU64,
+    pub tls_handshake_failures: AtomicU64,
+    pub tls_handshake_timeouts: AtomicU64,
+    pub connect_timeouts: AtomicU64,
+    pub malformed_packets: AtomicU64,
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub acl_denied_publish: AtomicU64,
+    pub acl_denied_subscribe: AtomicU64,
+    pub revoked_disconnects: AtomicU64,
+    pub expired_disconnects: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Metrics {
+    pub fn inc(&self, pick: impl Fn(&Metrics) -> &AtomicU64) {
+        inc(pick(self));
+    }
+
+    pub fn add(&self, pick: impl Fn(&Metrics) -> &AtomicU64, n: u64) {
+        pick(self).fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        let mut metric = |name: &str, kind: &str, help: &str, labels: &str, v: i64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {v}");
+        };
+        metric("outpost_connections_open", "gauge", "Open client connections.", "",
+            self.connections_open.load(Ordering::Relaxed));
+        metric("outpost_connections_total", "counter", "Client connections accepted.", "",
+            g(&self.connections_total) as i64);
+        metric("outpost_connections_refused_total", "counter", "Connections refused before MQTT, by reason.",
+            "{reason=\"limit\"}", g(&self.connections_refused_limit) as i64);
+        metric("outpost_connections_refused_identity_total", "counter",
+            "CONNECTs refused: client id does not match the certificate, or bad identity.", "",
+            g(&self.connections_refused_identity) as i64);
+        metric("outpost_tls_handshake_failures_total", "counter",
+            "TLS handshakes that failed (no, unknown, expired or revoked certificate; garbage).", "",
+            g(&self.tls_handshake_failures) as i64);
+        metric("outpost_tls_handshake_timeouts_total", "counter", "TLS handshakes that timed out.", "",
+            g(&self.tls_handshake_timeouts) as i64);
+        metric("outpost_connect_timeouts_total", "counter", "Connections closed waiting for CONNECT.", "",
+            g(&self.connect_timeouts) as i64);
+        metric("outpost_malformed_packets_total", "counter", "Connections closed for a malformed packet.", "",
+            g(&self.malformed_packets) as i64);
+        metric("outpost_messages_in_total", "counter", "PUBLISH packets received from clients.", "",
+            g(&self.messages_in) as i64);
+        metric("outpost_messages_out_total", "counter", "PUBLISH packets delivered to clients.", "",
+            g(&self.messages_out) as i64);
+        metric("outpost_bytes_in_total", "counter", "MQTT bytes received from clients.", "",
+            g(&self.bytes_in) as i64);
+        metric("outpost_bytes_out_total", "counter", "MQTT bytes sent to clients.", "",
+            g(&self.bytes_out) as i64);
+        metric("outpost_acl_denied_total", "counter", "Operations refused by the topic ACL.",
+            "{op=\"publish\"}", g(&self.acl_denied_publish) as i64);
+        let _ = writeln!(out, "outpost_acl_denied_total{{op=\"subscribe\"}} {}", g(&self.acl_denied_subscribe));
+        let _ = writeln!(
+            out,
+            "# HELP outpost_forced_disconnects_total Live sessions cut by the gateway.\n# TYPE outpost_forced_disconnects_total counter\noutpost_forced_disconnects_total{{reason=\"revoked\"}} {}\noutpost_forced_disconnects_total{{reason=\"expired\"}} {}",
+            g(&self.revoked_disconnects),
+            g(&self.expired_disconnects)
+        );
+        out
+    }
+}
+
+/// Serve `/metrics` and `/healthz` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    use axum::{routing::get, Router};
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        m.render(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+pub fn log_bound(what: &str, addr: SocketAddr) {
+    tracing::info!(listener = what, %addr, "listening");
+}

@@ -1,0 +1,241 @@
+//! The durable store: the only module that knows sled exists.
+//!
+//! Every mutating call flushes before it returns, so anything the gateway acknowledges is on
+//! disk. A schema version is written on first open and checked on every open.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Version of the on-disk layout. Bump on any incompatible change and add a migration.
+pub const SCHEMA_VERSION: u32 = 1;
+
+const META: &str = "meta";
+const CERTS: &str = "certs";
+const CERTS_BY_ID: &str = "certs_by_id";
+const KEY_SCHEMA: &[u8] = b"schema_version";
+const KEY_CRL_NUMBER: &[u8] = b"crl_number";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store is locked by another process (is the gateway running?): {0}")]
+    Locked(String),
+    #[error("store I/O: {0}")]
+    Db(String),
+    #[error("store schema version {found} is not supported (this build reads {expected})")]
+    Schema { found: u32, expected: u32 },
+    #[error("corrupt record under {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                StoreError::Locked(io.to_string())
+            }
+            sled::Error::Io(io) if io.to_string().contains("lock") => {
+                StoreError::Locked(io.to_string())
+            }
+            other => StoreError::Db(other.to_string()),
+        }
+    }
+}
+
+/// One certificate the CA issued.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CertRecord {
+    /// Lower-case hex of the serial number bytes.
+    pub serial: String,
+    pub device_id: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+    pub issued_at: i64,
+    /// Unix seconds of revocation, if revoked.
+    pub revoked_at: Option<i64>,
+    /// `csr` when the device kept its key, `generated` when the CA made the key.
+    pub key_source: String,
+    pub cert_pem: String,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+    certs: sled::Tree,
+    certs_by_id: sled::Tree,
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        let meta = db.open_tree(META)?;
+        match meta.get(KEY_SCHEMA)? {
+            None => {
+                meta.insert(KEY_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+                db.flush()?;
+            }
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(v.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt {
+                        key: "meta/schema_version".into(),
+                        reason: format!("{} bytes", v.len()),
+                    })?;
+                if found != SCHEMA_VERSION {
+                    return Err(StoreError::Schema {
+                        found,
+                        expected: SCHEMA_VERSION,
+                    });
+                }
+            }
+        }
+        Ok(Store {
+            certs: db.open_tree(CERTS)?,
+            certs_by_id: db.open_tree(CERTS_BY_ID)?,
+            meta,
+            db,
+        })
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Insert or replace a certificate record (flushed before returning).
+    pub fn put_cert(&self, rec: &CertRecord) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(rec).map_err(|e| StoreError::Db(e.to_string()))?;
+        self.certs.insert(rec.serial.as_bytes(), value)?;
+        self.certs_by_id
+            .insert(id_key(&rec.device_id, &rec.serial), &[])?;
+        self.flush()
+    }
+
+    pub fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
+        match self.certs.get(serial.as_bytes())? {
+            None => Ok(None),
+            Some(v) => decode(serial, &v).map(Some),
+        }
+    }
+
+    pub fn certs(&self) -> Result<Vec<CertRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.certs.iter() {
+            let (k, v) = item?;
+            out.push(decode(&String::from_utf8_lossy(&k), &v)?);
+        }
+        out.sort_by(|a, b| (a.issued_at, &a.serial).cmp(&(b.issued_at, &b.serial)));
+        Ok(out)
+    }
+
+    pub fn certs_for_device(&self, device_id: &str) -> Result<Vec<CertRecord>, StoreError> {
+        let mut prefix = device_id.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.certs_by_id.scan_prefix(&prefix) {
+            let (k, _) = item?;
+            let serial = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            if let Some(rec) = self.cert(&serial)? {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Next CRL number (monotonic across restarts; flushed before returning).
+    pub fn next_crl_number(&self) -> Result<u64, StoreError> {
+        let next = self
+            .meta
+            .update_and_fetch(KEY_CRL_NUMBER, |old| {
+                let n = old
+                    .and_then(|o| <[u8; 8]>::try_from(o).ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                Some((n + 1).to_be_bytes().to_vec())
+            })?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(1);
+        self.flush()?;
+        Ok(next)
+    }
+}
+
+fn id_key(device_id: &str, serial: &str) -> Vec<u8> {
+    let mut k = device_id.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(serial.as_bytes());
+    k
+}
+
+fn decode(key: &str, v: &[u8]) -> Result<CertRecord, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+        key: format!("certs/{key}"),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(serial: &str, id: &str) -> CertRecord {
+        CertRecord {
+            serial: serial.into(),
+            device_id: id.into(),
+            not_before: 1,
+            not_after: 2,
+            issued_at: 3,
+            revoked_at: None,
+            key_source: "csr".into(),
+            cert_pem: "pem".into(),
+        }
+    }
+
+    #[test]
+    fn records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.put_cert(&rec("aa", "dev1")).unwrap();
+            s.put_cert(&rec("bb", "dev2")).unwrap();
+            assert_eq!(s.next_crl_number().unwrap(), 1);
+            assert_eq!(s.next_crl_number().unwrap(), 2);
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.certs().unwrap().len(), 2);
+        assert_eq!(s.certs_for_device("dev1").unwrap(), vec![rec("aa", "dev1")]);
+        assert_eq!(s.next_crl_number().unwrap(), 3);
+    }
+
+    #[test]
+    fn prefix_scan_does_not_leak_similar_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.put_cert(&rec("01", "dev")).unwrap();
+        s.put_cert(&rec("02", "dev1")).unwrap();
+        assert_eq!(s.certs_for_device("dev").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn wrong_schema_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.open_tree(META)
+                .unwrap()
+                .insert(KEY_SCHEMA, &99u32.to_be_bytes())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        match Store::open(dir.path()) {
+            Err(StoreError::Schema { found: 99, .. }) => {}
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("opened a store with a foreign schema"),
+        }
+    }
+}
