@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Identity taken from a verified client certificate.
 #[derive(Debug, Clone)]
@@ -76,9 +77,15 @@ pub async fn serve<S>(stream: S, peer: Peer, shared: Arc<Shared>, cancel: Cancel
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    shared.metrics.connections_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .metrics
+        .connections_open
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let end = session(stream, &peer, &shared, &cancel).await;
-    shared.metrics.connections_open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .metrics
+        .connections_open
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     match end {
         End::ClientClosed | End::CoreClosed => tracing::debug!(?end, "connection closed"),
         End::Shutdown => tracing::debug!("connection closed for shutdown"),
@@ -89,7 +96,9 @@ where
             tracing::warn!(error = %e, "malformed packet: connection closed");
         }
         End::Io(e) => tracing::debug!(error = %e, "connection I/O error"),
-        End::DeniedPublish(t) => tracing::warn!(topic = %t, "publish denied: connection closed (policy)"),
+        End::DeniedPublish(t) => {
+            tracing::warn!(topic = %t, "publish denied: connection closed (policy)")
+        }
     }
 }
 
@@ -142,31 +151,37 @@ where
     };
 
     // Identity: from the certificate for devices, from the client id for local clients.
-    let (identity, rules, serial, not_after): (String, &Rules, Option<String>, Option<i64>) = match peer {
-        Peer::Device(cert) => {
-            if !connect.client_id.is_empty() && connect.client_id != cert.id {
-                shared.metrics.inc(|m| &m.connections_refused_identity);
-                tracing::warn!(client_id = %connect.client_id, "client id does not match certificate identity: refused");
-                refuse(&mut cwr, mqtt::CONNACK_ID_REJECTED).await;
-                return End::ClientClosed;
+    let (identity, rules, serial, not_after): (String, &Rules, Option<String>, Option<i64>) =
+        match peer {
+            Peer::Device(cert) => {
+                if !connect.client_id.is_empty() && connect.client_id != cert.id {
+                    shared.metrics.inc(|m| &m.connections_refused_identity);
+                    tracing::warn!(client_id = %connect.client_id, "client id does not match certificate identity: refused");
+                    refuse(&mut cwr, mqtt::CONNACK_ID_REJECTED).await;
+                    return End::ClientClosed;
+                }
+                (
+                    cert.id.clone(),
+                    &shared.device_rules,
+                    Some(cert.serial.clone()),
+                    Some(cert.not_after),
+                )
             }
-            (cert.id.clone(), &shared.device_rules, Some(cert.serial.clone()), Some(cert.not_after))
-        }
-        Peer::Local => {
-            let id = if connect.client_id.is_empty() {
-                format!("local-{:016x}", rand::random::<u64>())
-            } else {
-                connect.client_id.clone()
-            };
-            if validate_identity(&id).is_err() {
-                shared.metrics.inc(|m| &m.connections_refused_identity);
-                tracing::warn!(client_id = %id, "client id is not a valid identity: refused");
-                refuse(&mut cwr, mqtt::CONNACK_ID_REJECTED).await;
-                return End::ClientClosed;
+            Peer::Local => {
+                let id = if connect.client_id.is_empty() {
+                    format!("local-{:016x}", rand::random::<u64>())
+                } else {
+                    connect.client_id.clone()
+                };
+                if validate_identity(&id).is_err() {
+                    shared.metrics.inc(|m| &m.connections_refused_identity);
+                    tracing::warn!(client_id = %id, "client id is not a valid identity: refused");
+                    refuse(&mut cwr, mqtt::CONNACK_ID_REJECTED).await;
+                    return End::ClientClosed;
+                }
+                (id, &shared.local_rules, None, None)
             }
-            (id, &shared.local_rules, None, None)
-        }
-    };
+        };
     tracing::Span::current().record("id", identity.as_str());
 
     if let Some(w) = &connect.will {
@@ -191,11 +206,15 @@ where
             return End::Io(e);
         }
     };
-    let (mut brd, mut bwr) = core.into_split();
+    let (brd, mut bwr) = core.into_split();
     let rewritten = mqtt::Connect {
         client_id: identity.clone(),
         // rumqttd refuses keep-alive 0 ("never"); the longest interval is the closest.
-        keep_alive: if connect.keep_alive == 0 { u16::MAX } else { connect.keep_alive },
+        keep_alive: if connect.keep_alive == 0 {
+            u16::MAX
+        } else {
+            connect.keep_alive
+        },
         username: Some(identity.clone()),
         password: Some(shared.broker.secret.as_bytes().to_vec()),
         ..connect
@@ -207,7 +226,12 @@ where
 
     let (ltx, lrx) = mpsc::channel::<Local>(64);
     let metrics = shared.metrics.clone();
-    let mut downstream = Box::pin(pump_to_client(&mut brd, &mut cwr, lrx, metrics));
+    // The core -> client direction runs as its own task: if both directions shared one task,
+    // a client that stops reading (or a burst of locally answered packets) could leave each
+    // side waiting for the other forever.
+    let mut downstream = AbortOnDrop(tokio::spawn(
+        pump_to_client(brd, cwr, lrx, metrics).instrument(tracing::Span::current()),
+    ));
 
     let mut upstream_state = Upstream {
         identity: &identity,
@@ -249,7 +273,7 @@ where
                 shared.metrics.inc(|m| &m.expired_disconnects);
                 return End::Expired;
             }
-            end = &mut downstream => return end,
+            end = &mut downstream.0 => return end.unwrap_or(End::CoreClosed),
             r = read_more(&mut crd, &mut buf) => {
                 match r {
                     Ok(0) => { let _ = bwr.shutdown().await; return End::ClientClosed; }
@@ -301,12 +325,15 @@ impl Upstream<'_> {
     /// Take every complete frame out of `buf`; return the bytes to forward to the core.
     async fn process(&mut self, buf: &mut BytesMut) -> Result<BytesMut, End> {
         let mut out = BytesMut::new();
-        while let Some((ptype, flags, hdr, total)) = mqtt::frame(buf, self.max_packet).map_err(End::Malformed)? {
+        while let Some((ptype, flags, hdr, total)) =
+            mqtt::frame(buf, self.max_packet).map_err(End::Malformed)?
+        {
             mqtt::check_client_flags(ptype, flags).map_err(End::Malformed)?;
             let body = &buf[hdr..total];
             match ptype {
                 mqtt::PUBLISH => {
-                    let (topic, qos, pid) = mqtt::parse_publish(flags, body).map_err(End::Malformed)?;
+                    let (topic, qos, pid) =
+                        mqtt::parse_publish(flags, body).map_err(End::Malformed)?;
                     if self.rules.may_publish(self.identity, &topic) {
                         self.shared.metrics.inc(|m| &m.messages_in);
                         out.extend_from_slice(&buf[..total]);
@@ -317,7 +344,9 @@ impl Upstream<'_> {
                             return Err(End::DeniedPublish(topic));
                         }
                         match (qos, pid) {
-                            (1, Some(p)) => self.local(Local::Send(mqtt::ack(mqtt::PUBACK, p))).await?,
+                            (1, Some(p)) => {
+                                self.local(Local::Send(mqtt::ack(mqtt::PUBACK, p))).await?
+                            }
                             (2, Some(p)) => {
                                 self.dropped_qos2.insert(p);
                                 self.local(Local::Send(mqtt::ack(mqtt::PUBREC, p))).await?
@@ -329,7 +358,8 @@ impl Upstream<'_> {
                 mqtt::PUBREL => {
                     let pid = mqtt::parse_pid(body).map_err(End::Malformed)?;
                     if self.dropped_qos2.remove(&pid) {
-                        self.local(Local::Send(mqtt::ack(mqtt::PUBCOMP, pid))).await?;
+                        self.local(Local::Send(mqtt::ack(mqtt::PUBCOMP, pid)))
+                            .await?;
                     } else {
                         out.extend_from_slice(&buf[..total]);
                     }
@@ -349,16 +379,25 @@ impl Upstream<'_> {
                         }
                     }
                     if allowed.is_empty() {
-                        let codes: Vec<u8> = template.iter().map(|c| c.unwrap_or(mqtt::SUBACK_FAILURE)).collect();
-                        self.local(Local::Send(mqtt::suback(sub.pid, &codes))).await?;
+                        let codes: Vec<u8> = template
+                            .iter()
+                            .map(|c| c.unwrap_or(mqtt::SUBACK_FAILURE))
+                            .collect();
+                        self.local(Local::Send(mqtt::suback(sub.pid, &codes)))
+                            .await?;
                     } else if allowed.len() == sub.filters.len() {
                         out.extend_from_slice(&buf[..total]);
                     } else {
                         self.local(Local::ExpectSuback(sub.pid, template)).await?;
-                        out.extend_from_slice(&mqtt::encode_subscribe(&mqtt::Subscribe { pid: sub.pid, filters: allowed }));
+                        out.extend_from_slice(&mqtt::encode_subscribe(&mqtt::Subscribe {
+                            pid: sub.pid,
+                            filters: allowed,
+                        }));
                     }
                 }
-                mqtt::CONNECT => return Err(End::Malformed(MqttError::UnexpectedType(mqtt::CONNECT))),
+                mqtt::CONNECT => {
+                    return Err(End::Malformed(MqttError::UnexpectedType(mqtt::CONNECT)))
+                }
                 mqtt::PUBACK | mqtt::PUBREC | mqtt::PUBCOMP | mqtt::UNSUBSCRIBE => {
                     mqtt::parse_pid(body).map_err(End::Malformed)?;
                     out.extend_from_slice(&buf[..total]);
@@ -380,9 +419,17 @@ impl Upstream<'_> {
 /// Core → client: forward frames, merge partial SUBACKs, interleave the front door's own
 /// packets. Local packets are taken first so that a SUBACK template always arrives before
 /// the SUBACK it applies to.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn pump_to_client<R, W>(
-    core: &mut R,
-    client: &mut W,
+    mut core: R,
+    mut client: W,
     mut local: mpsc::Receiver<Local>,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> End
@@ -403,7 +450,7 @@ where
                 Some(Local::ExpectSuback(pid, t)) => { pending.insert(pid, t); }
                 None => local_open = false,
             },
-            r = read_more(core, &mut buf) => {
+            r = read_more(&mut core, &mut buf) => {
                 match r {
                     Ok(0) => { let _ = client.shutdown().await; return End::CoreClosed; }
                     Ok(_) => {}
