@@ -43,6 +43,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub mdns: MdnsConfig,
     pub shutdown: ShutdownConfig,
+    pub uplink: crate::uplink::UplinkConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -191,6 +192,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             mdns: MdnsConfig::default(),
             shutdown: ShutdownConfig::default(),
+            uplink: crate::uplink::UplinkConfig::default(),
         }
     }
 }
@@ -387,6 +389,9 @@ impl Config {
             if n.is_empty() || n.len() > 253 {
                 return Err(invalid("ca.server_names", format!("bad name {n:?}")));
             }
+        }
+        if let Err((field, reason)) = self.uplink.validate() {
+            return Err(ConfigError::Invalid { field, reason });
         }
         if self.shutdown.grace > Duration::from_secs(600) {
             return Err(invalid("shutdown.grace", "must be at most 10 minutes"));

@@ -14,6 +14,7 @@ pub mod mdns;
 pub mod metrics;
 pub mod store;
 pub mod systemd;
+pub mod uplink;
 
 use crate::ca::{Ca, CaHandle};
 use crate::config::Config;
@@ -55,6 +56,8 @@ pub enum RunError {
     Broker(#[from] broker::BrokerError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error(transparent)]
+    Uplink(#[from] uplink::UplinkError),
 }
 
 /// Addresses a running gateway is bound to (also written to `endpoints.json`).
@@ -110,6 +113,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let data_dir = config.gateway.data_dir.clone();
     let gateway_id = config.gateway_id();
     let ca = open_ca(&config)?;
+    let store = ca.store().clone();
     let (server_cert, server_key) = ca.server_identity(&config.ca.server_names)?;
     let material = frontdoor::TlsMaterial::new(&server_cert, &server_key, ca.ca_der(), &config.tls.extra_client_cas)?;
     let (ca, ca_thread) = CaHandle::spawn(ca)?;
@@ -131,7 +135,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let metrics = Arc::new(Metrics::default());
     let tracker = TaskTracker::new();
     let tls = frontdoor::follow_revocations(material, ca.revocations(), shutdown.clone())?;
-    let shared = Arc::new(frontdoor::Shared::new(config.clone(), core, metrics.clone(), ca.revocations())?);
+    let (uplink, queue_thread) = uplink::start(&config.uplink, &gateway_id, store, core.clone(), &tracker, shutdown.clone())?;
+    let mut shared = frontdoor::Shared::new(config.clone(), core, metrics.clone(), ca.revocations())?;
+    shared.uplink = config.uplink.enabled.then(|| uplink.clone());
+    let shared = Arc::new(shared);
 
     let endpoints = Endpoints {
         gateway_id: gateway_id.clone(),
@@ -160,9 +167,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         tracker.spawn(frontdoor::accept_plain(l, shared.clone(), tracker.clone(), shutdown.clone()));
     }
     if let Some(l) = metrics_l {
-        let (m, s) = (metrics.clone(), shutdown.clone());
+        let (m, u, s) = (metrics.clone(), uplink.clone(), shutdown.clone());
+        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
+            let mut text = m.render();
+            u.render_metrics(&mut text);
+            text
+        });
         tracker.spawn(async move {
-            if let Err(e) = metrics::serve(l, m, s).await {
+            if let Err(e) = metrics::serve(l, render, s).await {
                 tracing::error!(error = %e, "metrics server failed");
             }
         });
@@ -213,7 +225,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let _ = std::fs::remove_file(data_dir.join(admin::SOCKET));
     let _ = std::fs::remove_file(data_dir.join(ENDPOINTS_FILE));
     drop(shared);
+    drop(uplink);
     drop(ca);
+    // The queue owner flushes and exits once the last handle is gone.
+    let joined = tokio::task::spawn_blocking(move || queue_thread.join());
+    if tokio::time::timeout(Duration::from_secs(5), joined).await.is_err() {
+        tracing::error!("uplink queue did not finish flushing in 5 s");
+    }
     // The CA thread owns the store: it flushes and exits once every handle is gone.
     let joined = tokio::task::spawn_blocking(move || ca_thread.join());
     if tokio::time::timeout(Duration::from_secs(5), joined).await.is_err() {

@@ -90,7 +90,7 @@ impl Metrics {
 /// Serve `/metrics` and `/healthz` until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     use axum::{routing::get, Router};
@@ -98,11 +98,11 @@ pub async fn serve(
         .route(
             "/metrics",
             get(move || {
-                let m = metrics.clone();
+                let text = render();
                 async move {
                     (
                         [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                        m.render(),
+                        text,
                     )
                 }
             }),

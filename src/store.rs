@@ -58,6 +58,90 @@ pub struct CertRecord {
     pub cert_pem: String,
 }
 
+/// An append-only, durable FIFO of opaque records keyed by a monotonic sequence number.
+/// Appends are made durable by [`Store::flush`] (the caller batches: group commit).
+#[derive(Clone)]
+pub struct Log {
+    tree: sled::Tree,
+}
+
+impl Log {
+    /// Append records, numbering them from `first_seq`. Not flushed.
+    pub fn append(&self, first_seq: u64, records: &[Vec<u8>]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (i, r) in records.iter().enumerate() {
+            batch.insert(&(first_seq + i as u64).to_be_bytes(), r.as_slice());
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Up to `limit` records with sequence >= `from`, in order.
+    pub fn read_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for item in self.tree.range(from.to_be_bytes()..).take(limit) {
+            let (k, v) = item?;
+            out.push((seq_of(&k)?, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Remove records (not flushed: a lost removal means a message is sent again).
+    pub fn remove(&self, seqs: &[u64]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for s in seqs {
+            batch.remove(&s.to_be_bytes());
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Remove records one by one and return the sizes of those that existed.
+    pub fn take(&self, seqs: &[u64]) -> Result<Vec<u64>, StoreError> {
+        let mut sizes = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            if let Some(v) = self.tree.remove(s.to_be_bytes())? {
+                sizes.push(v.len() as u64);
+            }
+        }
+        Ok(sizes)
+    }
+
+    pub fn first_seq(&self) -> Result<Option<u64>, StoreError> {
+        match self.tree.first()? {
+            Some((k, _)) => Ok(Some(seq_of(&k)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn last_seq(&self) -> Result<Option<u64>, StoreError> {
+        match self.tree.last()? {
+            Some((k, _)) => Ok(Some(seq_of(&k)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// (record count, total value bytes): a full scan, for start-up.
+    pub fn usage(&self) -> Result<(u64, u64), StoreError> {
+        let (mut n, mut bytes) = (0u64, 0u64);
+        for item in self.tree.iter() {
+            let (_, v) = item?;
+            n += 1;
+            bytes += v.len() as u64;
+        }
+        Ok((n, bytes))
+    }
+}
+
+fn seq_of(k: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(k)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            key: format!("log/{}", hex::encode(k)),
+            reason: "key is not a sequence number".into(),
+        })
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
@@ -98,6 +182,13 @@ impl Store {
             certs_by_id: db.open_tree(CERTS_BY_ID)?,
             meta,
             db,
+        })
+    }
+
+    /// A named durable log (e.g. the uplink queue).
+    pub fn log(&self, name: &str) -> Result<Log, StoreError> {
+        Ok(Log {
+            tree: self.db.open_tree(format!("log/{name}"))?,
         })
     }
 
@@ -144,6 +235,20 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// A small integer in the meta tree (not flushed: callers flush when it matters).
+    pub fn meta_u64(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .meta
+            .get(key.as_bytes())?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes))
+    }
+
+    pub fn set_meta_u64(&self, key: &str, v: u64) -> Result<(), StoreError> {
+        self.meta.insert(key.as_bytes(), &v.to_be_bytes())?;
+        Ok(())
     }
 
     /// Next CRL number (monotonic across restarts; flushed before returning).
@@ -210,6 +315,25 @@ mod tests {
         assert_eq!(s.certs().unwrap().len(), 2);
         assert_eq!(s.certs_for_device("dev1").unwrap(), vec![rec("aa", "dev1")]);
         assert_eq!(s.next_crl_number().unwrap(), 3);
+    }
+
+    #[test]
+    fn log_appends_reads_in_order_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            let log = s.log("q").unwrap();
+            log.append(1, &[b"a".to_vec(), b"bb".to_vec(), b"ccc".to_vec()]).unwrap();
+            s.flush().unwrap();
+            log.remove(&[1]).unwrap();
+            s.flush().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let log = s.log("q").unwrap();
+        assert_eq!(log.read_from(0, 10).unwrap(), vec![(2, b"bb".to_vec()), (3, b"ccc".to_vec())]);
+        assert_eq!(log.read_from(3, 10).unwrap().len(), 1);
+        assert_eq!((log.first_seq().unwrap(), log.last_seq().unwrap()), (Some(2), Some(3)));
+        assert_eq!(log.usage().unwrap(), (2, 5));
     }
 
     #[test]

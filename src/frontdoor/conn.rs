@@ -60,6 +60,7 @@ enum End {
     Malformed(MqttError),
     Io(std::io::Error),
     DeniedPublish(String),
+    UplinkRefused(String),
 }
 
 /// Messages from the client-side pump to the writer of the client socket.
@@ -98,6 +99,9 @@ where
         End::Io(e) => tracing::debug!(error = %e, "connection I/O error"),
         End::DeniedPublish(t) => {
             tracing::warn!(topic = %t, "publish denied: connection closed (policy)")
+        }
+        End::UplinkRefused(e) => {
+            tracing::warn!(error = %e, "uplink queue refused messages: connection closed unacknowledged")
         }
     }
 }
@@ -325,6 +329,9 @@ impl Upstream<'_> {
     /// Take every complete frame out of `buf`; return the bytes to forward to the core.
     async fn process(&mut self, buf: &mut BytesMut) -> Result<BytesMut, End> {
         let mut out = BytesMut::new();
+        // Uplink messages of this batch: made durable together before any is forwarded, so
+        // the broker's PUBACK to the device means "on disk".
+        let mut durable = Vec::new();
         while let Some((ptype, flags, hdr, total)) =
             mqtt::frame(buf, self.max_packet).map_err(End::Malformed)?
         {
@@ -336,6 +343,18 @@ impl Upstream<'_> {
                         mqtt::parse_publish(flags, body).map_err(End::Malformed)?;
                     if self.rules.may_publish(self.identity, &topic) {
                         self.shared.metrics.inc(|m| &m.messages_in);
+                        if let Some(up) = &self.shared.uplink {
+                            if up.mapping.up(&topic).is_some() {
+                                let skip = 2 + topic.len() + if qos > 0 { 2 } else { 0 };
+                                durable.push(crate::uplink::queue::Message {
+                                    device: self.identity.to_string(),
+                                    payload: bytes::Bytes::copy_from_slice(body.get(skip..).unwrap_or(&[])),
+                                    topic,
+                                    qos,
+                                    enqueued_ms: crate::uplink::queue::now_ms(),
+                                });
+                            }
+                        }
                         out.extend_from_slice(&buf[..total]);
                     } else {
                         self.shared.metrics.inc(|m| &m.acl_denied_publish);
@@ -411,6 +430,13 @@ impl Upstream<'_> {
                 other => return Err(End::Malformed(MqttError::UnexpectedType(other))),
             }
             buf.advance(total);
+        }
+        if let (Some(up), false) = (&self.shared.uplink, durable.is_empty()) {
+            if let Err(e) = up.queue.append(durable).await {
+                // MQTT 3.1.1 has no negative PUBACK: close without acknowledging, so the
+                // device keeps the messages and sends them again later.
+                return Err(End::UplinkRefused(e.to_string()));
+            }
         }
         Ok(out)
     }

@@ -123,6 +123,8 @@ pub struct Shared {
     pub local_rules: Rules,
     pub revocations: watch::Receiver<Arc<Revocations>>,
     pub permits: Arc<Semaphore>,
+    /// Set when the uplink is enabled: PUBLISHes on uplink topics are made durable first.
+    pub uplink: Option<crate::uplink::UplinkHandle>,
 }
 
 impl Shared {
@@ -140,6 +142,7 @@ impl Shared {
             broker,
             metrics,
             revocations,
+            uplink: None,
         })
     }
 }

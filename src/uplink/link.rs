@@ -1,0 +1,473 @@
+//! The cloud session task: rumqttc to the cloud broker, the detection state machine, the
+//! queue drain, cloud-to-device delivery and the retained state topic.
+
+use super::detect::{tls_probe, Hysteresis, LinkState};
+use super::mapping::Mapping;
+use super::queue::{now_ms, QueueHandle};
+use super::{UplinkConfig, UplinkError, UplinkStats, STATE_TOPIC};
+use crate::broker::BrokerLink;
+use crate::store::Store;
+use rand::Rng;
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const SENT_MARK_KEY: &str = "uplink_sent_mark";
+
+/// Build the rustls client config for the cloud (ring provider, client certificate).
+pub fn client_tls(cfg: &UplinkConfig) -> Result<Arc<rustls::ClientConfig>, UplinkError> {
+    let read = |p: &std::path::PathBuf| {
+        std::fs::read(p).map_err(|e| UplinkError::TlsFile { path: p.clone(), reason: e.to_string() })
+    };
+    let bad = |p: &std::path::PathBuf, r: &str| UplinkError::TlsFile { path: p.clone(), reason: r.into() };
+    let mut roots = rustls::RootCertStore::empty();
+    if cfg.enabled {
+        for c in rustls_pemfile::certs(&mut read(&cfg.ca_file)?.as_slice()) {
+            roots.add(c.map_err(|e| bad(&cfg.ca_file, &e.to_string()))?)?;
+        }
+        if roots.is_empty() {
+            return Err(bad(&cfg.ca_file, "no PEM certificate"));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots);
+    let cfg = if cfg.enabled {
+        let chain: Vec<_> = rustls_pemfile::certs(&mut read(&cfg.cert_file)?.as_slice())
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(&cfg.cert_file, &e.to_string()))?;
+        let key = rustls_pemfile::private_key(&mut read(&cfg.key_file)?.as_slice())
+            .map_err(|e| bad(&cfg.key_file, &e.to_string()))?
+            .ok_or_else(|| bad(&cfg.key_file, "no private key"))?;
+        builder.with_client_auth_cert(chain, key)?
+    } else {
+        builder.with_no_client_auth()
+    };
+    Ok(Arc::new(cfg))
+}
+
+/// Exponential backoff with full jitter.
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let cap = self.min.saturating_mul(1u32 << self.attempt.min(16)).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let ms = cap.as_millis().max(1) as u64;
+        Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms))
+    }
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+enum Ctl {
+    /// Connect (again) when not connected.
+    Go,
+    /// Drop the connection now; wait for `Go` before reconnecting.
+    Drop,
+}
+
+fn spawn_event_loop(mut el: EventLoop) -> (tokio::sync::mpsc::Sender<Ctl>, tokio::sync::mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>) {
+    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel::<Ctl>(16);
+    let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(async move {
+        let mut connected = false;
+        let mut may_connect = true;
+        loop {
+            tokio::select! {
+                biased;
+                cmd = ctl_rx.recv() => match cmd {
+                    None => break,
+                    Some(Ctl::Go) => may_connect = true,
+                    Some(Ctl::Drop) => {
+                        el.clean();
+                        connected = false;
+                        may_connect = false;
+                    }
+                },
+                ev = el.poll(), if connected || may_connect => {
+                    match &ev {
+                        Ok(Event::Incoming(Packet::ConnAck(a))) => connected = a.code == ConnectReturnCode::Success,
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) => { connected = false; may_connect = false; }
+                        Err(_) => { connected = false; may_connect = false; }
+                        _ => {}
+                    }
+                    if ev_tx.send(ev).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    (ctl_tx, ev_rx)
+}
+
+/// What an in-flight cloud publish stands for.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Data { seq: u64 },
+    Heartbeat { sent: Instant },
+}
+
+pub struct Session {
+    cfg: UplinkConfig,
+    gateway_id: String,
+    tls: Arc<rustls::ClientConfig>,
+    queue: QueueHandle,
+    mapping: Arc<Mapping>,
+    core: BrokerLink,
+    state_tx: watch::Sender<LinkState>,
+    stats: Arc<UplinkStats>,
+    store: Store,
+}
+
+impl Session {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: UplinkConfig,
+        gateway_id: &str,
+        tls: Arc<rustls::ClientConfig>,
+        queue: QueueHandle,
+        mapping: Arc<Mapping>,
+        core: BrokerLink,
+        state_tx: watch::Sender<LinkState>,
+        stats: Arc<UplinkStats>,
+        store: Store,
+    ) -> Session {
+        Session { cfg, gateway_id: gateway_id.to_string(), tls, queue, mapping, core, state_tx, stats, store }
+    }
+
+    fn local_client(&self, shutdown: CancellationToken) -> AsyncClient {
+        let mut o = MqttOptions::new("outpost-uplink", self.core.addr.ip().to_string(), self.core.addr.port());
+        o.set_credentials("outpost-uplink", self.core.secret.to_string());
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_clean_session(true);
+        o.set_max_packet_size(16 << 20, 16 << 20);
+        let (client, mut el) = AsyncClient::new(o, 1024);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    r = el.poll() => if let Err(e) = r {
+                        tracing::debug!(error = %e, "local core link lost; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    },
+                }
+            }
+        });
+        client
+    }
+
+    fn publish_state(&self, local: &AsyncClient, state: LinkState, reason: &str) {
+        let body = serde_json::json!({
+            "state": state.as_str(),
+            "since_ms": now_ms(),
+            "reason": reason,
+            "gateway": self.gateway_id,
+            "queue_depth": self.queue.stats().depth.load(Ordering::Relaxed),
+        });
+        if let Err(e) = local.try_publish(STATE_TOPIC, QoS::AtLeastOnce, true, body.to_string()) {
+            tracing::warn!(error = %e, "cannot publish uplink state locally");
+        }
+    }
+
+    fn transition(&self, local: &AsyncClient, to: LinkState, reason: &str) {
+        self.state_tx.send_replace(to);
+        self.stats.online.store((to == LinkState::Online) as u64, Ordering::Relaxed);
+        self.stats.transitions.fetch_add(1, Ordering::Relaxed);
+        self.stats.last_transition_ms.store(now_ms(), Ordering::Relaxed);
+        match to {
+            LinkState::Online => tracing::info!(%reason, "uplink state: Offline -> Online"),
+            LinkState::Offline => tracing::warn!(%reason, "uplink state: Online -> Offline"),
+        }
+        self.publish_state(local, to, reason);
+    }
+
+    fn read_sent_mark(&self) -> u64 {
+        self.store.meta_u64(SENT_MARK_KEY).ok().flatten().unwrap_or(0)
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        let local = self.local_client(shutdown.clone());
+        self.publish_state(&local, LinkState::Offline, "starting");
+        if !self.cfg.enabled {
+            self.publish_state(&local, LinkState::Offline, "uplink disabled");
+            shutdown.cancelled().await;
+            return;
+        }
+        let client_id = if self.cfg.client_id.is_empty() { self.gateway_id.clone() } else { self.cfg.client_id.clone() };
+        let mut opts = MqttOptions::new(client_id, self.cfg.host.clone(), self.cfg.port);
+        opts.set_clean_session(false);
+        opts.set_keep_alive(self.cfg.keep_alive);
+        opts.set_inflight(self.cfg.inflight);
+        opts.set_manual_acks(true);
+        opts.set_max_packet_size(16 << 20, 16 << 20);
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(self.tls.clone())));
+        let window = self.cfg.inflight as usize;
+        let (client, mut el) = AsyncClient::new(opts, window * 2 + 64);
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_connection_timeout(self.cfg.connect_timeout.as_secs().max(1));
+        el.set_network_options(net);
+        // The event loop runs in its own task so that a connection attempt is never
+        // cancelled by this loop's timers; we tell it when it may (re)connect.
+        let (ctl, mut events) = spawn_event_loop(el);
+        let d = self.cfg.detection.clone();
+        let heartbeat_topic = self.cfg.heartbeat_topic.replace("{gateway}", &self.gateway_id);
+        let mut hyst = Hysteresis::new(d.failures_to_offline, d.successes_to_online);
+        let mut backoff = Backoff { min: self.cfg.backoff_min, max: self.cfg.backoff_max, attempt: 0 };
+        let mut connected = false;
+        // When the event loop may try to connect next (None: it already may, or is trying).
+        let mut next_attempt: Option<Instant> = None;
+        let mut tick = tokio::time::interval(d.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut inflight: HashMap<u16, Slot> = HashMap::new();
+        let mut unmapped: VecDeque<Slot> = VecDeque::new();
+        let mut cursor = self.queue.first_seq().ok().flatten().unwrap_or(1);
+        let mut sent_mark = self.read_sent_mark();
+        let mut persisted_mark = sent_mark;
+        let mut evidence = false;
+        let mut heartbeat: Option<Instant> = None;
+        let mut probe: Option<tokio::task::JoinHandle<Result<Duration, String>>> = None;
+        let mut durable = self.queue.durable();
+        let mut acked: Vec<u64> = Vec::new();
+        let mut expired: Vec<u64> = Vec::new();
+        let ttl_ms = self.cfg.message_ttl.as_millis() as u64;
+
+        loop {
+            // Drain the queue into the window.
+            if connected {
+                let outstanding = inflight.values().chain(unmapped.iter()).filter(|s| matches!(s, Slot::Data { .. })).count();
+                if outstanding < window {
+                    match self.queue.read_from(cursor, window - outstanding) {
+                        Ok(batch) => {
+                            for (seq, msg, _) in batch {
+                                let msg = match msg {
+                                    Ok(m) => m,
+                                    Err(e) => {
+                                        tracing::error!(seq, error = %e, "corrupt queue record skipped");
+                                        expired.push(seq);
+                                        cursor = seq + 1;
+                                        continue;
+                                    }
+                                };
+                                if ttl_ms > 0 && now_ms().saturating_sub(msg.enqueued_ms) > ttl_ms {
+                                    expired.push(seq);
+                                    cursor = seq + 1;
+                                    continue;
+                                }
+                                let Some(remote) = self.mapping.up(&msg.topic) else {
+                                    tracing::warn!(topic = %msg.topic, "queued message matches no uplink rule any more; dropped");
+                                    expired.push(seq);
+                                    cursor = seq + 1;
+                                    continue;
+                                };
+                                if client.try_publish(remote, QoS::AtLeastOnce, false, msg.payload.to_vec()).is_err() {
+                                    break;
+                                }
+                                unmapped.push_back(Slot::Data { seq });
+                                self.stats.published.fetch_add(1, Ordering::Relaxed);
+                                if seq <= sent_mark {
+                                    self.stats.resent.fetch_add(1, Ordering::Relaxed);
+                                }
+                                sent_mark = sent_mark.max(seq);
+                                cursor = seq + 1;
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot read the uplink queue"),
+                    }
+                }
+            }
+            if !acked.is_empty() {
+                self.queue.remove(std::mem::take(&mut acked), false).await;
+            }
+            if !expired.is_empty() {
+                self.queue.remove(std::mem::take(&mut expired), true).await;
+            }
+
+            let mut verdict: Option<(bool, &'static str)> = None;
+            let wake = next_attempt.unwrap_or_else(Instant::now);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(wake), if next_attempt.is_some() => {
+                    next_attempt = None;
+                    let _ = ctl.send(Ctl::Go).await;
+                }
+                _ = durable.changed() => {}
+                r = async { probe.as_mut().expect("guarded").await }, if probe.is_some() => {
+                    probe = None;
+                    match r {
+                        Ok(Ok(_)) => verdict = Some((true, "cloud endpoint answers (TCP+TLS probe)")),
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "uplink probe failed");
+                            verdict = Some((false, "cloud endpoint does not answer (TCP+TLS probe)"));
+                        }
+                        Err(_) => {}
+                    }
+                }
+                _ = tick.tick() => {
+                    if connected {
+                        if let Some(sent) = heartbeat {
+                            if sent.elapsed() >= d.heartbeat_timeout {
+                                heartbeat = None;
+                                verdict = Some((false, "no MQTT round trip within heartbeat_timeout"));
+                            }
+                        }
+                        if verdict.is_none() {
+                            if evidence {
+                                evidence = false;
+                                verdict = Some((true, "cloud broker acknowledges"));
+                            } else if heartbeat.is_none() && client.try_publish(heartbeat_topic.as_str(), QoS::AtLeastOnce, false, now_ms().to_string()).is_ok() {
+                                let now = Instant::now();
+                                heartbeat = Some(now);
+                                unmapped.push_back(Slot::Heartbeat { sent: now });
+                                self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    } else if probe.is_none() {
+                        let (host, port, tls, t) = (self.cfg.host.clone(), self.cfg.port, self.tls.clone(), d.probe_timeout);
+                        probe = Some(tokio::spawn(async move { tls_probe(&host, port, tls, t).await }));
+                    }
+                    if sent_mark != persisted_mark {
+                        // Not flushed: the sled background flush covers it; at worst a few
+                        // resends after a crash go uncounted.
+                        if self.store.set_meta_u64(SENT_MARK_KEY, sent_mark).is_ok() {
+                            persisted_mark = sent_mark;
+                        }
+                    }
+                }
+                ev = events.recv() => match ev {
+                    None => break,
+                    Some(ev) => match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        if ack.code != ConnectReturnCode::Success {
+                            tracing::warn!(code = ?ack.code, "cloud broker refused the uplink");
+                            connected = false;
+                            let _ = ctl.send(Ctl::Drop).await;
+                            next_attempt = Some(Instant::now() + backoff.next());
+                            continue;
+                        }
+                        connected = true;
+                        backoff.reset();
+                        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(session_present = ack.session_present, "uplink connected");
+                        if !ack.session_present {
+                            // The broker kept nothing and rumqttc dropped its in-flight
+                            // copies: everything unacknowledged goes again from the queue.
+                            inflight.clear();
+                            unmapped.clear();
+                            heartbeat = None;
+                            cursor = self.queue.first_seq().ok().flatten().unwrap_or(cursor);
+                            for f in self.mapping.down_filters() {
+                                if let Err(e) = client.try_subscribe(f, QoS::AtLeastOnce) {
+                                    tracing::error!(filter = f, error = %e, "cannot subscribe for cloud-to-device messages");
+                                }
+                            }
+                        }
+                        evidence = true;
+                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        if pkid != 0 && !inflight.contains_key(&pkid) {
+                            if let Some(slot) = unmapped.pop_front() {
+                                inflight.insert(pkid, slot);
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        evidence = true;
+                        match inflight.remove(&ack.pkid) {
+                            Some(Slot::Data { seq }) => acked.push(seq),
+                            Some(Slot::Heartbeat { sent }) => {
+                                if heartbeat == Some(sent) {
+                                    heartbeat = None;
+                                }
+                            }
+                            None => {}
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let topic = p.topic.clone();
+                        match self.mapping.down(&topic) {
+                            Some(local_topic) => {
+                                let qos = if p.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                                match local.publish(local_topic.clone(), qos, false, p.payload.to_vec()).await {
+                                    Ok(()) => {
+                                        self.stats.commands_down.fetch_add(1, Ordering::Relaxed);
+                                        tracing::debug!(%topic, %local_topic, "cloud message delivered locally");
+                                    }
+                                    Err(e) => tracing::error!(error = %e, "cannot deliver cloud message locally"),
+                                }
+                            }
+                            None => {
+                                self.stats.commands_rejected.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(%topic, "cloud message on an unmapped topic ignored");
+                            }
+                        }
+                        let _ = client.try_ack(&p);
+                        evidence = true;
+                    }
+                    Ok(Event::Incoming(_)) => evidence = true,
+                    Ok(_) => {}
+                    Err(e) => {
+                        if connected {
+                            tracing::warn!(error = %e, "uplink connection lost");
+                        } else {
+                            tracing::debug!(error = %e, "uplink connect failed");
+                        }
+                        connected = false;
+                        heartbeat = None;
+                        next_attempt = Some(Instant::now() + backoff.next());
+                        verdict = Some((false, "uplink connection failed"));
+                    }
+                    },
+                },
+            }
+            if let Some((ok, reason)) = verdict {
+                if !ok {
+                    self.stats.probes_failed.fetch_add(1, Ordering::Relaxed);
+                }
+                match hyst.observe(ok) {
+                    Some(LinkState::Offline) => {
+                        self.transition(&local, LinkState::Offline, reason);
+                        if connected {
+                            // The session is dead even if TCP has not noticed: drop it now
+                            // (rumqttc keeps the unacknowledged publishes for the resume).
+                            let _ = ctl.send(Ctl::Drop).await;
+                            connected = false;
+                            heartbeat = None;
+                            next_attempt = Some(Instant::now() + backoff.next());
+                        }
+                    }
+                    Some(LinkState::Online) => {
+                        self.transition(&local, LinkState::Online, reason);
+                        if !connected && next_attempt.is_some() {
+                            // Proven reachable: reconnect now instead of waiting out the backoff.
+                            backoff.reset();
+                            next_attempt = None;
+                            let _ = ctl.send(Ctl::Go).await;
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+        if connected {
+            let _ = client.try_disconnect();
+            // Let the event loop send the DISCONNECT.
+            let _ = tokio::time::timeout(Duration::from_millis(500), async { while events.recv().await.is_some() {} }).await;
+        }
+        drop(ctl);
+        let _ = self.store.set_meta_u64(SENT_MARK_KEY, sent_mark);
+        tracing::info!("uplink stopped");
+    }
+}

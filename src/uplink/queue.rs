@@ -1,0 +1,420 @@
+//! The durable uplink queue: "PUBACK means on disk".
+//!
+//! One owner thread holds the queue. Appends from every connection are collected and made
+//! durable together (group commit: one flush for everything that arrived meanwhile) before
+//! any of their callers is answered. The forwarder reads in sequence order and acknowledges
+//! what the cloud has acknowledged; removals are not flushed (a lost removal only means a
+//! message is sent again: at-least-once).
+
+use crate::store::{Log, Store, StoreError};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot, watch};
+
+const RECORD_V1: u8 = 1;
+/// Most commands handled per group commit.
+const MAX_BATCH: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenFull {
+    /// Refuse new messages (the device's PUBLISH is not acknowledged: it keeps it).
+    Refuse,
+    /// Make room by deleting the oldest queued messages (counted as dropped).
+    DropOldest,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("uplink queue is full ({used} of {quota} bytes)")]
+    Full { used: u64, quota: u64 },
+    #[error("message of {0} bytes is larger than the whole queue quota")]
+    TooLarge(u64),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the uplink queue has stopped")]
+    Stopped,
+    #[error("corrupt queue record {seq}: {reason}")]
+    Corrupt { seq: u64, reason: String },
+}
+
+/// One device message on its way to the cloud.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub device: String,
+    /// The local topic it was published on.
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    /// Milliseconds since the Unix epoch.
+    pub enqueued_ms: u64,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Message {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(16 + self.device.len() + self.topic.len() + self.payload.len());
+        v.push(RECORD_V1);
+        v.extend_from_slice(&self.enqueued_ms.to_be_bytes());
+        v.push(self.qos);
+        v.extend_from_slice(&(self.device.len() as u16).to_be_bytes());
+        v.extend_from_slice(self.device.as_bytes());
+        v.extend_from_slice(&(self.topic.len() as u16).to_be_bytes());
+        v.extend_from_slice(self.topic.as_bytes());
+        v.extend_from_slice(&self.payload);
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Message, String> {
+        fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+            if b.len() < n {
+                return Err("truncated".into());
+            }
+            let (h, t) = b.split_at(n);
+            *b = t;
+            Ok(h)
+        }
+        let mut b = b;
+        let version = take(&mut b, 1)?[0];
+        if version != RECORD_V1 {
+            return Err(format!("unknown record version {version}"));
+        }
+        let ts = u64::from_be_bytes(take(&mut b, 8)?.try_into().map_err(|_| "ts")?);
+        let qos = take(&mut b, 1)?[0];
+        let dl = u16::from_be_bytes(take(&mut b, 2)?.try_into().map_err(|_| "dl")?) as usize;
+        let device = String::from_utf8(take(&mut b, dl)?.to_vec()).map_err(|e| e.to_string())?;
+        let tl = u16::from_be_bytes(take(&mut b, 2)?.try_into().map_err(|_| "tl")?) as usize;
+        let topic = String::from_utf8(take(&mut b, tl)?.to_vec()).map_err(|e| e.to_string())?;
+        Ok(Message {
+            device,
+            topic,
+            payload: Bytes::copy_from_slice(b),
+            qos,
+            enqueued_ms: ts,
+        })
+    }
+}
+
+/// Counters shared with metrics and the forwarder.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    pub depth: AtomicU64,
+    pub bytes: AtomicU64,
+    pub appended: AtomicU64,
+    pub acked: AtomicU64,
+    pub refused: AtomicU64,
+    pub dropped: AtomicU64,
+    pub expired: AtomicU64,
+    pub group_commits: AtomicU64,
+}
+
+enum Command {
+    Append {
+        msgs: Vec<Message>,
+        reply: oneshot::Sender<Result<(), QueueError>>,
+    },
+    /// The cloud acknowledged these; `expired` ones were skipped for age.
+    Remove { seqs: Vec<u64>, expired: bool },
+}
+
+/// Handle to the queue owner: append (durably) and acknowledge; read through `reader()`.
+#[derive(Clone)]
+pub struct QueueHandle {
+    tx: mpsc::Sender<Command>,
+    log: Log,
+    stats: Arc<QueueStats>,
+    /// Highest sequence number made durable so far (0: none).
+    durable: watch::Receiver<u64>,
+}
+
+impl QueueHandle {
+    /// Open the queue in `store` and start its owner thread.
+    pub fn spawn(store: Store, quota: u64, when_full: WhenFull) -> Result<(QueueHandle, std::thread::JoinHandle<()>), QueueError> {
+        let log = store.log("uplink")?;
+        let (depth, bytes) = log.usage()?;
+        let last = log.last_seq()?.unwrap_or(0);
+        let stats = Arc::new(QueueStats::default());
+        stats.depth.store(depth, Ordering::Relaxed);
+        stats.bytes.store(bytes, Ordering::Relaxed);
+        let (durable_tx, durable_rx) = watch::channel(last);
+        let (tx, mut rx) = mpsc::channel::<Command>(1024);
+        let handle = QueueHandle {
+            tx,
+            log: log.clone(),
+            stats: stats.clone(),
+            durable: durable_rx,
+        };
+        let join = std::thread::Builder::new()
+            .name("outpost-queue".into())
+            .spawn(move || {
+                let mut owner = Owner { store, log, stats, next: last + 1, quota, when_full };
+                let mut batch = Vec::new();
+                while let Some(first) = rx.blocking_recv() {
+                    batch.push(first);
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(c) => batch.push(c),
+                            Err(_) => break,
+                        }
+                    }
+                    owner.handle(std::mem::take(&mut batch), &durable_tx);
+                }
+                if let Err(e) = owner.store.flush() {
+                    tracing::error!(error = %e, "queue flush at shutdown failed");
+                }
+            })
+            .map_err(|e| QueueError::Store(StoreError::Db(e.to_string())))?;
+        Ok((handle, join))
+    }
+
+    /// Append messages; returns once they are on disk.
+    pub async fn append(&self, msgs: Vec<Message>) -> Result<(), QueueError> {
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Append { msgs, reply }).await.map_err(|_| QueueError::Stopped)?;
+        rx.await.map_err(|_| QueueError::Stopped)?
+    }
+
+    pub async fn remove(&self, seqs: Vec<u64>, expired: bool) {
+        if !seqs.is_empty() {
+            let _ = self.tx.send(Command::Remove { seqs, expired }).await;
+        }
+    }
+
+    /// Up to `limit` durable messages from `from` on.
+    pub fn read_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Result<Message, String>, usize)>, QueueError> {
+        let durable = *self.durable.borrow();
+        Ok(self
+            .log
+            .read_from(from, limit)?
+            .into_iter()
+            .filter(|(seq, _)| *seq <= durable)
+            .map(|(seq, raw)| {
+                let n = raw.len();
+                (seq, Message::decode(&raw), n)
+            })
+            .collect())
+    }
+
+    pub fn first_seq(&self) -> Result<Option<u64>, QueueError> {
+        Ok(self.log.first_seq()?)
+    }
+
+    /// Age of the oldest queued message.
+    pub fn oldest_age_ms(&self) -> u64 {
+        match self.log.read_from(0, 1) {
+            Ok(v) => v
+                .first()
+                .and_then(|(_, raw)| Message::decode(raw).ok())
+                .map(|m| now_ms().saturating_sub(m.enqueued_ms))
+                .unwrap_or(0),
+            Err(_) => 0,
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<QueueStats> {
+        &self.stats
+    }
+
+    /// Follows the highest durable sequence number (wakes the forwarder).
+    pub fn durable(&self) -> watch::Receiver<u64> {
+        self.durable.clone()
+    }
+}
+
+struct Owner {
+    store: Store,
+    log: Log,
+    stats: Arc<QueueStats>,
+    next: u64,
+    quota: u64,
+    when_full: WhenFull,
+}
+
+impl Owner {
+    fn handle(&mut self, cmds: Vec<Command>, durable: &watch::Sender<u64>) {
+        let mut replies = Vec::new();
+        let mut wrote = false;
+        for cmd in cmds {
+            match cmd {
+                Command::Append { msgs, reply } => {
+                    let r = self.append(msgs);
+                    wrote |= r.is_ok();
+                    replies.push((reply, r));
+                }
+                Command::Remove { seqs, expired } => self.remove(&seqs, expired),
+            }
+        }
+        if wrote {
+            // Group commit: one flush for every append of this batch.
+            if let Err(e) = self.store.flush() {
+                tracing::error!(error = %e, "uplink queue flush failed");
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(QueueError::Store(StoreError::Db(e.to_string()))));
+                }
+                return;
+            }
+            self.stats.group_commits.fetch_add(1, Ordering::Relaxed);
+            durable.send_replace(self.next - 1);
+        }
+        for (reply, r) in replies {
+            let _ = reply.send(r);
+        }
+    }
+
+    fn append(&mut self, msgs: Vec<Message>) -> Result<(), QueueError> {
+        let records: Vec<Vec<u8>> = msgs.iter().map(Message::encode).collect();
+        let incoming: u64 = records.iter().map(|r| r.len() as u64).sum();
+        if incoming > self.quota {
+            self.stats.refused.fetch_add(msgs.len() as u64, Ordering::Relaxed);
+            return Err(QueueError::TooLarge(incoming));
+        }
+        let used = self.stats.bytes.load(Ordering::Relaxed);
+        if used + incoming > self.quota {
+            match self.when_full {
+                WhenFull::Refuse => {
+                    self.stats.refused.fetch_add(msgs.len() as u64, Ordering::Relaxed);
+                    return Err(QueueError::Full { used, quota: self.quota });
+                }
+                WhenFull::DropOldest => self.drop_oldest(used + incoming - self.quota)?,
+            }
+        }
+        self.log.append(self.next, &records)?;
+        self.next += records.len() as u64;
+        self.stats.depth.fetch_add(records.len() as u64, Ordering::Relaxed);
+        self.stats.bytes.fetch_add(incoming, Ordering::Relaxed);
+        self.stats.appended.fetch_add(records.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn drop_oldest(&mut self, mut need: u64) -> Result<(), QueueError> {
+        let mut dropped = 0u64;
+        while need > 0 {
+            let head = self.log.read_from(0, 256)?;
+            if head.is_empty() {
+                break;
+            }
+            let mut seqs = Vec::new();
+            for (seq, raw) in head {
+                seqs.push(seq);
+                need = need.saturating_sub(raw.len() as u64);
+                if need == 0 {
+                    break;
+                }
+            }
+            dropped += self.remove_counted(&seqs)?;
+        }
+        if dropped > 0 {
+            self.stats.dropped.fetch_add(dropped, Ordering::Relaxed);
+            tracing::warn!(dropped, "uplink queue full: dropped the oldest messages (policy drop-oldest)");
+        }
+        Ok(())
+    }
+
+    /// Remove and account; returns how many were really present.
+    fn remove_counted(&mut self, seqs: &[u64]) -> Result<u64, QueueError> {
+        let sizes = self.log.take(seqs)?;
+        let n = sizes.len() as u64;
+        let bytes: u64 = sizes.iter().sum();
+        self.stats.depth.fetch_sub(n, Ordering::Relaxed);
+        self.stats.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn remove(&mut self, seqs: &[u64], expired: bool) {
+        match self.remove_counted(seqs) {
+            Ok(n) if expired => {
+                self.stats.expired.fetch_add(n, Ordering::Relaxed);
+            }
+            Ok(n) => {
+                self.stats.acked.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot remove acknowledged messages"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(i: usize, size: usize) -> Message {
+        Message {
+            device: "d1".into(),
+            topic: format!("devices/d1/telemetry/{i}"),
+            payload: Bytes::from(vec![b'x'; size]),
+            qos: 1,
+            enqueued_ms: 1,
+        }
+    }
+
+    #[test]
+    fn record_round_trips_and_garbage_is_an_error() {
+        let m = msg(7, 10);
+        assert_eq!(Message::decode(&m.encode()).unwrap(), m);
+        assert!(Message::decode(&[]).is_err());
+        assert!(Message::decode(&[9, 0, 0]).is_err());
+        assert!(Message::decode(&m.encode()[..12]).is_err());
+    }
+
+    #[tokio::test]
+    async fn appended_messages_are_durable_and_ordered_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let (q, join) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse).unwrap();
+            q.append((0..5).map(|i| msg(i, 10)).collect()).await.unwrap();
+            q.append(vec![msg(5, 10)]).await.unwrap();
+            q.remove(vec![1, 2], false).await;
+            drop(q);
+            join.join().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let (q, _join) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse).unwrap();
+        let got: Vec<u64> = q.read_from(0, 100).unwrap().into_iter().map(|(s, _, _)| s).collect();
+        assert_eq!(got, vec![3, 4, 5, 6]);
+        assert_eq!(q.stats().depth.load(Ordering::Relaxed), 4);
+        q.append(vec![msg(9, 1)]).await.unwrap();
+        assert_eq!(q.read_from(7, 10).unwrap().len(), 1, "sequence continues after reopen");
+    }
+
+    #[tokio::test]
+    async fn full_queue_refuses_under_refuse_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let one = msg(0, 100).encode().len() as u64;
+        let (q, _j) = QueueHandle::spawn(store, one * 3, WhenFull::Refuse).unwrap();
+        q.append((0..3).map(|i| msg(i, 100)).collect()).await.unwrap();
+        assert!(matches!(q.append(vec![msg(3, 100)]).await, Err(QueueError::Full { .. })));
+        assert_eq!(q.stats().refused.load(Ordering::Relaxed), 1);
+        assert_eq!(q.stats().depth.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn full_queue_drops_oldest_under_drop_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let one = msg(0, 100).encode().len() as u64;
+        let (q, _j) = QueueHandle::spawn(store, one * 3, WhenFull::DropOldest).unwrap();
+        q.append((0..3).map(|i| msg(i, 100)).collect()).await.unwrap();
+        q.append(vec![msg(3, 100), msg(4, 100)]).await.unwrap();
+        let seqs: Vec<u64> = q.read_from(0, 10).unwrap().into_iter().map(|(s, _, _)| s).collect();
+        assert_eq!(seqs, vec![3, 4, 5]);
+        assert_eq!(q.stats().dropped.load(Ordering::Relaxed), 2);
+        // A late acknowledgement of a dropped message does not corrupt the accounting.
+        q.remove(vec![1, 3], false).await;
+        q.append(vec![msg(5, 1)]).await.unwrap();
+        assert_eq!(q.stats().depth.load(Ordering::Relaxed), 3);
+    }
+}
