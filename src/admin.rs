@@ -104,12 +104,19 @@ pub async fn serve(listener: UnixListener, ca: CaHandle, tracker: TaskTracker, s
                 Err(e) => { tracing::warn!(error = %e, "admin accept failed"); continue; }
             },
         };
-        let ca = ca.clone();
+        let (ca, shutdown) = (ca.clone(), shutdown.clone());
         tracker.spawn(async move {
             let (rd, mut wr) = stream.into_split();
             let mut line = String::new();
             let mut rd = BufReader::new(rd.take(MAX_REQUEST));
-            let reply = match rd.read_line(&mut line).await {
+            // A client that sends nothing (or does not read its answer) must not hold up
+            // shutdown: this task keeps the CA, and so the store, open. A request already
+            // read is still carried out and answered.
+            let read = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = rd.read_line(&mut line) => r,
+            };
+            let reply = match read {
                 Ok(_) => match serde_json::from_str::<Request>(&line) {
                     Ok(req) => handle(req, &ca).await,
                     Err(e) => Reply::Error { message: format!("bad request: {e}") },
@@ -118,7 +125,13 @@ pub async fn serve(listener: UnixListener, ca: CaHandle, tracker: TaskTracker, s
             };
             let mut text = serde_json::to_string(&reply).unwrap_or_else(|_| "{}".into());
             text.push('\n');
-            let _ = wr.write_all(text.as_bytes()).await;
+            let write = wr.write_all(text.as_bytes());
+            tokio::pin!(write);
+            tokio::select! {
+                biased;
+                _ = &mut write => {}
+                _ = shutdown.cancelled() => {}
+            }
         });
     }
 }

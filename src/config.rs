@@ -388,6 +388,21 @@ impl Config {
                 return Err(invalid("ca.server_names", format!("bad name {n:?}")));
             }
         }
+        // Checked here, not only when the TLS layer loads them, so that a wrong path is a
+        // configuration error refused before anything is created or bound.
+        for path in &self.tls.extra_client_cas {
+            let pem = std::fs::read(path)
+                .map_err(|e| invalid("tls.extra_client_cas", format!("{}: {e}", path.display())))?;
+            let certs = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid("tls.extra_client_cas", format!("{}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(invalid(
+                    "tls.extra_client_cas",
+                    format!("{}: no PEM certificate in file", path.display()),
+                ));
+            }
+        }
         if self.shutdown.grace > Duration::from_secs(600) {
             return Err(invalid("shutdown.grace", "must be at most 10 minutes"));
         }
@@ -435,6 +450,22 @@ mod tests {
     fn bad_acl_pattern_is_refused() {
         let err = Config::from_toml("[acl]\ndevice_publish = [\"a/#/b\"]\n").unwrap_err();
         assert!(err.to_string().contains("acl.device_publish"), "{err}");
+    }
+
+    #[test]
+    fn unreadable_extra_ca_is_a_config_error() {
+        let err =
+            Config::from_toml("[tls]\nextra_client_cas = [\"/nonexistent/ca.pem\"]\n").unwrap_err();
+        assert!(err.to_string().contains("tls.extra_client_cas"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let text = format!(
+            "[tls]\nextra_client_cas = [{:?}]\n",
+            empty.display().to_string()
+        );
+        let err = Config::from_toml(&text).unwrap_err();
+        assert!(err.to_string().contains("no PEM certificate"), "{err}");
     }
 
     #[test]
