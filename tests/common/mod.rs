@@ -109,7 +109,11 @@ impl Gateway {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("gateway exited early with {status}: {}", self.log());
             }
-            assert!(Instant::now() < deadline, "gateway not ready in 30 s: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "gateway not ready in 30 s: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -130,10 +134,25 @@ impl Gateway {
     /// Issue a device certificate through the running gateway (or the store when stopped).
     pub fn issue(&self, id: &str) -> Creds {
         let out_dir = self.dir.path().join("devices").join(id);
-        let out = self.cli(&["ca", "issue-device", "--id", id, "--out", out_dir.to_str().unwrap()]);
-        assert!(out.status.success(), "issue-device failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = self.cli(&[
+            "ca",
+            "issue-device",
+            "--id",
+            id,
+            "--out",
+            out_dir.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "issue-device failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let serial = text.split_whitespace().nth(3).unwrap_or_default().to_string();
+        let serial = text
+            .split_whitespace()
+            .nth(3)
+            .unwrap_or_default()
+            .to_string();
         Creds {
             id: id.to_string(),
             cert: out_dir.join(format!("{id}.crt")),
@@ -145,7 +164,11 @@ impl Gateway {
 
     pub fn revoke_id(&self, id: &str) {
         let out = self.cli(&["ca", "revoke", "--id", id]);
-        assert!(out.status.success(), "revoke failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "revoke failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn mqtts(&self) -> SocketAddr {
@@ -171,7 +194,10 @@ impl Gateway {
 
     pub fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().expect("running").id();
-        let st = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
+        let st = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .unwrap();
         assert!(st.success());
     }
 
@@ -211,10 +237,16 @@ impl Drop for Gateway {
 pub fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(addr).expect("connect metrics");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
-    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or(body)
+    body.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or(body)
 }
 
 /// Arguments that make a mosquitto client use a device's credentials.
@@ -235,7 +267,10 @@ pub fn tls_args(addr: SocketAddr, c: &Creds) -> Vec<String> {
 
 pub fn require_mosquitto() {
     let ok = Command::new("mosquitto_pub").arg("--help").output().is_ok();
-    assert!(ok, "mosquitto-clients are not installed: run the README's test command (it installs them)");
+    assert!(
+        ok,
+        "mosquitto-clients are not installed: run the README's test command (it installs them)"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
