@@ -48,8 +48,12 @@ pub enum Reply {
         key_pem: Option<String>,
         ca_pem: String,
     },
-    Records { records: Vec<CertRecord> },
-    Error { message: String },
+    Records {
+        records: Vec<CertRecord>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 impl From<Issued> for Reply {
@@ -66,7 +70,9 @@ impl From<Issued> for Reply {
 fn records(r: Result<Vec<CertRecord>, CaError>) -> Reply {
     match r {
         Ok(records) => Reply::Records { records },
-        Err(e) => Reply::Error { message: e.to_string() },
+        Err(e) => Reply::Error {
+            message: e.to_string(),
+        },
     }
 }
 
@@ -74,7 +80,9 @@ async fn handle(req: Request, ca: &CaHandle) -> Reply {
     match req {
         Request::IssueDevice { id, csr } => match ca.issue_device(&id, csr).await {
             Ok(i) => i.into(),
-            Err(e) => Reply::Error { message: e.to_string() },
+            Err(e) => Reply::Error {
+                message: e.to_string(),
+            },
         },
         Request::RevokeSerial { serial } => records(ca.revoke_serial(&serial).await),
         Request::RevokeDevice { id } => records(ca.revoke_device(&id).await),
@@ -86,7 +94,10 @@ async fn handle(req: Request, ca: &CaHandle) -> Reply {
 /// uses this data dir).
 pub fn bind(data_dir: &Path) -> Result<UnixListener, AdminError> {
     let path = data_dir.join(SOCKET);
-    let io = |source| AdminError::Io { path: path.clone(), source };
+    let io = |source| AdminError::Io {
+        path: path.clone(),
+        source,
+    };
     if path.exists() {
         std::fs::remove_file(&path).map_err(io)?;
     }
@@ -95,7 +106,12 @@ pub fn bind(data_dir: &Path) -> Result<UnixListener, AdminError> {
     Ok(l)
 }
 
-pub async fn serve(listener: UnixListener, ca: CaHandle, tracker: TaskTracker, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: UnixListener,
+    ca: CaHandle,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -104,21 +120,38 @@ pub async fn serve(listener: UnixListener, ca: CaHandle, tracker: TaskTracker, s
                 Err(e) => { tracing::warn!(error = %e, "admin accept failed"); continue; }
             },
         };
-        let ca = ca.clone();
+        let (ca, shutdown) = (ca.clone(), shutdown.clone());
         tracker.spawn(async move {
             let (rd, mut wr) = stream.into_split();
             let mut line = String::new();
             let mut rd = BufReader::new(rd.take(MAX_REQUEST));
-            let reply = match rd.read_line(&mut line).await {
+            // A client that sends nothing (or does not read its answer) must not hold up
+            // shutdown: this task keeps the CA, and so the store, open. A request already
+            // read is still carried out and answered.
+            let read = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = rd.read_line(&mut line) => r,
+            };
+            let reply = match read {
                 Ok(_) => match serde_json::from_str::<Request>(&line) {
                     Ok(req) => handle(req, &ca).await,
-                    Err(e) => Reply::Error { message: format!("bad request: {e}") },
+                    Err(e) => Reply::Error {
+                        message: format!("bad request: {e}"),
+                    },
                 },
-                Err(e) => Reply::Error { message: format!("read: {e}") },
+                Err(e) => Reply::Error {
+                    message: format!("read: {e}"),
+                },
             };
             let mut text = serde_json::to_string(&reply).unwrap_or_else(|_| "{}".into());
             text.push('\n');
-            let _ = wr.write_all(text.as_bytes()).await;
+            let write = wr.write_all(text.as_bytes());
+            tokio::pin!(write);
+            tokio::select! {
+                biased;
+                _ = &mut write => {}
+                _ = shutdown.cancelled() => {}
+            }
         });
     }
 }
@@ -126,10 +159,18 @@ pub async fn serve(listener: UnixListener, ca: CaHandle, tracker: TaskTracker, s
 /// Send one request to the running gateway. `Ok(None)`: no gateway listens here.
 pub async fn call(data_dir: &Path, req: &Request) -> Result<Option<Reply>, AdminError> {
     let path = data_dir.join(SOCKET);
-    let io = |source| AdminError::Io { path: path.clone(), source };
+    let io = |source| AdminError::Io {
+        path: path.clone(),
+        source,
+    };
     let stream = match UnixStream::connect(&path).await {
         Ok(s) => s,
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
             return Ok(None)
         }
         Err(e) => return Err(io(e)),
@@ -139,8 +180,12 @@ pub async fn call(data_dir: &Path, req: &Request) -> Result<Option<Reply>, Admin
     text.push('\n');
     wr.write_all(text.as_bytes()).await.map_err(io)?;
     let mut line = String::new();
-    BufReader::new(rd.take(64 * MAX_REQUEST)).read_line(&mut line).await.map_err(io)?;
-    let reply: Reply = serde_json::from_str(&line).map_err(|e| AdminError::Protocol(e.to_string()))?;
+    BufReader::new(rd.take(64 * MAX_REQUEST))
+        .read_line(&mut line)
+        .await
+        .map_err(io)?;
+    let reply: Reply =
+        serde_json::from_str(&line).map_err(|e| AdminError::Protocol(e.to_string()))?;
     match reply {
         Reply::Error { message } => Err(AdminError::Remote(message)),
         other => Ok(Some(other)),

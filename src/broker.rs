@@ -114,7 +114,8 @@ fn probe(addr: SocketAddr, secret: &str) -> bool {
         password: Some(secret.as_bytes().to_vec()),
     });
     let mut ack = [0u8; 4];
-    let ok = s.write_all(&connect).is_ok() && s.read_exact(&mut ack).is_ok() && ack == [0x20, 2, 0, 0];
+    let ok =
+        s.write_all(&connect).is_ok() && s.read_exact(&mut ack).is_ok() && ack == [0x20, 2, 0, 0];
     let _ = s.write_all(&[0xe0, 0]);
     ok
 }

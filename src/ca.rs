@@ -120,7 +120,10 @@ fn now() -> OffsetDateTime {
 
 /// Lower-case hex of a serial with leading zero bytes removed (DER may add one).
 pub fn serial_hex(raw: &[u8]) -> String {
-    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len().saturating_sub(1));
+    let start = raw
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
     hex::encode(&raw[start..])
 }
 
@@ -282,7 +285,8 @@ impl Ca {
     /// Revoke one certificate by serial. Revoking twice is not an error.
     pub fn revoke_serial(&self, serial: &str) -> Result<CertRecord, CaError> {
         let serial = serial.trim().trim_start_matches("0x").to_ascii_lowercase();
-        let serial = serial_hex(&hex::decode(&serial).map_err(|_| CaError::UnknownSerial(serial.clone()))?);
+        let serial =
+            serial_hex(&hex::decode(&serial).map_err(|_| CaError::UnknownSerial(serial.clone()))?);
         let mut rec = self
             .store
             .cert(&serial)?
@@ -440,8 +444,12 @@ fn server_cert_still_good(cert_pem: &str, names: &[String], ca_der: &[u8]) -> bo
             .filter_map(|g| match g {
                 x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
                 x509_parser::extensions::GeneralName::IPAddress(b) => match b.len() {
-                    4 => <[u8; 4]>::try_from(*b).ok().map(|a| IpAddr::from(a).to_string()),
-                    16 => <[u8; 16]>::try_from(*b).ok().map(|a| IpAddr::from(a).to_string()),
+                    4 => <[u8; 4]>::try_from(*b)
+                        .ok()
+                        .map(|a| IpAddr::from(a).to_string()),
+                    16 => <[u8; 16]>::try_from(*b)
+                        .ok()
+                        .map(|a| IpAddr::from(a).to_string()),
                     _ => None,
                 },
                 _ => None,
@@ -549,7 +557,10 @@ impl CaHandle {
         make: impl FnOnce(oneshot::Sender<Result<T, CaError>>) -> Command,
     ) -> Result<T, CaError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| CaError::Stopped)?;
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| CaError::Stopped)?;
         rx.await.map_err(|_| CaError::Stopped)?
     }
 
@@ -560,7 +571,8 @@ impl CaHandle {
 
     pub async fn revoke_serial(&self, serial: &str) -> Result<Vec<CertRecord>, CaError> {
         let serial = serial.to_string();
-        self.ask(|reply| Command::RevokeSerial { serial, reply }).await
+        self.ask(|reply| Command::RevokeSerial { serial, reply })
+            .await
     }
 
     pub async fn revoke_device(&self, id: &str) -> Result<Vec<CertRecord>, CaError> {
@@ -611,7 +623,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = ca(dir.path()).ca_pem().to_string();
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join(CA_KEY)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join(CA_KEY))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(ca(dir.path()).ca_pem(), first);
     }
@@ -634,12 +649,29 @@ mod tests {
         let der = parse(&a.cert_pem);
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
         assert!(!cert.is_ca());
-        let cn = cert.subject().iter_common_name().next().unwrap().as_str().unwrap();
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap();
         assert_eq!(cn, "dev-1");
-        let san = format!("{:?}", cert.subject_alternative_name().unwrap().unwrap().value);
+        let san = format!(
+            "{:?}",
+            cert.subject_alternative_name().unwrap().unwrap().value
+        );
         assert!(!san.contains("evil"), "{san}");
-        assert_eq!(cert.public_key().raw, x509_parser::parse_x509_certificate(&parse(&b.cert_pem)).unwrap().1.public_key().raw);
-        let days = (cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp()) / 86400;
+        assert_eq!(
+            cert.public_key().raw,
+            x509_parser::parse_x509_certificate(&parse(&b.cert_pem))
+                .unwrap()
+                .1
+                .public_key()
+                .raw
+        );
+        let days = (cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp())
+            / 86400;
         assert!((364..=366).contains(&days), "{days}");
     }
 
@@ -657,15 +689,24 @@ mod tests {
         let rev = ca.refresh_crl().unwrap();
         assert!(rev.revoked.contains(&serial));
         let (_, crl) = x509_parser::parse_x509_crl(&rev.crl_der).unwrap();
-        let listed: Vec<String> = crl.iter_revoked_certificates().map(|r| serial_hex(r.raw_serial())).collect();
+        let listed: Vec<String> = crl
+            .iter_revoked_certificates()
+            .map(|r| serial_hex(r.raw_serial()))
+            .collect();
         assert_eq!(listed, vec![serial]);
-        assert!(matches!(ca.revoke_serial("00ff"), Err(CaError::UnknownSerial(_))));
+        assert!(matches!(
+            ca.revoke_serial("00ff"),
+            Err(CaError::UnknownSerial(_))
+        ));
     }
 
     #[test]
     fn bad_ids_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(ca(dir.path()).issue_device("a/#", None), Err(CaError::BadId(_))));
+        assert!(matches!(
+            ca(dir.path()).issue_device("a/#", None),
+            Err(CaError::BadId(_))
+        ));
     }
 
     #[test]

@@ -232,9 +232,9 @@ impl Default for AclConfig {
     fn default() -> Self {
         AclConfig {
             device_publish: vec!["devices/{id}/#".into()],
-            device_subscribe: vec!["devices/{id}/#".into(), "$outpost/uplink/state".into()],
-            local_publish: vec!["#".into(), "$outpost/#".into()],
-            local_subscribe: vec!["#".into(), "$outpost/#".into()],
+            device_subscribe: vec!["devices/{id}/#".into(), "outpost/uplink/state".into()],
+            local_publish: vec!["#".into()],
+            local_subscribe: vec!["#".into()],
             on_denied_publish: DeniedPublish::Drop,
         }
     }
@@ -358,6 +358,12 @@ impl Config {
         ] {
             for p in pats {
                 crate::acl::Pattern::parse(p).map_err(|e| invalid(field, format!("{p:?}: {e}")))?;
+                if p.starts_with('$') {
+                    return Err(invalid(
+                        field,
+                        format!("{p:?}: `$` topics are reserved (the routing core refuses them)"),
+                    ));
+                }
             }
         }
         if self.broker.segment_size < l.max_packet_size * 2 {
@@ -388,6 +394,21 @@ impl Config {
         for n in &c.server_names {
             if n.is_empty() || n.len() > 253 {
                 return Err(invalid("ca.server_names", format!("bad name {n:?}")));
+            }
+        }
+        // Checked here, not only when the TLS layer loads them, so that a wrong path is a
+        // configuration error refused before anything is created or bound.
+        for path in &self.tls.extra_client_cas {
+            let pem = std::fs::read(path)
+                .map_err(|e| invalid("tls.extra_client_cas", format!("{}: {e}", path.display())))?;
+            let certs = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid("tls.extra_client_cas", format!("{}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(invalid(
+                    "tls.extra_client_cas",
+                    format!("{}: no PEM certificate in file", path.display()),
+                ));
             }
         }
         if let Err((field, reason)) = self.uplink.validate() {
@@ -440,6 +461,22 @@ mod tests {
     fn bad_acl_pattern_is_refused() {
         let err = Config::from_toml("[acl]\ndevice_publish = [\"a/#/b\"]\n").unwrap_err();
         assert!(err.to_string().contains("acl.device_publish"), "{err}");
+    }
+
+    #[test]
+    fn unreadable_extra_ca_is_a_config_error() {
+        let err =
+            Config::from_toml("[tls]\nextra_client_cas = [\"/nonexistent/ca.pem\"]\n").unwrap_err();
+        assert!(err.to_string().contains("tls.extra_client_cas"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let text = format!(
+            "[tls]\nextra_client_cas = [{:?}]\n",
+            empty.display().to_string()
+        );
+        let err = Config::from_toml(&text).unwrap_err();
+        assert!(err.to_string().contains("no PEM certificate"), "{err}");
     }
 
     #[test]

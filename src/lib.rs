@@ -94,7 +94,12 @@ pub fn open_ca(config: &Config) -> Result<Ca, RunError> {
     let dir = &config.gateway.data_dir;
     prepare_data_dir(dir)?;
     let store = Store::open(&dir.join("store"))?;
-    Ok(Ca::open_or_create(dir, &config.gateway_id(), &config.ca, store)?)
+    Ok(Ca::open_or_create(
+        dir,
+        &config.gateway_id(),
+        &config.ca,
+        store,
+    )?)
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
@@ -104,7 +109,8 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, RunEr
 }
 
 fn local(l: &TcpListener, what: &'static str, addr: SocketAddr) -> Result<SocketAddr, RunError> {
-    l.local_addr().map_err(|source| RunError::Bind { what, addr, source })
+    l.local_addr()
+        .map_err(|source| RunError::Bind { what, addr, source })
 }
 
 /// Run the gateway until `shutdown` is cancelled, then drain and flush.
@@ -115,7 +121,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let ca = open_ca(&config)?;
     let store = ca.store().clone();
     let (server_cert, server_key) = ca.server_identity(&config.ca.server_names)?;
-    let material = frontdoor::TlsMaterial::new(&server_cert, &server_key, ca.ca_der(), &config.tls.extra_client_cas)?;
+    let material = frontdoor::TlsMaterial::new(
+        &server_cert,
+        &server_key,
+        ca.ca_der(),
+        &config.tls.extra_client_cas,
+    )?;
     let (ca, ca_thread) = CaHandle::spawn(ca)?;
 
     // Bind everything before announcing anything.
@@ -135,8 +146,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let metrics = Arc::new(Metrics::default());
     let tracker = TaskTracker::new();
     let tls = frontdoor::follow_revocations(material, ca.revocations(), shutdown.clone())?;
-    let (uplink, queue_thread) = uplink::start(&config.uplink, &gateway_id, store, core.clone(), &tracker, shutdown.clone())?;
-    let mut shared = frontdoor::Shared::new(config.clone(), core, metrics.clone(), ca.revocations())?;
+    let (uplink, queue_thread) = uplink::start(
+        &config.uplink,
+        &gateway_id,
+        store,
+        core.clone(),
+        &tracker,
+        shutdown.clone(),
+    )?;
+    let mut shared =
+        frontdoor::Shared::new(config.clone(), core, metrics.clone(), ca.revocations())?;
     shared.uplink = config.uplink.enabled.then(|| uplink.clone());
     let shared = Arc::new(shared);
 
@@ -162,9 +181,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     }
     tracing::info!(path = %data_dir.join(admin::SOCKET).display(), "admin socket");
 
-    tracker.spawn(frontdoor::accept_tls(mqtts, tls, shared.clone(), tracker.clone(), shutdown.clone()));
+    tracker.spawn(frontdoor::accept_tls(
+        mqtts,
+        tls,
+        shared.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+    ));
     if let Some(l) = plain {
-        tracker.spawn(frontdoor::accept_plain(l, shared.clone(), tracker.clone(), shutdown.clone()));
+        tracker.spawn(frontdoor::accept_plain(
+            l,
+            shared.clone(),
+            tracker.clone(),
+            shutdown.clone(),
+        ));
     }
     if let Some(l) = metrics_l {
         let (m, u, s) = (metrics.clone(), uplink.clone(), shutdown.clone());
@@ -179,7 +209,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             }
         });
     }
-    tracker.spawn(admin::serve(admin_l, ca.clone(), tracker.clone(), shutdown.clone()));
+    tracker.spawn(admin::serve(
+        admin_l,
+        ca.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+    ));
     {
         // Re-sign the CRL well before it expires.
         let (ca, s) = (ca.clone(), shutdown.clone());
@@ -194,8 +229,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         });
     }
     let advert = if config.mdns.enabled {
-        let instance = if config.mdns.instance.is_empty() { gateway_id.clone() } else { config.mdns.instance.clone() };
-        match mdns::Advert::start(&instance, &gateway_id, endpoints.mqtts.port(), &ca::fingerprint(ca.ca_der())) {
+        let instance = if config.mdns.instance.is_empty() {
+            gateway_id.clone()
+        } else {
+            config.mdns.instance.clone()
+        };
+        match mdns::Advert::start(
+            &instance,
+            &gateway_id,
+            endpoints.mqtts.port(),
+            &ca::fingerprint(ca.ca_der()),
+        ) {
             Ok(a) => Some(a),
             Err(e) => {
                 tracing::warn!(error = %e, "mDNS advertisement not started");
@@ -216,8 +260,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     tracing::info!(grace = ?config.shutdown.grace, "shutting down: no new connections, draining");
     systemd::stopping();
     tracker.close();
-    if tokio::time::timeout(config.shutdown.grace, tracker.wait()).await.is_err() {
-        tracing::warn!(open = tracker.len(), "grace period over: remaining tasks abandoned");
+    if tokio::time::timeout(config.shutdown.grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tracker.len(),
+            "grace period over: remaining tasks abandoned"
+        );
     }
     if let Some(a) = advert {
         let _ = tokio::task::spawn_blocking(move || a.stop()).await;
@@ -229,12 +279,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     drop(ca);
     // The queue owner flushes and exits once the last handle is gone.
     let joined = tokio::task::spawn_blocking(move || queue_thread.join());
-    if tokio::time::timeout(Duration::from_secs(5), joined).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), joined)
+        .await
+        .is_err()
+    {
         tracing::error!("uplink queue did not finish flushing in 5 s");
     }
     // The CA thread owns the store: it flushes and exits once every handle is gone.
     let joined = tokio::task::spawn_blocking(move || ca_thread.join());
-    if tokio::time::timeout(Duration::from_secs(5), joined).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), joined)
+        .await
+        .is_err()
+    {
         tracing::error!("store owner did not finish flushing in 5 s");
     }
     tracing::info!("stopped");

@@ -14,7 +14,11 @@ use tokio_util::sync::CancellationToken;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "outpost", version, about = "Edge gateway: secure MQTT front door, local CA, offline-first")]
+#[command(
+    name = "outpost",
+    version,
+    about = "Edge gateway: secure MQTT front door, local CA, offline-first"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -90,7 +94,10 @@ fn load_config(a: &ConfigArgs) -> Result<Config, outpost::config::ConfigError> {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn,mdns_sd=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -101,7 +108,10 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Cmd::Run(a) => a.clone(),
-        Cmd::Ca { cmd: CaCmd::IssueDevice { cfg, .. } | CaCmd::Revoke { cfg, .. } | CaCmd::List { cfg, .. } } => cfg.clone(),
+        Cmd::Ca {
+            cmd:
+                CaCmd::IssueDevice { cfg, .. } | CaCmd::Revoke { cfg, .. } | CaCmd::List { cfg, .. },
+        } => cfg.clone(),
     };
     let config = match load_config(&cfg_args) {
         Ok(c) => c,
@@ -111,7 +121,10 @@ fn main() -> ExitCode {
         }
     };
     init_tracing();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("outpost: cannot start runtime: {e}");
@@ -146,11 +159,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         s.cancel();
     });
-    outpost::run(config, shutdown).await.context("gateway failed")
+    outpost::run(config, shutdown)
+        .await
+        .context("gateway failed")
 }
 
 fn write_out(dir: &Path, name: &str, text: &str, mode: u32) -> anyhow::Result<()> {
-    outpost::ca::write_file(&dir.join(name), text.as_bytes(), mode).with_context(|| format!("writing {name}"))
+    outpost::ca::write_file(&dir.join(name), text.as_bytes(), mode)
+        .with_context(|| format!("writing {name}"))
 }
 
 async fn ca_command(cmd: CaCmd, config: Config) -> anyhow::Result<()> {
@@ -159,11 +175,16 @@ async fn ca_command(cmd: CaCmd, config: Config) -> anyhow::Result<()> {
         CaCmd::IssueDevice { id, csr, .. } => Request::IssueDevice {
             id: id.clone(),
             csr: match csr {
-                Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading CSR {}", p.display()))?),
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("reading CSR {}", p.display()))?,
+                ),
                 None => None,
             },
         },
-        CaCmd::Revoke { serial: Some(s), .. } => Request::RevokeSerial { serial: s.clone() },
+        CaCmd::Revoke {
+            serial: Some(s), ..
+        } => Request::RevokeSerial { serial: s.clone() },
         CaCmd::Revoke { id: Some(id), .. } => Request::RevokeDevice { id: id.clone() },
         CaCmd::Revoke { .. } => bail!("give --serial or --id"),
         CaCmd::List { .. } => Request::List,
@@ -174,7 +195,15 @@ async fn ca_command(cmd: CaCmd, config: Config) -> anyhow::Result<()> {
         None => offline(&config, req).context("no gateway running; using the store directly")?,
     };
     match (cmd, reply) {
-        (CaCmd::IssueDevice { id, out, .. }, Reply::Issued { serial, cert_pem, key_pem, ca_pem }) => {
+        (
+            CaCmd::IssueDevice { id, out, .. },
+            Reply::Issued {
+                serial,
+                cert_pem,
+                key_pem,
+                ca_pem,
+            },
+        ) => {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             write_out(&out, &format!("{id}.crt"), &cert_pem, 0o644)?;
             if let Some(k) = key_pem {
@@ -192,13 +221,23 @@ async fn ca_command(cmd: CaCmd, config: Config) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&records)?);
             } else {
-                println!("{:<34} {:<24} {:<10} {:<20} {}", "SERIAL", "DEVICE", "STATUS", "NOT AFTER", "KEY");
+                println!(
+                    "{:<34} {:<24} {:<10} {:<20} {}",
+                    "SERIAL", "DEVICE", "STATUS", "NOT AFTER", "KEY"
+                );
                 for r in records {
-                    let status = if r.revoked_at.is_some() { "revoked" } else { "valid" };
+                    let status = if r.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "valid"
+                    };
                     let until = time::OffsetDateTime::from_unix_timestamp(r.not_after)
                         .map(|t| t.date().to_string())
                         .unwrap_or_default();
-                    println!("{:<34} {:<24} {:<10} {:<20} {}", r.serial, r.device_id, status, until, r.key_source);
+                    println!(
+                        "{:<34} {:<24} {:<10} {:<20} {}",
+                        r.serial, r.device_id, status, until, r.key_source
+                    );
                 }
             }
         }
@@ -221,6 +260,8 @@ fn offline(config: &Config, req: Request) -> anyhow::Result<Reply> {
             ca.refresh_crl()?;
             Reply::Records { records: r }
         }
-        Request::List => Reply::Records { records: ca.list()? },
+        Request::List => Reply::Records {
+            records: ca.list()?,
+        },
     })
 }

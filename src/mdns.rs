@@ -18,7 +18,12 @@ pub struct Advert {
 }
 
 impl Advert {
-    pub fn start(instance: &str, gateway_id: &str, port: u16, ca_fingerprint: &str) -> Result<Advert, MdnsError> {
+    pub fn start(
+        instance: &str,
+        gateway_id: &str,
+        port: u16,
+        ca_fingerprint: &str,
+    ) -> Result<Advert, MdnsError> {
         let e = |e: mdns_sd::Error| MdnsError(e.to_string());
         let daemon = ServiceDaemon::new().map_err(e)?;
         let props = HashMap::from([

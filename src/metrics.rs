@@ -46,37 +46,107 @@ impl Metrics {
         let mut out = String::with_capacity(2048);
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
         let mut metric = |name: &str, kind: &str, help: &str, labels: &str, v: i64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {v}"
+            );
         };
-        metric("outpost_connections_open", "gauge", "Open client connections.", "",
-            self.connections_open.load(Ordering::Relaxed));
-        metric("outpost_connections_total", "counter", "Client connections accepted.", "",
-            g(&self.connections_total) as i64);
-        metric("outpost_connections_refused_total", "counter", "Connections refused before MQTT, by reason.",
-            "{reason=\"limit\"}", g(&self.connections_refused_limit) as i64);
-        metric("outpost_connections_refused_identity_total", "counter",
-            "CONNECTs refused: client id does not match the certificate, or bad identity.", "",
-            g(&self.connections_refused_identity) as i64);
-        metric("outpost_tls_handshake_failures_total", "counter",
-            "TLS handshakes that failed (no, unknown, expired or revoked certificate; garbage).", "",
-            g(&self.tls_handshake_failures) as i64);
-        metric("outpost_tls_handshake_timeouts_total", "counter", "TLS handshakes that timed out.", "",
-            g(&self.tls_handshake_timeouts) as i64);
-        metric("outpost_connect_timeouts_total", "counter", "Connections closed waiting for CONNECT.", "",
-            g(&self.connect_timeouts) as i64);
-        metric("outpost_malformed_packets_total", "counter", "Connections closed for a malformed packet.", "",
-            g(&self.malformed_packets) as i64);
-        metric("outpost_messages_in_total", "counter", "PUBLISH packets received from clients.", "",
-            g(&self.messages_in) as i64);
-        metric("outpost_messages_out_total", "counter", "PUBLISH packets delivered to clients.", "",
-            g(&self.messages_out) as i64);
-        metric("outpost_bytes_in_total", "counter", "MQTT bytes received from clients.", "",
-            g(&self.bytes_in) as i64);
-        metric("outpost_bytes_out_total", "counter", "MQTT bytes sent to clients.", "",
-            g(&self.bytes_out) as i64);
-        metric("outpost_acl_denied_total", "counter", "Operations refused by the topic ACL.",
-            "{op=\"publish\"}", g(&self.acl_denied_publish) as i64);
-        let _ = writeln!(out, "outpost_acl_denied_total{{op=\"subscribe\"}} {}", g(&self.acl_denied_subscribe));
+        metric(
+            "outpost_connections_open",
+            "gauge",
+            "Open client connections.",
+            "",
+            self.connections_open.load(Ordering::Relaxed),
+        );
+        metric(
+            "outpost_connections_total",
+            "counter",
+            "Client connections accepted.",
+            "",
+            g(&self.connections_total) as i64,
+        );
+        metric(
+            "outpost_connections_refused_total",
+            "counter",
+            "Connections refused before MQTT, by reason.",
+            "{reason=\"limit\"}",
+            g(&self.connections_refused_limit) as i64,
+        );
+        metric(
+            "outpost_connections_refused_identity_total",
+            "counter",
+            "CONNECTs refused: client id does not match the certificate, or bad identity.",
+            "",
+            g(&self.connections_refused_identity) as i64,
+        );
+        metric(
+            "outpost_tls_handshake_failures_total",
+            "counter",
+            "TLS handshakes that failed (no, unknown, expired or revoked certificate; garbage).",
+            "",
+            g(&self.tls_handshake_failures) as i64,
+        );
+        metric(
+            "outpost_tls_handshake_timeouts_total",
+            "counter",
+            "TLS handshakes that timed out.",
+            "",
+            g(&self.tls_handshake_timeouts) as i64,
+        );
+        metric(
+            "outpost_connect_timeouts_total",
+            "counter",
+            "Connections closed waiting for CONNECT.",
+            "",
+            g(&self.connect_timeouts) as i64,
+        );
+        metric(
+            "outpost_malformed_packets_total",
+            "counter",
+            "Connections closed for a malformed packet.",
+            "",
+            g(&self.malformed_packets) as i64,
+        );
+        metric(
+            "outpost_messages_in_total",
+            "counter",
+            "PUBLISH packets received from clients.",
+            "",
+            g(&self.messages_in) as i64,
+        );
+        metric(
+            "outpost_messages_out_total",
+            "counter",
+            "PUBLISH packets delivered to clients.",
+            "",
+            g(&self.messages_out) as i64,
+        );
+        metric(
+            "outpost_bytes_in_total",
+            "counter",
+            "MQTT bytes received from clients.",
+            "",
+            g(&self.bytes_in) as i64,
+        );
+        metric(
+            "outpost_bytes_out_total",
+            "counter",
+            "MQTT bytes sent to clients.",
+            "",
+            g(&self.bytes_out) as i64,
+        );
+        metric(
+            "outpost_acl_denied_total",
+            "counter",
+            "Operations refused by the topic ACL.",
+            "{op=\"publish\"}",
+            g(&self.acl_denied_publish) as i64,
+        );
+        let _ = writeln!(
+            out,
+            "outpost_acl_denied_total{{op=\"subscribe\"}} {}",
+            g(&self.acl_denied_subscribe)
+        );
         let _ = writeln!(
             out,
             "# HELP outpost_forced_disconnects_total Live sessions cut by the gateway.\n# TYPE outpost_forced_disconnects_total counter\noutpost_forced_disconnects_total{{reason=\"revoked\"}} {}\noutpost_forced_disconnects_total{{reason=\"expired\"}} {}",
@@ -101,7 +171,10 @@ pub async fn serve(
                 let text = render();
                 async move {
                     (
-                        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
                         text,
                     )
                 }

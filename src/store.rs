@@ -152,10 +152,20 @@ pub struct Store {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
+        // A process that just closed the store may still hold its file lock for a moment
+        // (sled releases it when its background threads finish): retry briefly.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let db = loop {
+            match sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open() {
+                Ok(db) => break db,
+                Err(e) => match StoreError::from(e) {
+                    StoreError::Locked(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    other => return Err(other),
+                },
+            }
+        };
         let meta = db.open_tree(META)?;
         match meta.get(KEY_SCHEMA)? {
             None => {

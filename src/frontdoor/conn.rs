@@ -246,6 +246,19 @@ where
         shared,
         ltx,
     };
+    // Packets the client sent right behind CONNECT (it need not wait for CONNACK) may have
+    // arrived in the same read: handle them now, not only after the next read.
+    if !buf.is_empty() {
+        match upstream_state.process(&mut buf).await {
+            Ok(out) if !out.is_empty() => {
+                if let Err(e) = bwr.write_all(&out).await {
+                    return End::Io(e);
+                }
+            }
+            Ok(_) => {}
+            Err(end) => return end,
+        }
+    }
     let mut revocations = shared.revocations.clone();
     let expiry = not_after
         .map(|t| {

@@ -11,7 +11,7 @@ pub mod mqtt;
 
 use crate::acl::Rules;
 use crate::broker::BrokerLink;
-use crate::ca::{Revocations, serial_hex};
+use crate::ca::{serial_hex, Revocations};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
@@ -54,9 +54,10 @@ impl TlsMaterial {
         ca_der: &[u8],
         extra_cas: &[PathBuf],
     ) -> Result<TlsMaterial, FrontDoorError> {
-        let mut chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut server_cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|e| FrontDoorError::Key(e.to_string()))?;
+        let mut chain: Vec<CertificateDer<'static>> =
+            rustls_pemfile::certs(&mut server_cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| FrontDoorError::Key(e.to_string()))?;
         chain.push(CertificateDer::from(ca_der.to_vec()));
         let server_key = rustls_pemfile::private_key(&mut server_key_pem.as_bytes())
             .map_err(|e| FrontDoorError::Key(e.to_string()))?
@@ -99,13 +100,14 @@ impl TlsMaterial {
         if !rev.crl_der.is_empty() {
             crls.push(CertificateRevocationListDer::from(rev.crl_der.clone()));
         }
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
-            .with_crls(crls)
-            .only_check_end_entity_revocation()
-            // Certificates of extra trusted CAs are not covered by our CRL.
-            .allow_unknown_revocation_status()
-            .build()
-            .map_err(|e| FrontDoorError::Verifier(e.to_string()))?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
+                .with_crls(crls)
+                .only_check_end_entity_revocation()
+                // Certificates of extra trusted CAs are not covered by our CRL.
+                .allow_unknown_revocation_status()
+                .build()
+                .map_err(|e| FrontDoorError::Verifier(e.to_string()))?;
         let cfg = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
             .with_client_cert_verifier(verifier)
@@ -189,7 +191,9 @@ pub async fn accept_tls(
                 Err(e) => { accept_error(e).await; continue; }
             },
         };
-        let Some(permit) = admit(&shared, peer) else { continue };
+        let Some(permit) = admit(&shared, peer) else {
+            continue;
+        };
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
         let shared = shared.clone();
         let token = shutdown.child_token();
@@ -197,7 +201,10 @@ pub async fn accept_tls(
             async move {
                 let _permit = permit;
                 let _ = tcp.set_nodelay(true);
-                let hs = tokio::time::timeout(shared.cfg.limits.tls_handshake_timeout, acceptor.accept(tcp));
+                let hs = tokio::time::timeout(
+                    shared.cfg.limits.tls_handshake_timeout,
+                    acceptor.accept(tcp),
+                );
                 let stream = tokio::select! {
                     _ = token.cancelled() => return,
                     r = hs => match r {
@@ -214,7 +221,12 @@ pub async fn accept_tls(
                         }
                     },
                 };
-                let Some(peer_cert) = stream.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+                let Some(peer_cert) = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                else {
                     shared.metrics.inc(|m| &m.tls_handshake_failures);
                     return;
                 };
@@ -226,8 +238,11 @@ pub async fn accept_tls(
                         return;
                     }
                 };
-                let span = tracing::info_span!("device", id = %identity.id, serial = %identity.serial);
-                conn::serve(stream, conn::Peer::Device(identity), shared, token).instrument(span).await;
+                let span =
+                    tracing::info_span!("device", id = %identity.id, serial = %identity.serial);
+                conn::serve(stream, conn::Peer::Device(identity), shared, token)
+                    .instrument(span)
+                    .await;
             }
             .instrument(tracing::info_span!("conn", %peer, tls = true)),
         );
@@ -250,7 +265,9 @@ pub async fn accept_plain(
                 Err(e) => { accept_error(e).await; continue; }
             },
         };
-        let Some(permit) = admit(&shared, peer) else { continue };
+        let Some(permit) = admit(&shared, peer) else {
+            continue;
+        };
         let shared = shared.clone();
         let token = shutdown.child_token();
         tracker.spawn(
@@ -259,7 +276,9 @@ pub async fn accept_plain(
                 let _ = tcp.set_nodelay(true);
                 conn::serve(tcp, conn::Peer::Local, shared, token).await;
             }
-            .instrument(tracing::info_span!("conn", %peer, tls = false, id = tracing::field::Empty)),
+            .instrument(
+                tracing::info_span!("conn", %peer, tls = false, id = tracing::field::Empty),
+            ),
         );
     }
     tracing::info!("plain listener closed");

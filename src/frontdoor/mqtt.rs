@@ -169,7 +169,10 @@ pub fn parse_connect(body: &[u8]) -> Result<Connect, MqttError> {
     let will_retain = flags & 0x20 != 0;
     let has_password = flags & 0x40 != 0;
     let has_username = flags & 0x80 != 0;
-    if will_qos == 3 || (!will_flag && (will_qos != 0 || will_retain)) || (has_password && !has_username) {
+    if will_qos == 3
+        || (!will_flag && (will_qos != 0 || will_retain))
+        || (has_password && !has_username)
+    {
         return Err(MqttError::BadConnectFlags);
     }
     let keep_alive = r.u16()?;
@@ -186,7 +189,11 @@ pub fn parse_connect(body: &[u8]) -> Result<Connect, MqttError> {
     } else {
         None
     };
-    let username = if has_username { Some(r.string()?) } else { None };
+    let username = if has_username {
+        Some(r.string()?)
+    } else {
+        None
+    };
     let password = if has_password {
         Some(r.bytes()?.to_vec())
     } else {
@@ -384,15 +391,24 @@ mod tests {
         body.put_u8(2);
         body.put_u16(10);
         put_bytes(&mut body, b"x");
-        assert!(matches!(parse_connect(&body), Err(MqttError::Protocol { .. })));
+        assert!(matches!(
+            parse_connect(&body),
+            Err(MqttError::Protocol { .. })
+        ));
     }
 
     #[test]
     fn frame_limits_and_partial_input() {
         assert_eq!(frame(&[0x30], 100), Ok(None));
         assert_eq!(frame(&[0x30, 0x80], 100), Ok(None));
-        assert_eq!(frame(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], 1 << 30), Err(MqttError::BadLength));
-        assert_eq!(frame(&[0x30, 0xff, 0x7f], 100), Err(MqttError::TooLarge(16386)));
+        assert_eq!(
+            frame(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], 1 << 30),
+            Err(MqttError::BadLength)
+        );
+        assert_eq!(
+            frame(&[0x30, 0xff, 0x7f], 100),
+            Err(MqttError::TooLarge(16386))
+        );
         assert_eq!(frame(&[0xc0, 0x00], 100), Ok(Some((PINGREQ, 0, 2, 2))));
     }
 
@@ -415,7 +431,10 @@ mod tests {
         put_bytes(&mut body, b"devices/a/t");
         body.put_u16(9);
         body.put_slice(b"payload");
-        assert_eq!(parse_publish(0b0010, &body).unwrap(), ("devices/a/t".into(), 1, Some(9)));
+        assert_eq!(
+            parse_publish(0b0010, &body).unwrap(),
+            ("devices/a/t".into(), 1, Some(9))
+        );
         assert_eq!(parse_publish(0b0110, &body), Err(MqttError::BadQos));
         let mut zero = BytesMut::new();
         put_bytes(&mut zero, b"t");

@@ -6,7 +6,6 @@ use super::mapping::Mapping;
 use super::queue::{now_ms, QueueHandle};
 use super::{UplinkConfig, UplinkError, UplinkStats, STATE_TOPIC};
 use crate::broker::BrokerLink;
-use crate::store::Store;
 use rand::Rng;
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
 use std::collections::{HashMap, VecDeque};
@@ -17,7 +16,6 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-const SENT_MARK_KEY: &str = "uplink_sent_mark";
 
 /// Build the rustls client config for the cloud (ring provider, client certificate).
 pub fn client_tls(cfg: &UplinkConfig) -> Result<Arc<rustls::ClientConfig>, UplinkError> {
@@ -129,7 +127,6 @@ pub struct Session {
     core: BrokerLink,
     state_tx: watch::Sender<LinkState>,
     stats: Arc<UplinkStats>,
-    store: Store,
 }
 
 impl Session {
@@ -143,9 +140,8 @@ impl Session {
         core: BrokerLink,
         state_tx: watch::Sender<LinkState>,
         stats: Arc<UplinkStats>,
-        store: Store,
     ) -> Session {
-        Session { cfg, gateway_id: gateway_id.to_string(), tls, queue, mapping, core, state_tx, stats, store }
+        Session { cfg, gateway_id: gateway_id.to_string(), tls, queue, mapping, core, state_tx, stats }
     }
 
     fn local_client(&self, shutdown: CancellationToken) -> AsyncClient {
@@ -194,10 +190,6 @@ impl Session {
         self.publish_state(local, to, reason);
     }
 
-    fn read_sent_mark(&self) -> u64 {
-        self.store.meta_u64(SENT_MARK_KEY).ok().flatten().unwrap_or(0)
-    }
-
     pub async fn run(self, shutdown: CancellationToken) {
         let local = self.local_client(shutdown.clone());
         self.publish_state(&local, LinkState::Offline, "starting");
@@ -234,13 +226,14 @@ impl Session {
         let mut inflight: HashMap<u16, Slot> = HashMap::new();
         let mut unmapped: VecDeque<Slot> = VecDeque::new();
         let mut cursor = self.queue.first_seq().ok().flatten().unwrap_or(1);
-        let mut sent_mark = self.read_sent_mark();
+        let mut sent_mark = self.queue.sent_mark();
         let mut persisted_mark = sent_mark;
         let mut evidence = false;
         let mut heartbeat: Option<Instant> = None;
         let mut probe: Option<tokio::task::JoinHandle<Result<Duration, String>>> = None;
         let mut durable = self.queue.durable();
         let mut acked: Vec<u64> = Vec::new();
+        let mut flush_acks = false;
         let mut expired: Vec<u64> = Vec::new();
         let ttl_ms = self.cfg.message_ttl.as_millis() as u64;
 
@@ -288,9 +281,12 @@ impl Session {
                     }
                 }
             }
-            if !acked.is_empty() {
+            // Removals are flushed by the queue owner; batching them bounds both the flush
+            // rate and what a crash can repeat (the window plus half a window).
+            if !acked.is_empty() && (acked.len() >= (window / 2).max(1) || flush_acks) {
                 self.queue.remove(std::mem::take(&mut acked), false).await;
             }
+            flush_acks = false;
             if !expired.is_empty() {
                 self.queue.remove(std::mem::take(&mut expired), true).await;
             }
@@ -316,6 +312,7 @@ impl Session {
                     }
                 }
                 _ = tick.tick() => {
+                    flush_acks = true;
                     if connected {
                         if let Some(sent) = heartbeat {
                             if sent.elapsed() >= d.heartbeat_timeout {
@@ -339,11 +336,8 @@ impl Session {
                         probe = Some(tokio::spawn(async move { tls_probe(&host, port, tls, t).await }));
                     }
                     if sent_mark != persisted_mark {
-                        // Not flushed: the sled background flush covers it; at worst a few
-                        // resends after a crash go uncounted.
-                        if self.store.set_meta_u64(SENT_MARK_KEY, sent_mark).is_ok() {
-                            persisted_mark = sent_mark;
-                        }
+                        self.queue.set_sent_mark(sent_mark).await;
+                        persisted_mark = sent_mark;
                     }
                 }
                 ev = events.recv() => match ev {
@@ -461,13 +455,14 @@ impl Session {
                 }
             }
         }
+        self.queue.remove(std::mem::take(&mut acked), false).await;
         if connected {
             let _ = client.try_disconnect();
             // Let the event loop send the DISCONNECT.
             let _ = tokio::time::timeout(Duration::from_millis(500), async { while events.recv().await.is_some() {} }).await;
         }
         drop(ctl);
-        let _ = self.store.set_meta_u64(SENT_MARK_KEY, sent_mark);
+        self.queue.set_sent_mark(sent_mark).await;
         tracing::info!("uplink stopped");
     }
 }

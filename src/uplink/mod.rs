@@ -1,7 +1,7 @@
 //! The uplink: one MQTT session to the cloud broker, internet-loss detection, and the durable
 //! store-and-forward queue between the devices and the cloud.
 //!
-//! Devices notice nothing but a state change they can read on `$outpost/uplink/state`
+//! Devices notice nothing but a state change they can read on `outpost/uplink/state`
 //! (retained). The front door appends every PUBLISH on an uplink topic to the queue and
 //! waits for the group commit before the device gets its acknowledgement; the session task
 //! drains the queue in order, deleting a message only once the cloud broker acknowledged it.
@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Local topic where the uplink state is published (retained).
-pub const STATE_TOPIC: &str = "$outpost/uplink/state";
+/// (Not a `$` topic: the routing core refuses subscriptions to `$` filters.)
+pub const STATE_TOPIC: &str = "outpost/uplink/state";
 
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
@@ -240,7 +241,7 @@ pub fn start(
     shutdown: CancellationToken,
 ) -> Result<(UplinkHandle, std::thread::JoinHandle<()>), UplinkError> {
     let mapping = Arc::new(Mapping::new(gateway_id, &cfg.up, &cfg.down)?);
-    let (queue, queue_thread) = QueueHandle::spawn(store.clone(), cfg.queue_max_bytes, cfg.when_full)?;
+    let (queue, queue_thread) = QueueHandle::spawn(store, cfg.queue_max_bytes, cfg.when_full)?;
     let tls = link::client_tls(cfg)?;
     let (state_tx, state_rx) = watch::channel(LinkState::Offline);
     let stats = Arc::new(UplinkStats::default());
@@ -250,7 +251,7 @@ pub fn start(
         state: state_rx,
         stats: stats.clone(),
     };
-    let session = link::Session::new(cfg.clone(), gateway_id, tls, queue, mapping, core, state_tx, stats, store);
+    let session = link::Session::new(cfg.clone(), gateway_id, tls, queue, mapping, core, state_tx, stats);
     tracker.spawn(session.run(shutdown));
     Ok((handle, queue_thread))
 }

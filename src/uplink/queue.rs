@@ -3,8 +3,9 @@
 //! One owner thread holds the queue. Appends from every connection are collected and made
 //! durable together (group commit: one flush for everything that arrived meanwhile) before
 //! any of their callers is answered. The forwarder reads in sequence order and acknowledges
-//! what the cloud has acknowledged; removals are not flushed (a lost removal only means a
-//! message is sent again: at-least-once).
+//! what the cloud has acknowledged; removals are flushed in batches by the same owner (a
+//! removal lost in a crash only means a message is sent again: at-least-once, and the
+//! forwarder batches at most half its window of them).
 
 use crate::store::{Log, Store, StoreError};
 use bytes::Bytes;
@@ -124,12 +125,17 @@ enum Command {
     },
     /// The cloud acknowledged these; `expired` ones were skipped for age.
     Remove { seqs: Vec<u64>, expired: bool },
+    /// Highest sequence number ever published to the cloud (to count resends after a crash).
+    SentMark(u64),
 }
+
+const SENT_MARK_KEY: &str = "uplink_sent_mark";
 
 /// Handle to the queue owner: append (durably) and acknowledge; read through `reader()`.
 #[derive(Clone)]
 pub struct QueueHandle {
     tx: mpsc::Sender<Command>,
+    store: Store,
     log: Log,
     stats: Arc<QueueStats>,
     /// Highest sequence number made durable so far (0: none).
@@ -149,6 +155,7 @@ impl QueueHandle {
         let (tx, mut rx) = mpsc::channel::<Command>(1024);
         let handle = QueueHandle {
             tx,
+            store: store.clone(),
             log: log.clone(),
             stats: stats.clone(),
             durable: durable_rx,
@@ -184,6 +191,16 @@ impl QueueHandle {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Command::Append { msgs, reply }).await.map_err(|_| QueueError::Stopped)?;
         rx.await.map_err(|_| QueueError::Stopped)?
+    }
+
+    /// Record (durably, with the next flush) the highest sequence published so far.
+    pub async fn set_sent_mark(&self, seq: u64) {
+        let _ = self.tx.send(Command::SentMark(seq)).await;
+    }
+
+    /// The sent mark as persisted by the previous run.
+    pub fn sent_mark(&self) -> u64 {
+        self.store.meta_u64(SENT_MARK_KEY).ok().flatten().unwrap_or(0)
     }
 
     pub async fn remove(&self, seqs: Vec<u64>, expired: bool) {
@@ -246,6 +263,7 @@ impl Owner {
     fn handle(&mut self, cmds: Vec<Command>, durable: &watch::Sender<u64>) {
         let mut replies = Vec::new();
         let mut wrote = false;
+        let mut wrote_meta = false;
         for cmd in cmds {
             match cmd {
                 Command::Append { msgs, reply } => {
@@ -253,7 +271,19 @@ impl Owner {
                     wrote |= r.is_ok();
                     replies.push((reply, r));
                 }
-                Command::Remove { seqs, expired } => self.remove(&seqs, expired),
+                Command::Remove { seqs, expired } => {
+                    self.remove(&seqs, expired);
+                    wrote_meta = true;
+                }
+                Command::SentMark(seq) => match self.store.set_meta_u64(SENT_MARK_KEY, seq) {
+                    Ok(()) => wrote_meta = true,
+                    Err(e) => tracing::warn!(error = %e, "cannot record the sent mark"),
+                },
+            }
+        }
+        if wrote_meta && !wrote {
+            if let Err(e) = self.store.flush() {
+                tracing::warn!(error = %e, "cannot flush the sent mark");
             }
         }
         if wrote {

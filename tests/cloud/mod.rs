@@ -339,24 +339,25 @@ fn publish_packet(topic: &str, pid: u16, payload: &[u8], dup: bool) -> Vec<u8> {
     p
 }
 
-/// Publish `count` QoS 1 messages `"{id}:{i}"` to `topic`, keeping `window` in flight and
-/// re-sending every unacknowledged one after a reconnect. Returns the number of reconnects.
-/// Gives up (panics) after `deadline`.
+/// Publish QoS 1 messages `"{id}:{i}"` for i in `range` to `topic`, keeping `window` in
+/// flight and re-sending every unacknowledged one after a reconnect. Returns the number of
+/// reconnects. Gives up (panics) after `deadline`.
 pub fn publish_at_least_once(
     addr: impl Fn() -> SocketAddr,
     tls: Arc<rustls::ClientConfig>,
     id: &str,
     topic: &str,
-    count: usize,
+    range: std::ops::Range<usize>,
     window: usize,
     deadline: Instant,
 ) -> usize {
-    let mut next = 0usize;
+    let count = range.end;
+    let mut next = range.start;
     let mut outstanding: std::collections::VecDeque<(u16, usize)> = Default::default();
     let mut reconnects = 0usize;
     let mut first = true;
     'session: loop {
-        assert!(Instant::now() < deadline, "{id}: gave up with {} unacknowledged", count - next + outstanding.len());
+        assert!(Instant::now() < deadline, "{id}: gave up with {} unsent/unacknowledged", count - next + outstanding.len());
         if next >= count && outstanding.is_empty() {
             return reconnects;
         }
