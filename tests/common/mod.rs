@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 
 pub use outpost::Endpoints;
 
+/// TLS clients, ACL, revocation and core-bypass helpers (mosquitto processes, raw MQTT over
+/// TLS, rumqttc, certificates made in the test).
+pub mod security_helpers;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_outpost");
 
 pub struct Gateway {
