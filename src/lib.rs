@@ -275,6 +275,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let _ = std::fs::remove_file(data_dir.join(admin::SOCKET));
     let _ = std::fs::remove_file(data_dir.join(ENDPOINTS_FILE));
     drop(shared);
+    // Tasks abandoned after the grace period may still hold queue handles: stop it explicitly.
+    uplink.queue.stop().await;
     drop(uplink);
     drop(ca);
     // The queue owner flushes and exits once the last handle is gone.

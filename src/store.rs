@@ -156,7 +156,11 @@ impl Store {
         // (sled releases it when its background threads finish): retry briefly.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         let db = loop {
-            match sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open() {
+            match sled::Config::new()
+                .path(dir)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+            {
                 Ok(db) => break db,
                 Err(e) => match StoreError::from(e) {
                     StoreError::Locked(_) if std::time::Instant::now() < deadline => {
@@ -333,16 +337,23 @@ mod tests {
         {
             let s = Store::open(dir.path()).unwrap();
             let log = s.log("q").unwrap();
-            log.append(1, &[b"a".to_vec(), b"bb".to_vec(), b"ccc".to_vec()]).unwrap();
+            log.append(1, &[b"a".to_vec(), b"bb".to_vec(), b"ccc".to_vec()])
+                .unwrap();
             s.flush().unwrap();
             log.remove(&[1]).unwrap();
             s.flush().unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
         let log = s.log("q").unwrap();
-        assert_eq!(log.read_from(0, 10).unwrap(), vec![(2, b"bb".to_vec()), (3, b"ccc".to_vec())]);
+        assert_eq!(
+            log.read_from(0, 10).unwrap(),
+            vec![(2, b"bb".to_vec()), (3, b"ccc".to_vec())]
+        );
         assert_eq!(log.read_from(3, 10).unwrap().len(), 1);
-        assert_eq!((log.first_seq().unwrap(), log.last_seq().unwrap()), (Some(2), Some(3)));
+        assert_eq!(
+            (log.first_seq().unwrap(), log.last_seq().unwrap()),
+            (Some(2), Some(3))
+        );
         assert_eq!(log.usage().unwrap(), (2, 5));
     }
 

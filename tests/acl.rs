@@ -355,23 +355,34 @@ async fn will_on_a_forbidden_topic_is_refused_at_connect() {
     assert_eq!(gw.metric(DENIED_PUB), 3);
 }
 
-/// Known bug, kept as a ready regression test: the default ACL (and the README) let a device
-/// subscribe to `$outpost/uplink/state`, the front door forwards the filter, and the routing
-/// core (rumqttd 0.20 refuses every `$` filter except `$share/...`) drops the whole
-/// connection instead of answering the SUBSCRIBE.
+/// The default ACL lets a device read the uplink state; the routing core (rumqttd 0.20)
+/// drops a connection that subscribes to any `$` filter, so the state topic is not a `$`
+/// topic, and `$` filters are refused by the front door (0x80) before they reach the core.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: rumqttd refuses `$` filters and drops the connection; needs a front-door mapping of $outpost/#"]
 async fn device_may_subscribe_to_uplink_state_without_losing_its_session() {
     let gw = Gateway::start();
     let a = gw.issue("dev-a");
     let mut dev = sec::device(gw.mqtts(), &a).await;
     let codes = dev
-        .subscribe(1, &[("devices/dev-a/cmd", 1), ("$outpost/uplink/state", 0)])
+        .subscribe(
+            1,
+            &[
+                ("devices/dev-a/cmd", 1),
+                ("outpost/uplink/state", 0),
+                ("$SYS/#", 0),
+            ],
+        )
         .await;
-    assert_eq!(codes, vec![1, 0]);
+    assert_eq!(codes, vec![1, 0, 0x80]);
+    let (topic, _, state) = dev
+        .next_publish(std::time::Duration::from_secs(5))
+        .await
+        .expect("the retained uplink state is delivered");
+    assert_eq!(topic, "outpost/uplink/state");
+    assert!(String::from_utf8_lossy(&state).contains("\"state\":\"offline\""));
     dev.send(&wire::publish("devices/dev-a/x", b"still here", 1, 2))
         .await;
     dev.expect_exact(PUBACK, &2u16.to_be_bytes(), "PUBACK after the subscription")
         .await;
-    assert_eq!(gw.metric(DENIED_SUB), 0);
+    assert_eq!(gw.metric(DENIED_SUB), 1);
 }

@@ -125,7 +125,9 @@ fn mosquitto_devices_and_local_processes_exchange_messages_both_ways() {
 /// device publishes first, to prove the subscriber would have seen a leak.
 fn assert_refused(gw: &Gateway, creds: Option<&Creds>, case: &str, alert: &str) {
     let good = gw.issue(&format!("good-{case}"));
-    let mut watcher = Proc::subscriber(plain_args(gw.plain()), "#", 1);
+    // Everything devices may publish is below devices/ (the gateway's own retained
+    // outpost/uplink/state would otherwise reach a `#` watcher too).
+    let mut watcher = Proc::subscriber(plain_args(gw.plain()), "devices/#", 1);
     let out = mosquitto_pub(&pub_args(
         tls_args(gw.mqtts(), &good),
         &format!("devices/good-{case}/x"),
@@ -237,7 +239,9 @@ fn client_id_not_matching_the_certificate_is_rejected() {
     let gw = Gateway::start();
     let dev = gw.issue("meter-7");
     let _other = gw.issue("meter-8");
-    let mut watcher = Proc::subscriber(plain_args(gw.plain()), "#", 1);
+    // Everything devices may publish is below devices/ (the gateway's own retained
+    // outpost/uplink/state would otherwise reach a `#` watcher too).
+    let mut watcher = Proc::subscriber(plain_args(gw.plain()), "devices/#", 1);
 
     let mut args = tls_args(gw.mqtts(), &dev);
     args.extend(strs(&["-i", "meter-8"]));

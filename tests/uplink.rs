@@ -3,7 +3,10 @@
 mod cloud;
 mod common;
 
-use cloud::{publish_at_least_once, tls_client_config, verify_stream, Cloud, CloudPki, CloudSubscriber, Fault, Proxy};
+use cloud::{
+    publish_at_least_once, tls_client_config, verify_stream, Cloud, CloudPki, CloudSubscriber,
+    Fault, Proxy,
+};
 use common::{Creds, Gateway};
 use std::net::SocketAddr;
 use std::process::Command;
@@ -34,11 +37,20 @@ impl Rig {
             gw_key.display()
         );
         let gw = Gateway::start_with(&cfg);
-        Rig { pki, cloud, proxy, gw }
+        Rig {
+            pki,
+            cloud,
+            proxy,
+            gw,
+        }
     }
 
     fn cloud_subscriber(&self, filter: &str) -> CloudSubscriber {
-        let tls = tls_client_config(&self.pki.ca, &self.pki.dir.join("cloud-app.crt"), &self.pki.dir.join("cloud-app.key"));
+        let tls = tls_client_config(
+            &self.pki.ca,
+            &self.pki.dir.join("cloud-app.crt"),
+            &self.pki.dir.join("cloud-app.key"),
+        );
         CloudSubscriber::start(self.cloud.port, tls, "cloud-app", filter)
     }
 
@@ -50,7 +62,12 @@ impl Rig {
     fn wait_state(&self, online: bool, limit: Duration) -> Duration {
         let t0 = Instant::now();
         while self.online() != online {
-            assert!(t0.elapsed() < limit, "uplink not {} within {limit:?}\n{}", if online { "online" } else { "offline" }, self.gw.log());
+            assert!(
+                t0.elapsed() < limit,
+                "uplink not {} within {limit:?}\n{}",
+                if online { "online" } else { "offline" },
+                self.gw.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         t0.elapsed()
@@ -63,7 +80,20 @@ impl Rig {
     /// The retained state document on the local broker.
     fn local_state(&self) -> String {
         let out = Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &self.gw.plain().port().to_string(), "-i", "state-reader", "-t", "outpost/uplink/state", "-C", "1", "-W", "5"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.gw.plain().port().to_string(),
+                "-i",
+                "state-reader",
+                "-t",
+                "outpost/uplink/state",
+                "-C",
+                "1",
+                "-W",
+                "5",
+            ])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).to_string()
@@ -74,21 +104,35 @@ impl Rig {
 fn online_to_offline_on_blackhole_and_back_to_online_on_restore() {
     let rig = Rig::start("");
     rig.wait_state(true, Duration::from_secs(15));
-    assert!(rig.local_state().contains("\"state\":\"online\""), "{}", rig.local_state());
+    assert!(
+        rig.local_state().contains("\"state\":\"online\""),
+        "{}",
+        rig.local_state()
+    );
 
     rig.proxy.set(Fault::Blackhole);
     let down = rig.wait_state(false, Duration::from_secs(10));
     eprintln!("blackhole -> Offline in {down:?}");
-    assert!(down <= Duration::from_millis(3500), "Offline declared after {down:?}");
+    assert!(
+        down <= Duration::from_millis(3500),
+        "Offline declared after {down:?}"
+    );
     assert!(rig.local_state().contains("\"state\":\"offline\""));
 
     rig.proxy.set(Fault::Pass);
     let up = rig.wait_state(true, Duration::from_secs(10));
     eprintln!("restore -> Online in {up:?}");
-    assert!(up <= Duration::from_millis(3500), "Online declared after {up:?}");
+    assert!(
+        up <= Duration::from_millis(3500),
+        "Online declared after {up:?}"
+    );
     assert!(rig.local_state().contains("\"state\":\"online\""));
     assert!(rig.gw.log().contains("uplink state: Online -> Offline"));
-    assert_eq!(rig.gw.metric("outpost_uplink_transitions_total"), 3, "start, down, up");
+    assert_eq!(
+        rig.gw.metric("outpost_uplink_transitions_total"),
+        3,
+        "start, down, up"
+    );
 }
 
 #[test]
@@ -116,16 +160,36 @@ fn online_stays_online_under_30_percent_loss_while_traffic_flows() {
     let t0 = Instant::now();
     let mut sent = 0;
     while t0.elapsed() < Duration::from_secs(20) {
-        publish_at_least_once(|| addr, tls.clone(), "lossy-1", "devices/lossy-1/telemetry/t", sent..sent + 20, 5, Instant::now() + Duration::from_secs(30));
+        publish_at_least_once(
+            || addr,
+            tls.clone(),
+            "lossy-1",
+            "devices/lossy-1/telemetry/t",
+            sent..sent + 20,
+            5,
+            Instant::now() + Duration::from_secs(30),
+        );
         sent += 20;
-        assert!(rig.online(), "went Offline under loss after {:?}", t0.elapsed());
+        assert!(
+            rig.online(),
+            "went Offline under loss after {:?}",
+            t0.elapsed()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(rig.gw.metric("outpost_uplink_transitions_total"), before, "state flapped under 30% loss");
+    assert_eq!(
+        rig.gw.metric("outpost_uplink_transitions_total"),
+        before,
+        "state flapped under 30% loss"
+    );
     rig.proxy.set(Fault::Pass);
     let deadline = Instant::now() + Duration::from_secs(20);
     while sub.count() < sent {
-        assert!(Instant::now() < deadline, "cloud got {} of {sent}", sub.count());
+        assert!(
+            Instant::now() < deadline,
+            "cloud got {} of {sent}",
+            sub.count()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -159,7 +223,15 @@ fn ten_thousand_messages_survive_blackhole_and_two_sigkills() {
                 let mut reconnects = 0;
                 // Paced (~1,000 msg/s in all) so that publishing spans the first kill.
                 for start in (0..PER_DEVICE).step_by(CHUNK) {
-                    reconnects += publish_at_least_once(|| *addr.lock().unwrap(), tls.clone(), &id, &topic, start..start + CHUNK, 20, deadline);
+                    reconnects += publish_at_least_once(
+                        || *addr.lock().unwrap(),
+                        tls.clone(),
+                        &id,
+                        &topic,
+                        start..start + CHUNK,
+                        20,
+                        deadline,
+                    );
                     std::thread::sleep(Duration::from_millis(400));
                 }
                 reconnects
@@ -170,7 +242,10 @@ fn ten_thousand_messages_survive_blackhole_and_two_sigkills() {
     // Kill 1: mid-outage, while devices are still publishing.
     std::thread::sleep(Duration::from_secs(4));
     let queued_before_kill = rig.gw.metric("outpost_uplink_queue_depth");
-    assert!(queued_before_kill > 0 && queued_before_kill < (DEVICES * PER_DEVICE) as i64, "kill 1 not mid-outage: depth {queued_before_kill}");
+    assert!(
+        queued_before_kill > 0 && queued_before_kill < (DEVICES * PER_DEVICE) as i64,
+        "kill 1 not mid-outage: depth {queued_before_kill}"
+    );
     rig.gw.signal("KILL");
     rig.gw.wait(Duration::from_secs(5)).expect("killed");
     rig.gw.spawn();
@@ -178,9 +253,16 @@ fn ten_thousand_messages_survive_blackhole_and_two_sigkills() {
     eprintln!("kill 1 at depth {queued_before_kill}; restarted");
 
     let reconnects: usize = publishers.into_iter().map(|p| p.join().unwrap()).sum();
-    assert_eq!(sub.count(), 0, "nothing may reach the cloud through a blackhole");
+    assert_eq!(
+        sub.count(),
+        0,
+        "nothing may reach the cloud through a blackhole"
+    );
     let depth = rig.gw.metric("outpost_uplink_queue_depth");
-    assert!(depth >= (DEVICES * PER_DEVICE) as i64, "all messages queued: depth {depth}");
+    assert!(
+        depth >= (DEVICES * PER_DEVICE) as i64,
+        "all messages queued: depth {depth}"
+    );
     let remaining = Duration::from_secs(30).saturating_sub(outage.elapsed());
     std::thread::sleep(remaining);
 
@@ -188,13 +270,20 @@ fn ten_thousand_messages_survive_blackhole_and_two_sigkills() {
     rig.proxy.set(Fault::Delay(Duration::from_millis(15)));
     let t_restore = Instant::now();
     while sub.count() < 1500 {
-        assert!(t_restore.elapsed() < Duration::from_secs(60), "drain did not start: {}", rig.gw.log());
+        assert!(
+            t_restore.elapsed() < Duration::from_secs(60),
+            "drain did not start: {}",
+            rig.gw.log()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let at_kill = sub.count();
     rig.gw.signal("KILL");
     rig.gw.wait(Duration::from_secs(5)).expect("killed");
-    assert!(at_kill < DEVICES * PER_DEVICE, "kill 2 came after the drain ended");
+    assert!(
+        at_kill < DEVICES * PER_DEVICE,
+        "kill 2 came after the drain ended"
+    );
     rig.gw.spawn();
     eprintln!("kill 2 after {at_kill} received; restarted");
 
@@ -203,7 +292,11 @@ fn ten_thousand_messages_survive_blackhole_and_two_sigkills() {
         if rig.gw.metric("outpost_uplink_queue_depth") == 0 {
             break;
         }
-        assert!(t_drain.elapsed() < Duration::from_secs(120), "queue did not drain: {}", rig.gw.metrics());
+        assert!(
+            t_drain.elapsed() < Duration::from_secs(120),
+            "queue did not drain: {}",
+            rig.gw.metrics()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -218,8 +311,10 @@ fn ten_thousand_messages_survive_blackhole_and_two_sigkills() {
 
 #[test]
 fn full_queue_refuses_with_refuse_policy_and_recovers() {
-    let rig = Rig::start("queue_max_bytes = 65536
-when_full = \"refuse\"\n");
+    let rig = Rig::start(
+        "queue_max_bytes = 65536
+when_full = \"refuse\"\n",
+    );
     rig.wait_state(true, Duration::from_secs(15));
     let sub = rig.cloud_subscriber("outpost/gw-test/devices/+/telemetry/#");
     rig.proxy.set(Fault::Blackhole);
@@ -229,22 +324,41 @@ when_full = \"refuse\"\n");
     let addr = rig.gw.mqtts();
     // Publisher keeps retrying while the queue is full; the link comes back meanwhile.
     let p = std::thread::spawn(move || {
-        publish_at_least_once(|| addr, tls, "q-1", "devices/q-1/telemetry/x", 0..3000, 10, Instant::now() + Duration::from_secs(90))
+        publish_at_least_once(
+            || addr,
+            tls,
+            "q-1",
+            "devices/q-1/telemetry/x",
+            0..3000,
+            10,
+            Instant::now() + Duration::from_secs(90),
+        )
     });
     let t0 = Instant::now();
     while rig.gw.metric("outpost_uplink_queue_refused_total") == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(30), "quota never hit: {}", rig.gw.metrics());
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "quota never hit: {}",
+            rig.gw.metrics()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let bytes = rig.gw.metric("outpost_uplink_queue_bytes");
     assert!(bytes <= 65536, "quota exceeded: {bytes}");
-    assert!(rig.gw.log().contains("uplink queue refused messages"), "refusal is logged");
+    assert!(
+        rig.gw.log().contains("uplink queue refused messages"),
+        "refusal is logged"
+    );
     rig.proxy.set(Fault::Pass);
     let reconnects = p.join().unwrap();
     assert!(reconnects > 0, "the device was refused at least once");
     let deadline = Instant::now() + Duration::from_secs(30);
     while sub.count() < 3000 {
-        assert!(Instant::now() < deadline, "cloud got {} of 3000", sub.count());
+        assert!(
+            Instant::now() < deadline,
+            "cloud got {} of 3000",
+            sub.count()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let received = sub.received.lock().unwrap().clone();
@@ -253,29 +367,53 @@ when_full = \"refuse\"\n");
 
 #[test]
 fn full_queue_drops_oldest_with_drop_policy_and_counts_them() {
-    let rig = Rig::start("queue_max_bytes = 65536
-when_full = \"drop-oldest\"\n");
+    let rig = Rig::start(
+        "queue_max_bytes = 65536
+when_full = \"drop-oldest\"\n",
+    );
     rig.wait_state(true, Duration::from_secs(15));
     let sub = rig.cloud_subscriber("outpost/gw-test/devices/+/telemetry/#");
     rig.proxy.set(Fault::Blackhole);
     rig.wait_state(false, Duration::from_secs(10));
     let dev = rig.gw.issue("q-2");
     let addr = rig.gw.mqtts();
-    publish_at_least_once(|| addr, rig.device_tls(&dev), "q-2", "devices/q-2/telemetry/x", 0..2000, 10, Instant::now() + Duration::from_secs(60));
+    publish_at_least_once(
+        || addr,
+        rig.device_tls(&dev),
+        "q-2",
+        "devices/q-2/telemetry/x",
+        0..2000,
+        10,
+        Instant::now() + Duration::from_secs(60),
+    );
     let dropped = rig.gw.metric("outpost_uplink_queue_dropped_total");
     assert!(dropped > 0, "nothing dropped");
     rig.proxy.set(Fault::Pass);
     let deadline = Instant::now() + Duration::from_secs(30);
     while rig.gw.metric("outpost_uplink_queue_depth") > 0 || (sub.count() as i64) < 2000 - dropped {
-        assert!(Instant::now() < deadline, "drain incomplete: {} received, {dropped} dropped", sub.count());
+        assert!(
+            Instant::now() < deadline,
+            "drain incomplete: {} received, {dropped} dropped",
+            sub.count()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let received = sub.received.lock().unwrap().clone();
     // Nothing disappears silently: every message was either delivered or counted.
     let unique: std::collections::HashSet<&String> = received.iter().map(|(_, p)| p).collect();
-    assert_eq!(unique.len() as i64 + dropped, 2000, "delivered + dropped must account for all");
-    assert!(unique.contains(&"q-2:1999".to_string()), "the newest survive");
-    assert!(!unique.contains(&"q-2:0".to_string()), "the oldest were dropped");
+    assert_eq!(
+        unique.len() as i64 + dropped,
+        2000,
+        "delivered + dropped must account for all"
+    );
+    assert!(
+        unique.contains(&"q-2:1999".to_string()),
+        "the newest survive"
+    );
+    assert!(
+        !unique.contains(&"q-2:0".to_string()),
+        "the oldest were dropped"
+    );
 }
 
 #[test]
@@ -287,7 +425,15 @@ fn expired_messages_are_counted_not_sent() {
     rig.wait_state(false, Duration::from_secs(10));
     let dev = rig.gw.issue("ttl-1");
     let addr = rig.gw.mqtts();
-    publish_at_least_once(|| addr, rig.device_tls(&dev), "ttl-1", "devices/ttl-1/telemetry/x", 0..10, 10, Instant::now() + Duration::from_secs(20));
+    publish_at_least_once(
+        || addr,
+        rig.device_tls(&dev),
+        "ttl-1",
+        "devices/ttl-1/telemetry/x",
+        0..10,
+        10,
+        Instant::now() + Duration::from_secs(20),
+    );
     std::thread::sleep(Duration::from_millis(1500));
     rig.proxy.set(Fault::Pass);
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -309,8 +455,17 @@ fn cloud_commands_reach_only_the_addressed_device() {
     let d2 = rig.gw.issue("cmd-2");
     let spawn_sub = |c: &Creds, filter: &str| {
         let mut args = common::tls_args(rig.gw.mqtts(), c);
-        args.extend(["-i", &c.id, "-t", filter, "-q", "1", "-C", "1", "-W", "8", "-v"].map(String::from));
-        Command::new("mosquitto_sub").args(&args).stdout(std::process::Stdio::piped()).spawn().unwrap()
+        args.extend(
+            [
+                "-i", &c.id, "-t", filter, "-q", "1", "-C", "1", "-W", "8", "-v",
+            ]
+            .map(String::from),
+        );
+        Command::new("mosquitto_sub")
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
     };
     let s1 = spawn_sub(&d1, "devices/cmd-1/commands/#");
     let s2 = spawn_sub(&d2, "devices/cmd-2/commands/#");
@@ -320,7 +475,14 @@ fn cloud_commands_reach_only_the_addressed_device() {
     sub.publish("outpost/gw-test/devices/cmd-2/telemetry/x", "spoof");
     let o1 = s1.wait_with_output().unwrap();
     let o2 = s2.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&o1.stdout).trim(), "devices/cmd-1/commands/reboot now");
-    assert!(String::from_utf8_lossy(&o2.stdout).trim().is_empty(), "cmd-2 got {:?}", o2.stdout);
+    assert_eq!(
+        String::from_utf8_lossy(&o1.stdout).trim(),
+        "devices/cmd-1/commands/reboot now"
+    );
+    assert!(
+        String::from_utf8_lossy(&o2.stdout).trim().is_empty(),
+        "cmd-2 got {:?}",
+        o2.stdout
+    );
     assert_eq!(rig.gw.metric("outpost_uplink_commands_down_total"), 1);
 }

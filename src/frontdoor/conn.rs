@@ -361,7 +361,9 @@ impl Upstream<'_> {
                                 let skip = 2 + topic.len() + if qos > 0 { 2 } else { 0 };
                                 durable.push(crate::uplink::queue::Message {
                                     device: self.identity.to_string(),
-                                    payload: bytes::Bytes::copy_from_slice(body.get(skip..).unwrap_or(&[])),
+                                    payload: bytes::Bytes::copy_from_slice(
+                                        body.get(skip..).unwrap_or(&[]),
+                                    ),
                                     topic,
                                     qos,
                                     enqueued_ms: crate::uplink::queue::now_ms(),

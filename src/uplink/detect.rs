@@ -80,12 +80,18 @@ pub async fn tls_probe(
     timeout: Duration,
 ) -> Result<Duration, String> {
     let started = tokio::time::Instant::now();
-    let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+    let name =
+        rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
     let attempt = async {
-        let tcp = tokio::net::TcpStream::connect((host, port)).await.map_err(|e| e.to_string())?;
+        let tcp = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| e.to_string())?;
         let _ = tcp.set_nodelay(true);
         let connector = tokio_rustls::TlsConnector::from(tls);
-        let mut s = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+        let mut s = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
         use tokio::io::AsyncWriteExt;
         let _ = s.shutdown().await;
         Ok::<_, String>(())

@@ -7,7 +7,10 @@ use super::queue::{now_ms, QueueHandle};
 use super::{UplinkConfig, UplinkError, UplinkStats, STATE_TOPIC};
 use crate::broker::BrokerLink;
 use rand::Rng;
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
+    TlsConfiguration, Transport,
+};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,13 +19,18 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-
 /// Build the rustls client config for the cloud (ring provider, client certificate).
 pub fn client_tls(cfg: &UplinkConfig) -> Result<Arc<rustls::ClientConfig>, UplinkError> {
     let read = |p: &std::path::PathBuf| {
-        std::fs::read(p).map_err(|e| UplinkError::TlsFile { path: p.clone(), reason: e.to_string() })
+        std::fs::read(p).map_err(|e| UplinkError::TlsFile {
+            path: p.clone(),
+            reason: e.to_string(),
+        })
     };
-    let bad = |p: &std::path::PathBuf, r: &str| UplinkError::TlsFile { path: p.clone(), reason: r.into() };
+    let bad = |p: &std::path::PathBuf, r: &str| UplinkError::TlsFile {
+        path: p.clone(),
+        reason: r.into(),
+    };
     let mut roots = rustls::RootCertStore::empty();
     if cfg.enabled {
         for c in rustls_pemfile::certs(&mut read(&cfg.ca_file)?.as_slice()) {
@@ -59,7 +67,10 @@ struct Backoff {
 
 impl Backoff {
     fn next(&mut self) -> Duration {
-        let cap = self.min.saturating_mul(1u32 << self.attempt.min(16)).min(self.max);
+        let cap = self
+            .min
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.max);
         self.attempt = self.attempt.saturating_add(1);
         let ms = cap.as_millis().max(1) as u64;
         Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms))
@@ -76,7 +87,12 @@ enum Ctl {
     Drop,
 }
 
-fn spawn_event_loop(mut el: EventLoop) -> (tokio::sync::mpsc::Sender<Ctl>, tokio::sync::mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>) {
+fn spawn_event_loop(
+    mut el: EventLoop,
+) -> (
+    tokio::sync::mpsc::Sender<Ctl>,
+    tokio::sync::mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>,
+) {
     let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel::<Ctl>(16);
     let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(async move {
@@ -141,11 +157,24 @@ impl Session {
         state_tx: watch::Sender<LinkState>,
         stats: Arc<UplinkStats>,
     ) -> Session {
-        Session { cfg, gateway_id: gateway_id.to_string(), tls, queue, mapping, core, state_tx, stats }
+        Session {
+            cfg,
+            gateway_id: gateway_id.to_string(),
+            tls,
+            queue,
+            mapping,
+            core,
+            state_tx,
+            stats,
+        }
     }
 
     fn local_client(&self, shutdown: CancellationToken) -> AsyncClient {
-        let mut o = MqttOptions::new("outpost-uplink", self.core.addr.ip().to_string(), self.core.addr.port());
+        let mut o = MqttOptions::new(
+            "outpost-uplink",
+            self.core.addr.ip().to_string(),
+            self.core.addr.port(),
+        );
         o.set_credentials("outpost-uplink", self.core.secret.to_string());
         o.set_keep_alive(Duration::from_secs(30));
         o.set_clean_session(true);
@@ -180,9 +209,13 @@ impl Session {
 
     fn transition(&self, local: &AsyncClient, to: LinkState, reason: &str) {
         self.state_tx.send_replace(to);
-        self.stats.online.store((to == LinkState::Online) as u64, Ordering::Relaxed);
+        self.stats
+            .online
+            .store((to == LinkState::Online) as u64, Ordering::Relaxed);
         self.stats.transitions.fetch_add(1, Ordering::Relaxed);
-        self.stats.last_transition_ms.store(now_ms(), Ordering::Relaxed);
+        self.stats
+            .last_transition_ms
+            .store(now_ms(), Ordering::Relaxed);
         match to {
             LinkState::Online => tracing::info!(%reason, "uplink state: Offline -> Online"),
             LinkState::Offline => tracing::warn!(%reason, "uplink state: Online -> Offline"),
@@ -198,14 +231,20 @@ impl Session {
             shutdown.cancelled().await;
             return;
         }
-        let client_id = if self.cfg.client_id.is_empty() { self.gateway_id.clone() } else { self.cfg.client_id.clone() };
+        let client_id = if self.cfg.client_id.is_empty() {
+            self.gateway_id.clone()
+        } else {
+            self.cfg.client_id.clone()
+        };
         let mut opts = MqttOptions::new(client_id, self.cfg.host.clone(), self.cfg.port);
         opts.set_clean_session(false);
         opts.set_keep_alive(self.cfg.keep_alive);
         opts.set_inflight(self.cfg.inflight);
         opts.set_manual_acks(true);
         opts.set_max_packet_size(16 << 20, 16 << 20);
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(self.tls.clone())));
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            self.tls.clone(),
+        )));
         let window = self.cfg.inflight as usize;
         let (client, mut el) = AsyncClient::new(opts, window * 2 + 64);
         let mut net = rumqttc::NetworkOptions::new();
@@ -215,9 +254,16 @@ impl Session {
         // cancelled by this loop's timers; we tell it when it may (re)connect.
         let (ctl, mut events) = spawn_event_loop(el);
         let d = self.cfg.detection.clone();
-        let heartbeat_topic = self.cfg.heartbeat_topic.replace("{gateway}", &self.gateway_id);
+        let heartbeat_topic = self
+            .cfg
+            .heartbeat_topic
+            .replace("{gateway}", &self.gateway_id);
         let mut hyst = Hysteresis::new(d.failures_to_offline, d.successes_to_online);
-        let mut backoff = Backoff { min: self.cfg.backoff_min, max: self.cfg.backoff_max, attempt: 0 };
+        let mut backoff = Backoff {
+            min: self.cfg.backoff_min,
+            max: self.cfg.backoff_max,
+            attempt: 0,
+        };
         let mut connected = false;
         // When the event loop may try to connect next (None: it already may, or is trying).
         let mut next_attempt: Option<Instant> = None;
@@ -240,7 +286,11 @@ impl Session {
         loop {
             // Drain the queue into the window.
             if connected {
-                let outstanding = inflight.values().chain(unmapped.iter()).filter(|s| matches!(s, Slot::Data { .. })).count();
+                let outstanding = inflight
+                    .values()
+                    .chain(unmapped.iter())
+                    .filter(|s| matches!(s, Slot::Data { .. }))
+                    .count();
                 if outstanding < window {
                     match self.queue.read_from(cursor, window - outstanding) {
                         Ok(batch) => {
@@ -265,7 +315,15 @@ impl Session {
                                     cursor = seq + 1;
                                     continue;
                                 };
-                                if client.try_publish(remote, QoS::AtLeastOnce, false, msg.payload.to_vec()).is_err() {
+                                if client
+                                    .try_publish(
+                                        remote,
+                                        QoS::AtLeastOnce,
+                                        false,
+                                        msg.payload.to_vec(),
+                                    )
+                                    .is_err()
+                                {
                                     break;
                                 }
                                 unmapped.push_back(Slot::Data { seq });
@@ -459,7 +517,10 @@ impl Session {
         if connected {
             let _ = client.try_disconnect();
             // Let the event loop send the DISCONNECT.
-            let _ = tokio::time::timeout(Duration::from_millis(500), async { while events.recv().await.is_some() {} }).await;
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                while events.recv().await.is_some() {}
+            })
+            .await;
         }
         drop(ctl);
         self.queue.set_sent_mark(sent_mark).await;

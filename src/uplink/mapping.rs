@@ -5,7 +5,7 @@
 //! locally if the result matches the rule's `local` filter (so a cloud message can never be
 //! injected on an arbitrary local topic). `{gateway}` in any field is the gateway id.
 
-use crate::acl::{Pattern, AclError};
+use crate::acl::{AclError, Pattern};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -91,7 +91,8 @@ impl Mapping {
                 return None;
             }
             let l = remote.strip_prefix(strip.as_str())?;
-            (crate::acl::validate_topic_name(l).is_ok() && local.covers("", l)).then(|| l.to_string())
+            (crate::acl::validate_topic_name(l).is_ok() && local.covers("", l))
+                .then(|| l.to_string())
         })
     }
 }
@@ -106,16 +107,26 @@ mod tests {
 
     #[test]
     fn telemetry_goes_up_under_the_gateway_prefix() {
-        assert_eq!(m().up("devices/d1/telemetry/temp").as_deref(), Some("outpost/gw1/devices/d1/telemetry/temp"));
+        assert_eq!(
+            m().up("devices/d1/telemetry/temp").as_deref(),
+            Some("outpost/gw1/devices/d1/telemetry/temp")
+        );
         assert_eq!(m().up("devices/d1/status"), None);
         assert_eq!(m().up("other/x"), None);
     }
 
     #[test]
     fn commands_come_down_only_onto_device_command_topics() {
-        assert_eq!(m().down("outpost/gw1/devices/d1/commands/reboot").as_deref(), Some("devices/d1/commands/reboot"));
+        assert_eq!(
+            m().down("outpost/gw1/devices/d1/commands/reboot")
+                .as_deref(),
+            Some("devices/d1/commands/reboot")
+        );
         assert_eq!(m().down("outpost/gw2/devices/d1/commands/reboot"), None);
         assert_eq!(m().down("outpost/gw1/devices/d1/telemetry/x"), None);
-        assert_eq!(m().down_filters().collect::<Vec<_>>(), vec!["outpost/gw1/devices/+/commands/#"]);
+        assert_eq!(
+            m().down_filters().collect::<Vec<_>>(),
+            vec!["outpost/gw1/devices/+/commands/#"]
+        );
     }
 }

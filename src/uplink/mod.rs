@@ -147,9 +147,16 @@ impl UplinkConfig {
             return Ok(());
         }
         if self.host.is_empty() {
-            return Err(("uplink.host", "must be set when uplink.enabled = true".into()));
+            return Err((
+                "uplink.host",
+                "must be set when uplink.enabled = true".into(),
+            ));
         }
-        for (f, p) in [("uplink.ca_file", &self.ca_file), ("uplink.cert_file", &self.cert_file), ("uplink.key_file", &self.key_file)] {
+        for (f, p) in [
+            ("uplink.ca_file", &self.ca_file),
+            ("uplink.cert_file", &self.cert_file),
+            ("uplink.key_file", &self.key_file),
+        ] {
             if p.as_os_str().is_empty() {
                 return Err((f, "must be set when uplink.enabled = true".into()));
             }
@@ -158,7 +165,10 @@ impl UplinkConfig {
             return Err(("uplink.keep_alive", "must be at least 1s".into()));
         }
         if self.backoff_min.is_zero() || self.backoff_max < self.backoff_min {
-            return Err(("uplink.backoff_min", "must be > 0 and <= uplink.backoff_max".into()));
+            return Err((
+                "uplink.backoff_min",
+                "must be > 0 and <= uplink.backoff_max".into(),
+            ));
         }
         if self.inflight == 0 {
             return Err(("uplink.inflight", "must be at least 1".into()));
@@ -167,8 +177,14 @@ impl UplinkConfig {
             return Err(("uplink.queue_max_bytes", "must be at least 64 KiB".into()));
         }
         let d = &self.detection;
-        if d.interval < Duration::from_millis(50) || d.heartbeat_timeout.is_zero() || d.probe_timeout.is_zero() {
-            return Err(("uplink.detection.interval", "interval >= 50ms and timeouts > 0 required".into()));
+        if d.interval < Duration::from_millis(50)
+            || d.heartbeat_timeout.is_zero()
+            || d.probe_timeout.is_zero()
+        {
+            return Err((
+                "uplink.detection.interval",
+                "interval >= 50ms and timeouts > 0 required".into(),
+            ));
         }
         if let Err(e) = Mapping::new("g", &self.up, &self.down) {
             return Err(("uplink.up/uplink.down", e.to_string()));
@@ -208,26 +224,119 @@ impl UplinkHandle {
         let s = &self.stats;
         let l = |v: &AtomicU64| v.load(Ordering::Relaxed);
         let mut m = |name: &str, kind: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
         };
-        m("outpost_uplink_online", "gauge", "1 when the cloud link is Online, 0 when Offline.", l(&s.online));
-        m("outpost_uplink_transitions_total", "counter", "Online/Offline transitions.", l(&s.transitions));
-        m("outpost_uplink_connects_total", "counter", "Successful cloud CONNACKs.", l(&s.connects));
-        m("outpost_uplink_published_total", "counter", "Messages published to the cloud (including resends).", l(&s.published));
-        m("outpost_uplink_resent_total", "counter", "Messages published again after a lost session or restart (possible duplicates).", l(&s.resent));
-        m("outpost_uplink_heartbeats_total", "counter", "Liveness heartbeats sent.", l(&s.heartbeats));
-        m("outpost_uplink_probes_failed_total", "counter", "Failed liveness probes.", l(&s.probes_failed));
-        m("outpost_uplink_commands_down_total", "counter", "Cloud messages delivered to local topics.", l(&s.commands_down));
-        m("outpost_uplink_commands_rejected_total", "counter", "Cloud messages on no mapped local topic.", l(&s.commands_rejected));
-        m("outpost_uplink_queue_depth", "gauge", "Messages waiting for a cloud acknowledgement.", l(&q.depth));
-        m("outpost_uplink_queue_bytes", "gauge", "Bytes in the durable queue.", l(&q.bytes));
-        m("outpost_uplink_queue_oldest_age_seconds", "gauge", "Age of the oldest queued message.", self.queue.oldest_age_ms() / 1000);
-        m("outpost_uplink_queue_appended_total", "counter", "Messages made durable.", l(&q.appended));
-        m("outpost_uplink_queue_acked_total", "counter", "Messages acknowledged by the cloud and removed.", l(&q.acked));
-        m("outpost_uplink_queue_refused_total", "counter", "Messages refused because the queue was full.", l(&q.refused));
-        m("outpost_uplink_queue_dropped_total", "counter", "Messages dropped to make room (drop-oldest).", l(&q.dropped));
-        m("outpost_uplink_queue_expired_total", "counter", "Messages dropped for exceeding message_ttl.", l(&q.expired));
-        m("outpost_uplink_queue_group_commits_total", "counter", "Flushes of the durable queue.", l(&q.group_commits));
+        m(
+            "outpost_uplink_online",
+            "gauge",
+            "1 when the cloud link is Online, 0 when Offline.",
+            l(&s.online),
+        );
+        m(
+            "outpost_uplink_transitions_total",
+            "counter",
+            "Online/Offline transitions.",
+            l(&s.transitions),
+        );
+        m(
+            "outpost_uplink_connects_total",
+            "counter",
+            "Successful cloud CONNACKs.",
+            l(&s.connects),
+        );
+        m(
+            "outpost_uplink_published_total",
+            "counter",
+            "Messages published to the cloud (including resends).",
+            l(&s.published),
+        );
+        m(
+            "outpost_uplink_resent_total",
+            "counter",
+            "Messages published again after a lost session or restart (possible duplicates).",
+            l(&s.resent),
+        );
+        m(
+            "outpost_uplink_heartbeats_total",
+            "counter",
+            "Liveness heartbeats sent.",
+            l(&s.heartbeats),
+        );
+        m(
+            "outpost_uplink_probes_failed_total",
+            "counter",
+            "Failed liveness probes.",
+            l(&s.probes_failed),
+        );
+        m(
+            "outpost_uplink_commands_down_total",
+            "counter",
+            "Cloud messages delivered to local topics.",
+            l(&s.commands_down),
+        );
+        m(
+            "outpost_uplink_commands_rejected_total",
+            "counter",
+            "Cloud messages on no mapped local topic.",
+            l(&s.commands_rejected),
+        );
+        m(
+            "outpost_uplink_queue_depth",
+            "gauge",
+            "Messages waiting for a cloud acknowledgement.",
+            l(&q.depth),
+        );
+        m(
+            "outpost_uplink_queue_bytes",
+            "gauge",
+            "Bytes in the durable queue.",
+            l(&q.bytes),
+        );
+        m(
+            "outpost_uplink_queue_oldest_age_seconds",
+            "gauge",
+            "Age of the oldest queued message.",
+            self.queue.oldest_age_ms() / 1000,
+        );
+        m(
+            "outpost_uplink_queue_appended_total",
+            "counter",
+            "Messages made durable.",
+            l(&q.appended),
+        );
+        m(
+            "outpost_uplink_queue_acked_total",
+            "counter",
+            "Messages acknowledged by the cloud and removed.",
+            l(&q.acked),
+        );
+        m(
+            "outpost_uplink_queue_refused_total",
+            "counter",
+            "Messages refused because the queue was full.",
+            l(&q.refused),
+        );
+        m(
+            "outpost_uplink_queue_dropped_total",
+            "counter",
+            "Messages dropped to make room (drop-oldest).",
+            l(&q.dropped),
+        );
+        m(
+            "outpost_uplink_queue_expired_total",
+            "counter",
+            "Messages dropped for exceeding message_ttl.",
+            l(&q.expired),
+        );
+        m(
+            "outpost_uplink_queue_group_commits_total",
+            "counter",
+            "Flushes of the durable queue.",
+            l(&q.group_commits),
+        );
     }
 }
 
@@ -251,7 +360,16 @@ pub fn start(
         state: state_rx,
         stats: stats.clone(),
     };
-    let session = link::Session::new(cfg.clone(), gateway_id, tls, queue, mapping, core, state_tx, stats);
+    let session = link::Session::new(
+        cfg.clone(),
+        gateway_id,
+        tls,
+        queue,
+        mapping,
+        core,
+        state_tx,
+        stats,
+    );
     tracker.spawn(session.run(shutdown));
     Ok((handle, queue_thread))
 }

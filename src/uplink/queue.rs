@@ -63,7 +63,8 @@ pub fn now_ms() -> u64 {
 
 impl Message {
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(16 + self.device.len() + self.topic.len() + self.payload.len());
+        let mut v =
+            Vec::with_capacity(16 + self.device.len() + self.topic.len() + self.payload.len());
         v.push(RECORD_V1);
         v.extend_from_slice(&self.enqueued_ms.to_be_bytes());
         v.push(self.qos);
@@ -127,6 +128,8 @@ enum Command {
     Remove { seqs: Vec<u64>, expired: bool },
     /// Highest sequence number ever published to the cloud (to count resends after a crash).
     SentMark(u64),
+    /// Flush and stop (shutdown); later commands are refused.
+    Stop,
 }
 
 const SENT_MARK_KEY: &str = "uplink_sent_mark";
@@ -144,7 +147,11 @@ pub struct QueueHandle {
 
 impl QueueHandle {
     /// Open the queue in `store` and start its owner thread.
-    pub fn spawn(store: Store, quota: u64, when_full: WhenFull) -> Result<(QueueHandle, std::thread::JoinHandle<()>), QueueError> {
+    pub fn spawn(
+        store: Store,
+        quota: u64,
+        when_full: WhenFull,
+    ) -> Result<(QueueHandle, std::thread::JoinHandle<()>), QueueError> {
         let log = store.log("uplink")?;
         let (depth, bytes) = log.usage()?;
         let last = log.last_seq()?.unwrap_or(0);
@@ -163,8 +170,16 @@ impl QueueHandle {
         let join = std::thread::Builder::new()
             .name("outpost-queue".into())
             .spawn(move || {
-                let mut owner = Owner { store, log, stats, next: last + 1, quota, when_full };
+                let mut owner = Owner {
+                    store,
+                    log,
+                    stats,
+                    next: last + 1,
+                    quota,
+                    when_full,
+                };
                 let mut batch = Vec::new();
+                let mut stop = false;
                 while let Some(first) = rx.blocking_recv() {
                     batch.push(first);
                     while batch.len() < MAX_BATCH {
@@ -173,7 +188,10 @@ impl QueueHandle {
                             Err(_) => break,
                         }
                     }
-                    owner.handle(std::mem::take(&mut batch), &durable_tx);
+                    stop |= owner.handle(std::mem::take(&mut batch), &durable_tx);
+                    if stop {
+                        break;
+                    }
                 }
                 if let Err(e) = owner.store.flush() {
                     tracing::error!(error = %e, "queue flush at shutdown failed");
@@ -189,7 +207,10 @@ impl QueueHandle {
             return Ok(());
         }
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Append { msgs, reply }).await.map_err(|_| QueueError::Stopped)?;
+        self.tx
+            .send(Command::Append { msgs, reply })
+            .await
+            .map_err(|_| QueueError::Stopped)?;
         rx.await.map_err(|_| QueueError::Stopped)?
     }
 
@@ -200,7 +221,16 @@ impl QueueHandle {
 
     /// The sent mark as persisted by the previous run.
     pub fn sent_mark(&self) -> u64 {
-        self.store.meta_u64(SENT_MARK_KEY).ok().flatten().unwrap_or(0)
+        self.store
+            .meta_u64(SENT_MARK_KEY)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
+    /// Ask the owner to flush and stop (at shutdown, once the session has stopped).
+    pub async fn stop(&self) {
+        let _ = self.tx.send(Command::Stop).await;
     }
 
     pub async fn remove(&self, seqs: Vec<u64>, expired: bool) {
@@ -210,7 +240,11 @@ impl QueueHandle {
     }
 
     /// Up to `limit` durable messages from `from` on.
-    pub fn read_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Result<Message, String>, usize)>, QueueError> {
+    pub fn read_from(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Result<Message, String>, usize)>, QueueError> {
         let durable = *self.durable.borrow();
         Ok(self
             .log
@@ -260,7 +294,9 @@ struct Owner {
 }
 
 impl Owner {
-    fn handle(&mut self, cmds: Vec<Command>, durable: &watch::Sender<u64>) {
+    /// Handle one batch; returns true when told to stop.
+    fn handle(&mut self, cmds: Vec<Command>, durable: &watch::Sender<u64>) -> bool {
+        let mut stop = false;
         let mut replies = Vec::new();
         let mut wrote = false;
         let mut wrote_meta = false;
@@ -275,6 +311,7 @@ impl Owner {
                     self.remove(&seqs, expired);
                     wrote_meta = true;
                 }
+                Command::Stop => stop = true,
                 Command::SentMark(seq) => match self.store.set_meta_u64(SENT_MARK_KEY, seq) {
                     Ok(()) => wrote_meta = true,
                     Err(e) => tracing::warn!(error = %e, "cannot record the sent mark"),
@@ -293,7 +330,7 @@ impl Owner {
                 for (reply, _) in replies {
                     let _ = reply.send(Err(QueueError::Store(StoreError::Db(e.to_string()))));
                 }
-                return;
+                return stop;
             }
             self.stats.group_commits.fetch_add(1, Ordering::Relaxed);
             durable.send_replace(self.next - 1);
@@ -301,30 +338,42 @@ impl Owner {
         for (reply, r) in replies {
             let _ = reply.send(r);
         }
+        stop
     }
 
     fn append(&mut self, msgs: Vec<Message>) -> Result<(), QueueError> {
         let records: Vec<Vec<u8>> = msgs.iter().map(Message::encode).collect();
         let incoming: u64 = records.iter().map(|r| r.len() as u64).sum();
         if incoming > self.quota {
-            self.stats.refused.fetch_add(msgs.len() as u64, Ordering::Relaxed);
+            self.stats
+                .refused
+                .fetch_add(msgs.len() as u64, Ordering::Relaxed);
             return Err(QueueError::TooLarge(incoming));
         }
         let used = self.stats.bytes.load(Ordering::Relaxed);
         if used + incoming > self.quota {
             match self.when_full {
                 WhenFull::Refuse => {
-                    self.stats.refused.fetch_add(msgs.len() as u64, Ordering::Relaxed);
-                    return Err(QueueError::Full { used, quota: self.quota });
+                    self.stats
+                        .refused
+                        .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+                    return Err(QueueError::Full {
+                        used,
+                        quota: self.quota,
+                    });
                 }
                 WhenFull::DropOldest => self.drop_oldest(used + incoming - self.quota)?,
             }
         }
         self.log.append(self.next, &records)?;
         self.next += records.len() as u64;
-        self.stats.depth.fetch_add(records.len() as u64, Ordering::Relaxed);
+        self.stats
+            .depth
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
         self.stats.bytes.fetch_add(incoming, Ordering::Relaxed);
-        self.stats.appended.fetch_add(records.len() as u64, Ordering::Relaxed);
+        self.stats
+            .appended
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -347,7 +396,10 @@ impl Owner {
         }
         if dropped > 0 {
             self.stats.dropped.fetch_add(dropped, Ordering::Relaxed);
-            tracing::warn!(dropped, "uplink queue full: dropped the oldest messages (policy drop-oldest)");
+            tracing::warn!(
+                dropped,
+                "uplink queue full: dropped the oldest messages (policy drop-oldest)"
+            );
         }
         Ok(())
     }
@@ -404,7 +456,9 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             let (q, join) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse).unwrap();
-            q.append((0..5).map(|i| msg(i, 10)).collect()).await.unwrap();
+            q.append((0..5).map(|i| msg(i, 10)).collect())
+                .await
+                .unwrap();
             q.append(vec![msg(5, 10)]).await.unwrap();
             q.remove(vec![1, 2], false).await;
             drop(q);
@@ -412,11 +466,20 @@ mod tests {
         }
         let store = Store::open(dir.path()).unwrap();
         let (q, _join) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse).unwrap();
-        let got: Vec<u64> = q.read_from(0, 100).unwrap().into_iter().map(|(s, _, _)| s).collect();
+        let got: Vec<u64> = q
+            .read_from(0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|(s, _, _)| s)
+            .collect();
         assert_eq!(got, vec![3, 4, 5, 6]);
         assert_eq!(q.stats().depth.load(Ordering::Relaxed), 4);
         q.append(vec![msg(9, 1)]).await.unwrap();
-        assert_eq!(q.read_from(7, 10).unwrap().len(), 1, "sequence continues after reopen");
+        assert_eq!(
+            q.read_from(7, 10).unwrap().len(),
+            1,
+            "sequence continues after reopen"
+        );
     }
 
     #[tokio::test]
@@ -425,8 +488,13 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let one = msg(0, 100).encode().len() as u64;
         let (q, _j) = QueueHandle::spawn(store, one * 3, WhenFull::Refuse).unwrap();
-        q.append((0..3).map(|i| msg(i, 100)).collect()).await.unwrap();
-        assert!(matches!(q.append(vec![msg(3, 100)]).await, Err(QueueError::Full { .. })));
+        q.append((0..3).map(|i| msg(i, 100)).collect())
+            .await
+            .unwrap();
+        assert!(matches!(
+            q.append(vec![msg(3, 100)]).await,
+            Err(QueueError::Full { .. })
+        ));
         assert_eq!(q.stats().refused.load(Ordering::Relaxed), 1);
         assert_eq!(q.stats().depth.load(Ordering::Relaxed), 3);
     }
@@ -437,9 +505,16 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let one = msg(0, 100).encode().len() as u64;
         let (q, _j) = QueueHandle::spawn(store, one * 3, WhenFull::DropOldest).unwrap();
-        q.append((0..3).map(|i| msg(i, 100)).collect()).await.unwrap();
+        q.append((0..3).map(|i| msg(i, 100)).collect())
+            .await
+            .unwrap();
         q.append(vec![msg(3, 100), msg(4, 100)]).await.unwrap();
-        let seqs: Vec<u64> = q.read_from(0, 10).unwrap().into_iter().map(|(s, _, _)| s).collect();
+        let seqs: Vec<u64> = q
+            .read_from(0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(s, _, _)| s)
+            .collect();
         assert_eq!(seqs, vec![3, 4, 5]);
         assert_eq!(q.stats().dropped.load(Ordering::Relaxed), 2);
         // A late acknowledgement of a dropped message does not corrupt the accounting.

@@ -85,7 +85,11 @@ impl CloudPki {
 // Mosquitto as the cloud
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Cloud {
@@ -166,16 +170,24 @@ impl Proxy {
                 .unwrap(),
         );
         let (tx, rx) = tokio::sync::watch::channel(Fault::Pass);
-        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         rt.spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else { continue };
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
                 let rx = rx.clone();
                 tokio::spawn(proxy_conn(client, target, rx));
             }
         });
-        Proxy { addr, fault: tx, _rt: rt }
+        Proxy {
+            addr,
+            fault: tx,
+            _rt: rt,
+        }
     }
 
     pub fn set(&self, f: Fault) {
@@ -203,7 +215,11 @@ fn reset(s: tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
 }
 
-async fn proxy_conn(client: tokio::net::TcpStream, target: SocketAddr, mut rx: tokio::sync::watch::Receiver<Fault>) {
+async fn proxy_conn(
+    client: tokio::net::TcpStream,
+    target: SocketAddr,
+    mut rx: tokio::sync::watch::Receiver<Fault>,
+) {
     let f = wait_not_blackhole(&mut rx).await;
     match f {
         Fault::Reset => return reset(client),
@@ -215,7 +231,9 @@ async fn proxy_conn(client: tokio::net::TcpStream, target: SocketAddr, mut rx: t
         Fault::Delay(d) => tokio::time::sleep(d).await,
         _ => {}
     }
-    let Ok(server) = tokio::net::TcpStream::connect(target).await else { return reset(client) };
+    let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+        return reset(client);
+    };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let (cr, cw) = client.into_split();
@@ -298,16 +316,21 @@ pub fn tls_client_config(ca: &Path, cert: &Path, key: &Path) -> Arc<rustls::Clie
         .unwrap()
         .unwrap();
     Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .unwrap(),
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap(),
     )
 }
 
-fn connect_tls(addr: SocketAddr, tls: &Arc<rustls::ClientConfig>) -> std::io::Result<Box<dyn Stream>> {
+fn connect_tls(
+    addr: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<Box<dyn Stream>> {
     let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     tcp.set_nodelay(true)?;
     tcp.set_read_timeout(Some(Duration::from_millis(200)))?;
@@ -357,7 +380,11 @@ pub fn publish_at_least_once(
     let mut reconnects = 0usize;
     let mut first = true;
     'session: loop {
-        assert!(Instant::now() < deadline, "{id}: gave up with {} unsent/unacknowledged", count - next + outstanding.len());
+        assert!(
+            Instant::now() < deadline,
+            "{id}: gave up with {} unsent/unacknowledged",
+            count - next + outstanding.len()
+        );
         if next >= count && outstanding.is_empty() {
             return reconnects;
         }
@@ -366,15 +393,18 @@ pub fn publish_at_least_once(
             std::thread::sleep(Duration::from_millis(100));
         }
         first = false;
-        let Ok(mut s) = connect_tls(addr(), &tls) else { continue };
-        let connect = outpost::frontdoor::mqtt::encode_connect(&outpost::frontdoor::mqtt::Connect {
-            clean_session: true,
-            keep_alive: 30,
-            client_id: id.to_string(),
-            will: None,
-            username: None,
-            password: None,
-        });
+        let Ok(mut s) = connect_tls(addr(), &tls) else {
+            continue;
+        };
+        let connect =
+            outpost::frontdoor::mqtt::encode_connect(&outpost::frontdoor::mqtt::Connect {
+                clean_session: true,
+                keep_alive: 30,
+                client_id: id.to_string(),
+                will: None,
+                username: None,
+                password: None,
+            });
         if s.write_all(&connect).is_err() {
             continue;
         }
@@ -384,7 +414,12 @@ pub fn publish_at_least_once(
         // Re-send the unacknowledged ones first, in order.
         let mut resend: Vec<u8> = Vec::new();
         for (pid, i) in &outstanding {
-            resend.extend(publish_packet(topic, *pid, format!("{id}:{i}").as_bytes(), true));
+            resend.extend(publish_packet(
+                topic,
+                *pid,
+                format!("{id}:{i}").as_bytes(),
+                true,
+            ));
         }
         let mut resent = false;
         loop {
@@ -401,7 +436,12 @@ pub fn publish_at_least_once(
                 let mut out = Vec::new();
                 while outstanding.len() < window && next < count {
                     let pid = (next % 60000) as u16 + 1;
-                    out.extend(publish_packet(topic, pid, format!("{id}:{next}").as_bytes(), false));
+                    out.extend(publish_packet(
+                        topic,
+                        pid,
+                        format!("{id}:{next}").as_bytes(),
+                        false,
+                    ));
                     outstanding.push_back((pid, next));
                     next += 1;
                 }
@@ -416,7 +456,11 @@ pub fn publish_at_least_once(
             match s.read(&mut chunk) {
                 Ok(0) => continue 'session,
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
                 Err(_) => continue 'session,
             }
             while let Ok(Some((t, _, h, total))) = outpost::frontdoor::mqtt::frame(&buf, 1 << 20) {
@@ -451,11 +495,22 @@ pub struct CloudSubscriber {
 }
 
 impl CloudSubscriber {
-    pub fn start(port: u16, tls: Arc<rustls::ClientConfig>, id: &str, filter: &str) -> CloudSubscriber {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    pub fn start(
+        port: u16,
+        tls: Arc<rustls::ClientConfig>,
+        id: &str,
+        filter: &str,
+    ) -> CloudSubscriber {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
         let mut o = rumqttc::MqttOptions::new(id, "localhost", port);
-        o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls),
+        ));
         o.set_keep_alive(Duration::from_secs(30));
         o.set_clean_session(false);
         o.set_max_packet_size(1 << 20, 1 << 20);
@@ -477,15 +532,24 @@ impl CloudSubscriber {
                         }
                     }
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                        r.lock().unwrap().push((p.topic.clone(), String::from_utf8_lossy(&p.payload).into_owned()));
+                        r.lock().unwrap().push((
+                            p.topic.clone(),
+                            String::from_utf8_lossy(&p.payload).into_owned(),
+                        ));
                     }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             }
         });
-        ready_rx.recv_timeout(Duration::from_secs(10)).expect("cloud subscriber subscribed");
-        CloudSubscriber { received, rt, client }
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("cloud subscriber subscribed");
+        CloudSubscriber {
+            received,
+            rt,
+            client,
+        }
     }
 
     pub fn count(&self) -> usize {
@@ -496,19 +560,30 @@ impl CloudSubscriber {
     pub fn publish(&self, topic: &str, payload: &str) {
         let c = self.client.clone();
         let (t, p) = (topic.to_string(), payload.to_string());
-        self.rt.block_on(async move { c.publish(t, rumqttc::QoS::AtLeastOnce, false, p).await.unwrap() });
+        self.rt.block_on(async move {
+            c.publish(t, rumqttc::QoS::AtLeastOnce, false, p)
+                .await
+                .unwrap()
+        });
     }
 }
 
 /// Check the cloud got every `"{dev}:{i}"` for i in 0..count, first occurrences in order.
 /// Returns the number of duplicates.
 pub fn verify_stream(received: &[(String, String)], devices: &[String], count: usize) -> usize {
-    let mut seen: HashMap<&str, Vec<bool>> = devices.iter().map(|d| (d.as_str(), vec![false; count])).collect();
+    let mut seen: HashMap<&str, Vec<bool>> = devices
+        .iter()
+        .map(|d| (d.as_str(), vec![false; count]))
+        .collect();
     let mut last: HashMap<&str, i64> = HashMap::new();
     let mut dups = 0;
     for (_, payload) in received {
-        let Some((dev, i)) = payload.split_once(':') else { continue };
-        let Some(flags) = seen.get_mut(dev) else { continue };
+        let Some((dev, i)) = payload.split_once(':') else {
+            continue;
+        };
+        let Some(flags) = seen.get_mut(dev) else {
+            continue;
+        };
         let i: usize = i.parse().unwrap();
         if flags[i] {
             dups += 1;
@@ -516,12 +591,24 @@ pub fn verify_stream(received: &[(String, String)], devices: &[String], count: u
         }
         flags[i] = true;
         let l = last.entry(dev).or_insert(-1);
-        assert!(i as i64 > *l, "order broken for {dev}: {i} arrived after {l}");
+        assert!(
+            i as i64 > *l,
+            "order broken for {dev}: {i} arrived after {l}"
+        );
         *l = i as i64;
     }
     for (dev, flags) in &seen {
-        let missing: Vec<usize> = flags.iter().enumerate().filter(|(_, f)| !**f).map(|(i, _)| i).take(10).collect();
-        assert!(missing.is_empty(), "{dev}: missing messages (first: {missing:?})");
+        let missing: Vec<usize> = flags
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| !**f)
+            .map(|(i, _)| i)
+            .take(10)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{dev}: missing messages (first: {missing:?})"
+        );
     }
     dups
 }

@@ -724,6 +724,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
         loop {
             match self.next_publish(LIMIT).await {
                 Some((_, _, p)) if p == sentinel => return got,
+                // The gateway's own retained state topic reaches every `#` watcher.
+                Some((t, _, _)) if t == "outpost/uplink/state" => {}
                 Some((t, _, p)) => got.push((t, p)),
                 None => panic!("sentinel never arrived; got {got:?}"),
             }
