@@ -19,10 +19,10 @@ const MAX_REQUEST: u64 = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    #[error("admin socket {path}: {source}")]
+    #[error("admin socket {path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("gateway answered: {0}")]
     Remote(String),
@@ -96,7 +96,7 @@ pub fn bind(data_dir: &Path) -> Result<UnixListener, AdminError> {
     let path = data_dir.join(SOCKET);
     let io = |source| AdminError::Io {
         path: path.clone(),
-        source,
+        cause: source,
     };
     if path.exists() {
         std::fs::remove_file(&path).map_err(io)?;
@@ -161,7 +161,7 @@ pub async fn call(data_dir: &Path, req: &Request) -> Result<Option<Reply>, Admin
     let path = data_dir.join(SOCKET);
     let io = |source| AdminError::Io {
         path: path.clone(),
-        source,
+        cause: source,
     };
     let stream = match UnixStream::connect(&path).await {
         Ok(s) => s,

@@ -40,10 +40,10 @@ const BACKDATE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
-    #[error("file {path}: {source}")]
+    #[error("file {path}: {cause}")]
     File {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("certificate generation: {0}")]
     Rcgen(#[from] rcgen::Error),
@@ -93,7 +93,7 @@ pub struct Ca {
 fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
     move |source| CaError::File {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     }
 }
 
@@ -547,7 +547,7 @@ impl CaHandle {
             })
             .map_err(|source| CaError::File {
                 path: PathBuf::from("<thread>"),
-                source,
+                cause: source,
             })?;
         Ok((handle, join))
     }

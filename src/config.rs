@@ -12,10 +12,10 @@ use std::time::Duration;
 /// Errors from loading or validating a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("invalid config: {0}")]
     Parse(String),
@@ -61,8 +61,10 @@ pub struct GatewayConfig {
 pub struct ListenersConfig {
     /// Device listener: MQTT over TLS with a client certificate required.
     pub mqtts: SocketAddr,
-    /// Optional plain MQTT listener for processes on the gateway itself.
-    pub plain: Option<SocketAddr>,
+    /// Plain MQTT listener for processes on the gateway itself.
+    pub plain: SocketAddr,
+    /// Whether the plain listener is bound at all.
+    pub plain_enabled: bool,
     /// Allow the plain listener on a non-loopback address (default false: refused at start).
     pub allow_plain_on_network: bool,
 }
@@ -206,11 +208,19 @@ impl Default for GatewayConfig {
     }
 }
 
+impl ListenersConfig {
+    /// The plain listener's address, if it is enabled.
+    pub fn plain_addr(&self) -> Option<SocketAddr> {
+        self.plain_enabled.then_some(self.plain)
+    }
+}
+
 impl Default for ListenersConfig {
     fn default() -> Self {
         ListenersConfig {
             mqtts: SocketAddr::from(([0, 0, 0, 0], 8883)),
-            plain: Some(SocketAddr::from(([127, 0, 0, 1], 1883))),
+            plain: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            plain_enabled: true,
             allow_plain_on_network: false,
         }
     }
@@ -300,7 +310,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         Config::from_toml(&text)
     }
@@ -320,7 +330,7 @@ impl Config {
             crate::acl::validate_identity(&self.gateway.id)
                 .map_err(|e| invalid("gateway.id", e.to_string()))?;
         }
-        if let Some(plain) = self.listeners.plain {
+        if let Some(plain) = self.listeners.plain_addr() {
             if !plain.ip().is_loopback() && !self.listeners.allow_plain_on_network {
                 return Err(invalid(
                     "listeners.plain",
@@ -455,6 +465,13 @@ mod tests {
     fn plain_listener_on_network_is_refused_with_field_name() {
         let err = Config::from_toml("[listeners]\nplain = \"0.0.0.0:1883\"\n").unwrap_err();
         assert!(err.to_string().contains("listeners.plain"), "{err}");
+    }
+
+    #[test]
+    fn plain_listener_can_be_switched_off() {
+        let cfg = Config::from_toml("[listeners]\nplain_enabled = false\n").unwrap();
+        assert_eq!(cfg.listeners.plain_addr(), None);
+        assert!(Config::default().listeners.plain_addr().is_some());
     }
 
     #[test]

@@ -35,16 +35,16 @@ pub const ENDPOINTS_FILE: &str = "endpoints.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("data directory {path}: {source}")]
+    #[error("data directory {path}: {cause}")]
     DataDir {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("cannot bind {what} on {addr}: {source}")]
+    #[error("cannot bind {what} on {addr}: {cause}")]
     Bind {
         what: &'static str,
         addr: SocketAddr,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(transparent)]
     Store(#[from] store::StoreError),
@@ -85,7 +85,7 @@ pub fn prepare_data_dir(dir: &Path) -> Result<(), RunError> {
         .create(dir)
         .map_err(|source| RunError::DataDir {
             path: dir.to_path_buf(),
-            source,
+            cause: source,
         })
 }
 
@@ -105,12 +105,12 @@ pub fn open_ca(config: &Config) -> Result<Ca, RunError> {
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| RunError::Bind { what, addr, source })
+        .map_err(|cause| RunError::Bind { what, addr, cause })
 }
 
 fn local(l: &TcpListener, what: &'static str, addr: SocketAddr) -> Result<SocketAddr, RunError> {
     l.local_addr()
-        .map_err(|source| RunError::Bind { what, addr, source })
+        .map_err(|cause| RunError::Bind { what, addr, cause })
 }
 
 /// Run the gateway until `shutdown` is cancelled, then drain and flush.
@@ -131,7 +131,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 
     // Bind everything before announcing anything.
     let mqtts = bind("mqtts", config.listeners.mqtts).await?;
-    let plain = match config.listeners.plain {
+    let plain = match config.listeners.plain_addr() {
         Some(a) => Some(bind("plain", a).await?),
         None => None,
     };

@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
+/// rumqttd's router logs an ERROR for every ordinary disconnect ("no-connection id N is
+/// already gone"); the front door logs connection ends itself, so that target is silenced.
+const DEFAULT_LOG_FILTER: &str = "info,rumqttd=warn,rumqttd::router::routing=off,mdns_sd=warn";
+
 /// Exit code for configuration errors (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
@@ -93,7 +97,7 @@ fn load_config(a: &ConfigArgs) -> Result<Config, outpost::config::ConfigError> {
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn,mdns_sd=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

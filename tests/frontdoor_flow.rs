@@ -55,3 +55,48 @@ fn burst_of_denied_publishes_is_fully_acknowledged() {
         N as i64
     );
 }
+
+#[path = "cloud/mod.rs"]
+#[allow(dead_code)]
+mod cloud;
+
+/// SIGTERM drains: a device that just published gets its PUBACK and then a clean TLS close
+/// (close_notify), not a cut connection.
+#[test]
+fn sigterm_drains_sessions_and_closes_tls_cleanly() {
+    let mut gw = Gateway::start();
+    let dev = gw.issue("drain-1");
+    let tls = cloud::tls_client_config(&dev.ca, &dev.cert, &dev.key);
+    let tcp = TcpStream::connect(gw.mqtts()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(gw.mqtts().ip().into());
+    let conn = rustls::ClientConnection::new(tls, name).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let connect = mqtt::encode_connect(&mqtt::Connect {
+        clean_session: true,
+        keep_alive: 30,
+        client_id: "drain-1".into(),
+        will: None,
+        username: None,
+        password: None,
+    });
+    s.write_all(&connect).unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(ack, [0x20, 2, 0, 0]);
+    s.write_all(&publish_qos1("devices/drain-1/x", 7)).unwrap();
+    s.flush().unwrap();
+    gw.signal("TERM");
+    let mut rest = Vec::new();
+    let r = s.read_to_end(&mut rest);
+    assert!(
+        r.is_ok(),
+        "connection was cut without TLS close_notify: {r:?}"
+    );
+    assert_eq!(
+        rest,
+        vec![0x40, 2, 0, 7],
+        "PUBACK for the last publish, then a clean close"
+    );
+    assert!(gw.wait(Duration::from_secs(10)).expect("exits").success());
+}

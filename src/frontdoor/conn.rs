@@ -70,9 +70,13 @@ enum Local {
     /// A SUBSCRIBE went to the core with some filters removed: merge its SUBACK.
     /// `None` = take the core's code, `Some(c)` = our code for a refused filter.
     ExpectSuback(u16, Vec<Option<u8>>),
+    /// Shutdown: keep forwarding what the core still sends (acknowledgements of what the
+    /// client already sent) until it has been quiet for `DRAIN_QUIET`, then close cleanly.
+    Drain,
 }
 
 const READ_CHUNK: usize = 16 * 1024;
+const DRAIN_QUIET: Duration = Duration::from_millis(100);
 
 pub async fn serve<S>(stream: S, peer: Peer, shared: Arc<Shared>, cancel: CancellationToken)
 where
@@ -186,7 +190,10 @@ where
                 (id, &shared.local_rules, None, None)
             }
         };
-    tracing::Span::current().record("id", identity.as_str());
+    if matches!(peer, Peer::Local) {
+        // Devices carry their id in the `device` span already.
+        tracing::Span::current().record("id", identity.as_str());
+    }
 
     if let Some(w) = &connect.will {
         if !rules.may_publish(&identity, &w.topic) {
@@ -273,7 +280,11 @@ where
         tokio::select! {
             biased;
             _ = cancel.cancelled() => {
-                let _ = bwr.shutdown().await;
+                // Drain: read nothing more from the client, let the core's answers to what
+                // it already sent reach it, then close (TLS close_notify), within the grace.
+                if upstream_state.ltx.send(Local::Drain).await.is_ok() {
+                    let _ = tokio::time::timeout(shared.cfg.shutdown.grace, &mut downstream.0).await;
+                }
                 return End::Shutdown;
             }
             changed = revocations.changed(), if serial.is_some() => {
@@ -481,7 +492,9 @@ where
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut pending: HashMap<u16, Vec<Option<u8>>> = HashMap::new();
     let mut local_open = true;
+    let mut quiet_until: Option<tokio::time::Instant> = None;
     loop {
+        let quiet = quiet_until.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
             biased;
             msg = local.recv(), if local_open => match msg {
@@ -489,13 +502,22 @@ where
                     if let Err(e) = client.write_all(&b).await { return End::Io(e); }
                 }
                 Some(Local::ExpectSuback(pid, t)) => { pending.insert(pid, t); }
+                Some(Local::Drain) => quiet_until = Some(tokio::time::Instant::now() + DRAIN_QUIET),
                 None => local_open = false,
             },
+            _ = tokio::time::sleep_until(quiet), if quiet_until.is_some() => {
+                let _ = client.flush().await;
+                let _ = client.shutdown().await;
+                return End::Shutdown;
+            }
             r = read_more(&mut core, &mut buf) => {
                 match r {
                     Ok(0) => { let _ = client.shutdown().await; return End::CoreClosed; }
                     Ok(_) => {}
                     Err(e) => return End::Io(e),
+                }
+                if quiet_until.is_some() {
+                    quiet_until = Some(tokio::time::Instant::now() + DRAIN_QUIET);
                 }
                 let mut out = BytesMut::new();
                 // The core is trusted; its frames are bounded by its own packet limit.
