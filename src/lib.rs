@@ -9,6 +9,7 @@ pub mod admin;
 pub mod broker;
 pub mod ca;
 pub mod config;
+pub mod fdo;
 pub mod frontdoor;
 pub mod mdns;
 pub mod metrics;

@@ -1,5 +1,8 @@
 //! The durable store: the only module that knows sled exists.
 //!
+//! Trees: `meta` (schema version, CRL number), `certs` and `certs_by_id` (issued
+//! certificates), `vouchers` (FDO ownership vouchers by device GUID) and `log/<name>`.
+//!
 //! Every mutating call flushes before it returns, so anything the gateway acknowledges is on
 //! disk. A schema version is written on first open and checked on every open.
 
@@ -12,6 +15,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 const META: &str = "meta";
 const CERTS: &str = "certs";
 const CERTS_BY_ID: &str = "certs_by_id";
+const VOUCHERS: &str = "vouchers";
 const KEY_SCHEMA: &[u8] = b"schema_version";
 const KEY_CRL_NUMBER: &[u8] = b"crl_number";
 
@@ -56,6 +60,35 @@ pub struct CertRecord {
     /// `csr` when the device kept its key, `generated` when the CA made the key.
     pub key_source: String,
     pub cert_pem: String,
+}
+
+/// An FDO ownership voucher this gateway owns (imported or received), keyed by device GUID.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VoucherRecord {
+    /// Lower-case hex of the 16 GUID bytes.
+    pub guid: String,
+    pub device_info: String,
+    /// Key id of the owner key the voucher is extended to.
+    pub owner_key_id: String,
+    pub entries: u32,
+    /// Unix seconds.
+    pub imported_at: i64,
+    /// The CBOR voucher (hex in the stored JSON).
+    #[serde(with = "hex_bytes")]
+    pub voucher: Vec<u8>,
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(b))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        hex::decode(text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// An append-only, durable FIFO of opaque records keyed by a monotonic sequence number.
@@ -148,6 +181,7 @@ pub struct Store {
     meta: sled::Tree,
     certs: sled::Tree,
     certs_by_id: sled::Tree,
+    vouchers: sled::Tree,
 }
 
 impl Store {
@@ -194,6 +228,7 @@ impl Store {
         Ok(Store {
             certs: db.open_tree(CERTS)?,
             certs_by_id: db.open_tree(CERTS_BY_ID)?,
+            vouchers: db.open_tree(VOUCHERS)?,
             meta,
             db,
         })
@@ -251,6 +286,32 @@ impl Store {
         Ok(out)
     }
 
+    /// Store the voucher of a device (flushed before returning). Returns whether one was
+    /// stored for that GUID before (it is replaced).
+    pub fn put_voucher(&self, guid: &[u8; 16], rec: &VoucherRecord) -> Result<bool, StoreError> {
+        let value = serde_json::to_vec(rec).map_err(|e| StoreError::Db(e.to_string()))?;
+        let old = self.vouchers.insert(guid, value)?;
+        self.flush()?;
+        Ok(old.is_some())
+    }
+
+    pub fn voucher(&self, guid: &[u8; 16]) -> Result<Option<VoucherRecord>, StoreError> {
+        match self.vouchers.get(guid)? {
+            None => Ok(None),
+            Some(v) => decode_voucher(guid, &v).map(Some),
+        }
+    }
+
+    /// Every stored voucher, by GUID.
+    pub fn vouchers(&self) -> Result<Vec<VoucherRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.vouchers.iter() {
+            let (k, v) = item?;
+            out.push(decode_voucher(&k, &v)?);
+        }
+        Ok(out)
+    }
+
     /// A small integer in the meta tree (not flushed: callers flush when it matters).
     pub fn meta_u64(&self, key: &str) -> Result<Option<u64>, StoreError> {
         Ok(self
@@ -289,6 +350,13 @@ fn id_key(device_id: &str, serial: &str) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(serial.as_bytes());
     k
+}
+
+fn decode_voucher(key: &[u8], v: &[u8]) -> Result<VoucherRecord, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+        key: format!("vouchers/{}", hex::encode(key)),
+        reason: e.to_string(),
+    })
 }
 
 fn decode(key: &str, v: &[u8]) -> Result<CertRecord, StoreError> {
@@ -355,6 +423,28 @@ mod tests {
             (Some(2), Some(3))
         );
         assert_eq!(log.usage().unwrap(), (2, 5));
+    }
+
+    #[test]
+    fn vouchers_are_kept_by_guid_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = |n: u32| VoucherRecord {
+            guid: hex::encode([9u8; 16]),
+            device_info: "d".into(),
+            owner_key_id: "k".into(),
+            entries: n,
+            imported_at: 1,
+            voucher: vec![0x85, n as u8],
+        };
+        {
+            let s = Store::open(dir.path()).unwrap();
+            assert!(!s.put_voucher(&[9; 16], &rec(1)).unwrap());
+            assert!(s.put_voucher(&[9; 16], &rec(2)).unwrap());
+            assert!(s.voucher(&[8; 16]).unwrap().is_none());
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.voucher(&[9; 16]).unwrap(), Some(rec(2)));
+        assert_eq!(s.vouchers().unwrap(), vec![rec(2)]);
     }
 
     #[test]
