@@ -605,40 +605,8 @@ impl OwnershipVoucher {
         next.entries.push(OvEntry::sign(current_owner, payload)?);
         Ok(next)
     }
-
-    /// Append an entry without any check: for tests that need a voucher signed by the
-    /// wrong key.
-    #[cfg(test)]
-    pub(crate) fn extend_unchecked(
-        &self,
-        signer: &SigningKey,
-        payload: OvEntryPayload,
-    ) -> OwnershipVoucher {
-        let mut next = self.clone();
-        next.entries.push(OvEntry::sign(signer, payload).unwrap());
-        next
-    }
-
-    /// Replace the raw bytes of the header (tests: tampering).
-    #[cfg(test)]
-    pub(crate) fn with_header_bytes(&self, bytes: Vec<u8>) -> OwnershipVoucher {
-        let mut v = self.clone();
-        v.header = OvHeader::decode(&bytes).unwrap();
-        v.header_bytes = bytes;
-        v
-    }
-
-    #[cfg(test)]
-    pub(crate) fn with_hmac(&self, hmac: HMac) -> OwnershipVoucher {
-        let mut v = self.clone();
-        v.hmac = hmac;
-        v
-    }
-
-    #[cfg(test)]
-    pub(crate) fn without_entry(&self, i: usize) -> OwnershipVoucher {
-        let mut v = self.clone();
-        v.entries.remove(i);
-        v
-    }
 }
+
+#[cfg(test)]
+#[path = "voucher_tests.rs"]
+mod tests;

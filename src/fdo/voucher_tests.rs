@@ -1,0 +1,638 @@
+//! Voucher tests: every verification failure has its own error, decoders never panic, and a
+//! voucher built by hand exactly per the specification's CDDL is accepted.
+
+use super::*;
+use crate::fdo::credential::DeviceCredential;
+use crate::fdo::manufacturer::{DeviceOptions, Manufacturer};
+use crate::fdo::owner;
+use crate::fdo::types::{RvDirective, RvProtocol};
+use crate::store::Store;
+use proptest::prelude::*;
+use std::sync::OnceLock;
+
+const DEVICE_INFO: &str = "sensor-XYZ-0001";
+
+fn rv() -> RendezvousInfo {
+    RendezvousInfo(vec![RvDirective::default()
+        .with_dns("outpost.local")
+        .with_dev_port(8041)
+        .with_protocol(RvProtocol::Http)])
+}
+
+fn device(curve: Curve) -> (tempfile::TempDir, Manufacturer, DeviceCredential, OwnershipVoucher) {
+    let dir = tempfile::tempdir().unwrap();
+    let mfg = Manufacturer::open_or_create(dir.path(), curve).unwrap();
+    let (cred, voucher) = mfg
+        .init_device(&DeviceOptions {
+            device_info: DEVICE_INFO.into(),
+            rv_info: rv(),
+            curve,
+        })
+        .unwrap();
+    (dir, mfg, cred, voucher)
+}
+
+/// A P-256 voucher extended manufacturer -> A -> B -> C, with the keys (shared: keygen and
+/// certificates are slow in debug builds).
+struct Chain {
+    secret: Vec<u8>,
+    mfg: SigningKey,
+    owners: Vec<SigningKey>,
+    voucher: OwnershipVoucher,
+}
+
+fn chain() -> &'static Chain {
+    static C: OnceLock<Chain> = OnceLock::new();
+    C.get_or_init(|| {
+        let (_dir, mfg, cred, mut v) = device(Curve::P256);
+        let mfg_key = SigningKey::from_pkcs8_der(mfg.key().pkcs8_der()).unwrap();
+        let owners: Vec<SigningKey> = (0..3)
+            .map(|_| SigningKey::generate(Curve::P256).unwrap())
+            .collect();
+        let mut signer = &mfg_key;
+        for o in &owners {
+            v = v.extend(signer, &o.public_key()).unwrap();
+            signer = o;
+        }
+        Chain {
+            secret: cred.hmac_secret.clone(),
+            mfg: mfg_key,
+            owners,
+            voucher: v,
+        }
+    })
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len())
+        .position(|w| w == needle)
+        .expect("needle present")
+}
+
+/// Payload of a correct next entry for `v` (hashes right) naming `next`.
+fn next_payload(v: &OwnershipVoucher, next: &PublicKey) -> OvEntryPayload {
+    let prev = match v.entries.last() {
+        Some(e) => e.raw.clone(),
+        None => v.header_and_hmac(),
+    };
+    OvEntryPayload {
+        hash_prev_entry: crypto::hash(HashAlg::Sha256, &[&prev]).unwrap(),
+        hash_hdr_info: crypto::hash(HashAlg::Sha256, &[&v.header.hdr_info()]).unwrap(),
+        extra: None,
+        pub_key: next.clone(),
+    }
+}
+
+fn push_entry(v: &OwnershipVoucher, signer: &SigningKey, p: OvEntryPayload) -> OwnershipVoucher {
+    let mut v = v.clone();
+    v.entries.push(OvEntry::sign(signer, p).unwrap());
+    v
+}
+
+#[test]
+fn a_manufactured_voucher_verifies_with_the_device_secret() {
+    for curve in [Curve::P256, Curve::P384] {
+        let (_d, mfg, cred, v) = device(curve);
+        let c = v.verify_with_secret(&cred.hmac_secret).unwrap();
+        assert!(c.owner_key.same_key(&mfg.public_key()));
+        assert_eq!(c.guid, cred.guid);
+        assert_eq!(v.hmac().alg, curve.hmac_alg());
+        cred.check_manufacturer_key(&v.header().mfg_pub_key).unwrap();
+        assert_eq!(
+            v.device_public_key().unwrap().unwrap().spki().unwrap(),
+            cred.device_key.spki()
+        );
+        // CBOR and PEM round trips give the same bytes.
+        let bytes = v.encode();
+        assert_eq!(OwnershipVoucher::decode(&bytes).unwrap().encode(), bytes);
+        let pem = v.to_pem();
+        assert!(pem.starts_with("-----BEGIN OWNERSHIP VOUCHER-----\n"));
+        assert_eq!(
+            OwnershipVoucher::from_file_bytes(pem.as_bytes()).unwrap().encode(),
+            bytes
+        );
+        assert_eq!(OwnershipVoucher::from_file_bytes(&bytes).unwrap().encode(), bytes);
+    }
+}
+
+#[test]
+fn extended_vouchers_verify_and_name_the_last_owner() {
+    let c = chain();
+    let bytes = c.voucher.encode();
+    let v = OwnershipVoucher::decode(&bytes).unwrap();
+    assert_eq!(v.encode(), bytes, "entries are kept byte for byte");
+    let vc = v.verify_with_secret(&c.secret).unwrap();
+    assert_eq!(vc.keys.len(), 4);
+    assert!(vc.keys[0].same_key(&c.mfg.public_key()));
+    assert!(vc.owner_key.same_key(&c.owners[2].public_key()));
+    assert!(v.owner_key().same_key(&c.owners[2].public_key()));
+    for e in v.entries() {
+        assert_eq!(e.payload().hash_prev_entry.alg, HashAlg::Sha256);
+        assert_eq!(e.raw()[0], 0xd2, "entries are tagged COSE_Sign1");
+    }
+}
+
+#[test]
+fn p384_vouchers_use_sha384() {
+    let (_d, mfg, cred, v) = device(Curve::P384);
+    let o = SigningKey::generate(Curve::P384).unwrap();
+    let v = v.extend(mfg.key(), &o.public_key()).unwrap();
+    assert_eq!(v.entries()[0].payload().hash_prev_entry.alg, HashAlg::Sha384);
+    v.verify_with_secret(&cred.hmac_secret).unwrap();
+    // A P-256 next owner is refused: every key has the manufacturer key's type.
+    let p256 = SigningKey::generate(Curve::P256).unwrap();
+    assert!(matches!(
+        v.extend(&o, &p256.public_key()),
+        Err(FdoError::KeyTypeMismatch(_))
+    ));
+}
+
+#[test]
+fn only_the_current_owner_can_extend() {
+    let c = chain();
+    let next = SigningKey::generate(Curve::P256).unwrap();
+    for wrong in [&c.mfg, &c.owners[0], &c.owners[1]] {
+        assert!(matches!(
+            c.voucher.extend(wrong, &next.public_key()),
+            Err(FdoError::NotCurrentOwner { .. })
+        ));
+    }
+    c.voucher.extend(&c.owners[2], &next.public_key()).unwrap();
+}
+
+#[test]
+fn header_byte_flipped() {
+    let c = chain();
+    let mut bytes = c.voucher.encode();
+    // Flip a byte of OVDeviceInfo inside OVHeaderTag: still a valid header.
+    let at = find(&bytes, DEVICE_INFO.as_bytes());
+    bytes[at] ^= 0x01;
+    let v = OwnershipVoucher::decode(&bytes).unwrap();
+    assert!(matches!(v.verify_chain(), Err(FdoError::HeaderAltered)));
+    assert!(matches!(v.verify_hmac(&c.secret), Err(FdoError::HmacMismatch)));
+    assert!(matches!(
+        v.extend(&c.owners[2], &c.mfg.public_key()),
+        Err(FdoError::HeaderAltered)
+    ));
+    // A flip in the rendezvous info is caught the same way.
+    let mut bytes = c.voucher.encode();
+    let at = find(&bytes, b"outpost.local");
+    bytes[at] = b'X';
+    let v = OwnershipVoucher::decode(&bytes).unwrap();
+    assert!(matches!(v.verify_chain(), Err(FdoError::HeaderAltered)));
+    // A flip that breaks the header's structure is a decoding error naming the header.
+    let mut bytes = c.voucher.encode();
+    let at = find(&bytes, &c.voucher.header_bytes[..4]);
+    bytes[at] = 0x84; // the OVHeader array claims 4 items instead of 6
+    match OwnershipVoucher::decode(&bytes) {
+        Err(FdoError::Malformed { what, .. }) => assert_eq!(what, "OVHeader"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn wrong_hmac() {
+    // A consistent voucher whose HMAC was made under another secret: the chain verifies
+    // (owners cannot tell), the device's check fails.
+    let (_d, mfg, cred, v) = device(Curve::P256);
+    let other = OwnershipVoucher::manufacture(
+        v.header().clone(),
+        HashAlg::HmacSha256,
+        &[0x55; 32],
+        v.cert_chain().map(|c| c.to_vec()),
+    )
+    .unwrap();
+    let owner = SigningKey::generate(Curve::P256).unwrap();
+    let other = other.extend(mfg.key(), &owner.public_key()).unwrap();
+    other.verify_chain().unwrap();
+    assert!(matches!(
+        other.verify_with_secret(&cred.hmac_secret),
+        Err(FdoError::HmacMismatch)
+    ));
+    // An HMAC replaced after the voucher was extended: entry 0 no longer covers it.
+    let c = chain();
+    let mut replaced = c.voucher.clone();
+    replaced.hmac.value[0] ^= 0xff;
+    let replaced = OwnershipVoucher::decode(&replaced.encode()).unwrap();
+    assert!(matches!(replaced.verify_chain(), Err(FdoError::HeaderAltered)));
+    assert!(matches!(
+        replaced.verify_hmac(&c.secret),
+        Err(FdoError::HmacMismatch)
+    ));
+    // A plain hash where an HMAC belongs.
+    let mut plain = c.voucher.clone();
+    plain.hmac.alg = HashAlg::Sha256;
+    assert!(matches!(
+        plain.verify_hmac(&c.secret),
+        Err(FdoError::Malformed { .. })
+    ));
+}
+
+#[test]
+fn broken_hash_chain() {
+    let c = chain();
+    let mut v = c.voucher.clone();
+    v.entries.remove(1);
+    let v = OwnershipVoucher::decode(&v.encode()).unwrap();
+    assert!(matches!(
+        v.verify_chain(),
+        Err(FdoError::BrokenChain { entry: 1 })
+    ));
+    // An entry whose previous-entry hash is wrong but is correctly signed.
+    let mut p = next_payload(&c.voucher, &c.mfg.public_key());
+    p.hash_prev_entry.value[5] ^= 1;
+    let v = push_entry(&c.voucher, &c.owners[2], p);
+    assert!(matches!(
+        v.verify_chain(),
+        Err(FdoError::BrokenChain { entry: 3 })
+    ));
+}
+
+#[test]
+fn entry_signed_by_the_wrong_key() {
+    let c = chain();
+    let stranger = SigningKey::generate(Curve::P256).unwrap();
+    let p = next_payload(&c.voucher, &stranger.public_key());
+    // Signed by the previous owner instead of the current one.
+    let v = push_entry(&c.voucher, &c.owners[1], p.clone());
+    let v = OwnershipVoucher::decode(&v.encode()).unwrap();
+    match v.verify_chain() {
+        Err(FdoError::WrongSigner { entry: 3, signer }) => {
+            assert!(signer.contains("entry 2"), "{signer}")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // Entry 0 signed by someone other than the manufacturer.
+    let (_d, _mfg, _cred, fresh) = device(Curve::P256);
+    let p0 = next_payload(&fresh, &stranger.public_key());
+    let v = push_entry(&fresh, &stranger, p0);
+    match v.verify_chain() {
+        Err(FdoError::WrongSigner { entry: 0, signer }) => {
+            assert!(signer.contains("manufacturer"), "{signer}")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // And the correct signer passes.
+    push_entry(&c.voucher, &c.owners[2], p).verify_chain().unwrap();
+}
+
+#[test]
+fn header_info_hash_must_match() {
+    let c = chain();
+    let mut p = next_payload(&c.voucher, &c.mfg.public_key());
+    p.hash_hdr_info = crypto::hash(HashAlg::Sha256, &[b"other device"]).unwrap();
+    let v = push_entry(&c.voucher, &c.owners[2], p);
+    assert!(matches!(
+        v.verify_chain(),
+        Err(FdoError::HeaderInfoMismatch { entry: 3 })
+    ));
+}
+
+#[test]
+fn voucher_for_another_guid() {
+    let c = chain();
+    let other = Guid([0xab; 16]);
+    match c.voucher.verify_for_guid(&other) {
+        Err(FdoError::GuidMismatch { expected, found }) => {
+            assert_eq!(expected, other);
+            assert_eq!(found, c.voucher.guid());
+        }
+        r => panic!("unexpected {r:?}"),
+    }
+    c.voucher.verify_for_guid(&c.voucher.guid()).unwrap();
+}
+
+#[test]
+fn device_cert_chain_must_match_its_hash() {
+    let c = chain();
+    let mut v = c.voucher.clone();
+    if let Some(chain) = v.cert_chain.as_mut() {
+        chain.swap(0, 1);
+    }
+    assert!(matches!(
+        v.verify_chain(),
+        Err(FdoError::CertChainHashMismatch)
+    ));
+    let mut v = c.voucher.clone();
+    v.cert_chain = None;
+    assert!(matches!(v.verify_chain(), Err(FdoError::CertChain(_))));
+}
+
+#[test]
+fn truncated_and_random_cbor() {
+    let bytes = chain().voucher.encode();
+    for cut in [1, 2, 10, bytes.len() / 2, bytes.len() - 1] {
+        match OwnershipVoucher::decode(&bytes[..cut]) {
+            Err(FdoError::Truncated { .. }) => {}
+            other => panic!("cut at {cut}: {other:?}"),
+        }
+    }
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(matches!(
+        OwnershipVoucher::decode(&longer),
+        Err(FdoError::Malformed { .. })
+    ));
+    assert!(matches!(
+        OwnershipVoucher::decode(b"\x01\x02\x03"),
+        Err(FdoError::Malformed { .. })
+    ));
+    assert!(matches!(
+        OwnershipVoucher::from_file_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+        Err(FdoError::Pem(_))
+    ));
+    let big = vec![0u8; MAX_VOUCHER + 1];
+    assert!(matches!(
+        OwnershipVoucher::decode(&big),
+        Err(FdoError::TooLarge { .. })
+    ));
+    // A voucher of FDO 1.0 (protver 100).
+    let mut old = bytes.clone();
+    old[1..3].copy_from_slice(&[0x18, 100]);
+    assert!(matches!(
+        OwnershipVoucher::decode(&old),
+        Err(FdoError::Version { found: 100, .. })
+    ));
+}
+
+#[test]
+fn error_codes_for_message_255() {
+    use crate::fdo::ErrorCode;
+    assert_eq!(FdoError::HeaderAltered.error_code(), ErrorCode::InvalidOwnershipVoucher);
+    assert_eq!(
+        FdoError::Truncated { what: "x" }.error_code().code(),
+        100
+    );
+    assert_eq!(
+        FdoError::GuidMismatch {
+            expected: Guid([0; 16]),
+            found: Guid([1; 16])
+        }
+        .error_code()
+        .code(),
+        5
+    );
+    assert_eq!(FdoError::BadSignature { what: "x" }.error_code().code(), 101);
+}
+
+/// A voucher built by hand with ciborium values, exactly per the FDO 1.1 CDDL, as another
+/// FDO tool would produce it: PEM-armoured, extended to our owner certificate, imported.
+#[test]
+fn a_voucher_made_by_another_tool_is_accepted() {
+    use ciborium::value::Value as V;
+    use ring::rand::SystemRandom;
+    use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+
+    fn ser(v: &V) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::ser::into_writer(v, &mut out).unwrap();
+        out
+    }
+    fn int(n: i64) -> V {
+        V::Integer(n.into())
+    }
+    fn sha256(data: &[u8]) -> Vec<u8> {
+        ring::digest::digest(&ring::digest::SHA256, data).as_ref().to_vec()
+    }
+    fn spki(pair: &EcdsaKeyPair) -> Vec<u8> {
+        let mut v = hex::decode("3059301306072a8648ce3d020106082a8648ce3d030107034200").unwrap();
+        v.extend_from_slice(pair.public_key().as_ref());
+        v
+    }
+    let rng = SystemRandom::new();
+    let new_key = || {
+        let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, doc.as_ref(), &rng).unwrap()
+    };
+    let new_signing = || {
+        let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        SigningKey::from_pkcs8_der(doc.as_ref()).unwrap()
+    };
+
+    // The other tool's manufacturer key, device key and device CA (made with rcgen).
+    let mfg = new_key();
+    let device_key = new_signing();
+    let ca_key = new_signing();
+    let (_, ca_der) = crypto::make_cert(
+        &ca_key,
+        &crypto::CertSpec {
+            common_name: "Other Tool CA",
+            organization: "Other",
+            is_ca: true,
+            validity_days: 3650,
+        },
+        None,
+    )
+    .unwrap();
+    let (_, dev_der) = crypto::make_cert(
+        &device_key,
+        &crypto::CertSpec {
+            common_name: "device",
+            organization: "Other",
+            is_ca: false,
+            validity_days: 3650,
+        },
+        Some((&ca_der, &ca_key)),
+    )
+    .unwrap();
+    let guid = [0x42u8; 16];
+    let secret = [0x17u8; 32];
+    let device_info = "other-tool-device";
+
+    // OVHeader = [OVHProtVer, OVGuid, OVRVInfo, OVDeviceInfo, OVPubKey, OVDevCertChainHash]
+    let rv_info = V::Array(vec![V::Array(vec![
+        V::Array(vec![int(5), V::Bytes(ser(&V::Text("rv.other.example".into())))]),
+        V::Array(vec![int(3), V::Bytes(ser(&int(8082)))]),
+        V::Array(vec![int(12), V::Bytes(ser(&int(1)))]),
+    ])]);
+    let mut chain_bytes = dev_der.clone();
+    chain_bytes.extend_from_slice(&ca_der);
+    let header = V::Array(vec![
+        int(101),
+        V::Bytes(guid.to_vec()),
+        rv_info,
+        V::Text(device_info.into()),
+        V::Array(vec![int(10), int(1), V::Bytes(spki(&mfg))]),
+        V::Array(vec![int(-16), V::Bytes(sha256(&chain_bytes))]),
+    ]);
+    let header_bytes = ser(&header);
+    // OVHeaderHMac = [HMAC-SHA256 (5), HMAC[DCHmacSecret, OVHeader]]
+    let tag = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
+        &header_bytes,
+    );
+    let hmac = V::Array(vec![int(5), V::Bytes(tag.as_ref().to_vec())]);
+
+    // Entry 0: manufacturer -> seller. OVEHashPrevEntry = SHA-256(OVHeader || OVHeaderHMac).
+    let seller = new_signing();
+    let mut prev = header_bytes.clone();
+    prev.extend_from_slice(&ser(&hmac));
+    let mut hdr_info = guid.to_vec();
+    hdr_info.extend_from_slice(device_info.as_bytes());
+    let payload = ser(&V::Array(vec![
+        V::Array(vec![int(-16), V::Bytes(sha256(&prev))]),
+        V::Array(vec![int(-16), V::Bytes(sha256(&hdr_info))]),
+        V::Null,
+        V::Array(vec![int(10), int(1), V::Bytes(seller.spki())]),
+    ]));
+    // COSE_Sign1: protected {1: -7 (ES256)}, unprotected {}, Sig_structure with empty AAD.
+    let protected = ser(&V::Map(vec![(int(1), int(-7))]));
+    let tbs = ser(&V::Array(vec![
+        V::Text("Signature1".into()),
+        V::Bytes(protected.clone()),
+        V::Bytes(vec![]),
+        V::Bytes(payload.clone()),
+    ]));
+    let sig = mfg.sign(&rng, &tbs).unwrap();
+    let entry0 = V::Tag(
+        18,
+        Box::new(V::Array(vec![
+            V::Bytes(protected),
+            V::Map(vec![]),
+            V::Bytes(payload),
+            V::Bytes(sig.as_ref().to_vec()),
+        ])),
+    );
+    let entry0_bytes = ser(&entry0);
+
+    // OwnershipVoucher = [OVProtVer, OVHeaderTag, OVHeaderHMac, OVDevCertChain, OVEntryArray]
+    let voucher = ser(&V::Array(vec![
+        int(101),
+        V::Bytes(header_bytes.clone()),
+        hmac,
+        V::Array(vec![V::Bytes(dev_der), V::Bytes(ca_der)]),
+        V::Array(vec![entry0]),
+    ]));
+    let pem_text = pem::encode(&pem::Pem::new("OWNERSHIP VOUCHER", voucher.clone()));
+    assert!(pem_text.starts_with("-----BEGIN OWNERSHIP VOUCHER-----"));
+
+    // We read it, byte for byte.
+    let v = OwnershipVoucher::from_file_bytes(pem_text.as_bytes()).unwrap();
+    assert_eq!(v.encode(), voucher);
+    assert_eq!(v.entries()[0].raw(), entry0_bytes.as_slice());
+    v.verify_with_secret(&secret).unwrap();
+    let d = &v.header().rv_info.0[0];
+    assert_eq!(d.dns().unwrap().as_deref(), Some("rv.other.example"));
+    assert_eq!(d.dev_port().unwrap(), Some(8082));
+    assert_eq!(d.protocol().unwrap(), Some(RvProtocol::Http));
+
+    // The seller extends it to our owner certificate; we import it.
+    let data = tempfile::tempdir().unwrap();
+    let ours = owner::current_or_create(data.path(), Curve::P256, "gw-test").unwrap();
+    let to = PublicKey::encoded_like(
+        &v.header().mfg_pub_key,
+        &crypto::cert_public_key(&crypto::cert_der_from_pem(&ours.cert_pem).unwrap()).unwrap(),
+        None,
+    );
+    let extended = v.extend(&seller, &to).unwrap();
+    let store = Store::open(&data.path().join("store")).unwrap();
+    let imported =
+        owner::import_voucher(&store, data.path(), extended.to_pem().as_bytes()).unwrap();
+    assert_eq!(imported.guid, Guid(guid));
+    assert_eq!(imported.entries, 2);
+    assert_eq!(imported.owner_key_id, ours.key_id);
+    assert!(!imported.replaced);
+    let rec = store.voucher(&guid).unwrap().unwrap();
+    assert_eq!(rec.voucher, extended.encode());
+    assert_eq!(rec.device_info, device_info);
+    // Not extended to us: refused.
+    assert!(matches!(
+        owner::import_voucher(&store, data.path(), pem_text.as_bytes()),
+        Err(FdoError::NotOurs { .. })
+    ));
+}
+
+#[test]
+fn owner_keys_persist_rotate_and_stay_ours() {
+    let data = tempfile::tempdir().unwrap();
+    let a = owner::current_or_create(data.path(), Curve::P256, "gw").unwrap();
+    let again = owner::current_or_create(data.path(), Curve::P256, "gw").unwrap();
+    assert_eq!(a.key_id, again.key_id);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data.path().join("owner.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A voucher extended to key A, then A is retired and B becomes current.
+    let (_d, mfg, _cred, v) = device(Curve::P256);
+    let v = v.extend(mfg.key(), &a.public_key()).unwrap();
+    assert_eq!(
+        owner::retire_current(data.path(), Curve::P256).unwrap(),
+        Some(a.key_id.clone())
+    );
+    let b = owner::current_or_create(data.path(), Curve::P256, "gw").unwrap();
+    assert_ne!(a.key_id, b.key_id);
+    let p384 = owner::current_or_create(data.path(), Curve::P384, "gw").unwrap();
+    assert_eq!(owner::all(data.path()).unwrap().len(), 3);
+    assert!(data.path().join(format!("owner-{}.key", a.key_id)).exists());
+    let store = Store::open(&data.path().join("store")).unwrap();
+    let imported = owner::import_voucher(&store, data.path(), &v.encode()).unwrap();
+    assert_eq!(imported.owner_key_id, a.key_id);
+    // Importing again replaces.
+    assert!(owner::import_voucher(&store, data.path(), &v.encode()).unwrap().replaced);
+    assert!(owner::find(data.path(), &p384.public_key()).unwrap().is_some());
+}
+
+#[test]
+fn cose_key_encoded_manufacturer_keys_are_copied() {
+    // A manufacturer key in COSEKEY encoding: the next owner's key is encoded the same way.
+    let (_d, mfg, cred, v) = device(Curve::P256);
+    let cose_mfg = PublicKey::from_cose_key(&mfg.public_key().verifying_key().unwrap());
+    let mut header = v.header().clone();
+    header.mfg_pub_key = cose_mfg;
+    let v2 = OwnershipVoucher::manufacture(
+        header,
+        HashAlg::HmacSha256,
+        &cred.hmac_secret,
+        v.cert_chain().map(|c| c.to_vec()),
+    )
+    .unwrap();
+    let o = SigningKey::generate(Curve::P256).unwrap();
+    let next = PublicKey::encoded_like(
+        &v2.header().mfg_pub_key,
+        &o.public_key().verifying_key().unwrap(),
+        None,
+    );
+    assert_eq!(next.enc, crate::fdo::types::pk_enc::COSEKEY);
+    let v3 = v2.extend(mfg.key(), &next).unwrap();
+    let v3 = OwnershipVoucher::decode(&v3.encode()).unwrap();
+    assert!(v3.verify_with_secret(&cred.hmac_secret).unwrap().owner_key.same_key(&o.public_key()));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        if let Ok(v) = OwnershipVoucher::decode(&bytes) {
+            let _ = v.verify_chain();
+        }
+        let _ = OwnershipVoucher::from_file_bytes(&bytes);
+        let _ = OvHeader::decode(&bytes);
+        let _ = OvEntryPayload::decode(&bytes);
+        let _ = OvEntry::decode(&bytes);
+    }
+
+    #[test]
+    fn mutated_vouchers_never_panic(
+        edits in proptest::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 1..6)
+    ) {
+        let mut bytes = chain().voucher.encode();
+        for (at, b, op) in edits {
+            if bytes.is_empty() { break; }
+            let i = at % bytes.len();
+            match op {
+                0 => bytes[i] = b,
+                1 => { bytes.insert(i, b); }
+                _ => { bytes.truncate(i); }
+            }
+        }
+        if let Ok(v) = OwnershipVoucher::decode(&bytes) {
+            let _ = v.verify_chain();
+            let _ = v.verify_hmac(&[0; 32]);
+            let _ = v.device_public_key();
+            let _ = v.header().rv_info.to_string();
+        }
+    }
+}
