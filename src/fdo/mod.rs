@@ -22,6 +22,7 @@ pub mod cose;
 pub mod credential;
 pub mod crypto;
 pub mod manufacturer;
+pub mod msg;
 pub mod owner;
 pub mod types;
 pub mod voucher;
