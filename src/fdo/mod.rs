@@ -20,6 +20,8 @@
 pub mod cbor;
 pub mod cose;
 pub mod credential;
+pub mod encrypt;
+pub mod kex;
 pub mod crypto;
 pub mod manufacturer;
 pub mod msg;
