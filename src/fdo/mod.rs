@@ -26,6 +26,8 @@ pub mod crypto;
 pub mod manufacturer;
 pub mod msg;
 pub mod owner;
+pub mod rendezvous;
+pub mod session;
 pub mod types;
 pub mod voucher;
 
