@@ -26,6 +26,7 @@ pub mod crypto;
 pub mod manufacturer;
 pub mod msg;
 pub mod owner;
+pub mod owner_service;
 pub mod rendezvous;
 pub mod session;
 pub mod types;

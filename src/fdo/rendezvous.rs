@@ -228,7 +228,12 @@ impl Rendezvous {
             }
             msg_type::TO1_HELLO_RV => {
                 let hello = To1HelloRv::decode(body).map_err(m)?;
-                if self.store.get(&hello.guid).map_err(RvError::Store)?.is_none() {
+                if self
+                    .store
+                    .get(&hello.guid)
+                    .map_err(RvError::Store)?
+                    .is_none()
+                {
                     return Err(RvError::NotRegistered(hello.guid));
                 }
                 let nonce = Nonce::random().map_err(RvError::Internal)?;
@@ -293,16 +298,13 @@ impl Rendezvous {
             });
         }
         let chain = to0d.voucher.verify_chain().map_err(RvError::Voucher)?;
-        let owner_vk = chain
-            .owner_key
-            .verifying_key()
-            .map_err(RvError::Voucher)?;
+        let owner_vk = chain.owner_key.verifying_key().map_err(RvError::Voucher)?;
         os.to1d
             .verify(&owner_vk, "to1d")
             .map_err(|_| RvError::To1dSignature)?;
         let payload = msg::To1dPayload::decode(os.to1d.payload()).map_err(RvError::To1dPayload)?;
-        let want = crypto::hash(payload.to0d_hash.alg, &[&os.to0d_bytes])
-            .map_err(RvError::To1dPayload)?;
+        let want =
+            crypto::hash(payload.to0d_hash.alg, &[&os.to0d_bytes]).map_err(RvError::To1dPayload)?;
         if want != payload.to0d_hash {
             return Err(RvError::To1dHash);
         }
