@@ -21,6 +21,7 @@ pub mod cbor;
 pub mod cose;
 pub mod credential;
 pub mod encrypt;
+pub mod http;
 pub mod kex;
 pub mod crypto;
 pub mod manufacturer;
