@@ -110,7 +110,11 @@ async fn handle(
     let peer = peer.map(|ConnectInfo(a)| a.to_string());
     let Ok(msg) = n.parse::<u8>() else {
         tracing::warn!(path = %n, "FDO request for an unknown message type");
-        return error_response(0, ErrorCode::InvalidMessageError, format!("unknown message type {n:?}"));
+        return error_response(
+            0,
+            ErrorCode::InvalidMessageError,
+            format!("unknown message type {n:?}"),
+        );
     };
     let token = bearer(
         headers
@@ -136,7 +140,11 @@ async fn handle(
             Err(e) => fail(msg, &peer, e),
         };
     }
-    tracing::warn!(msg, peer = peer.as_deref().unwrap_or("-"), "FDO message not served here");
+    tracing::warn!(
+        msg,
+        peer = peer.as_deref().unwrap_or("-"),
+        "FDO message not served here"
+    );
     error_response(
         msg,
         ErrorCode::InvalidMessageError,

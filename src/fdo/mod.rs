@@ -18,6 +18,7 @@
 //! size is bounded before anything is parsed.
 
 pub mod cbor;
+pub mod client;
 pub mod cose;
 pub mod credential;
 pub mod encrypt;

@@ -842,6 +842,14 @@ impl MemoryOwnerBackend {
             .insert(v.guid(), v);
     }
 
+    pub fn voucher_for(&self, guid: &Guid) -> Option<OwnershipVoucher> {
+        self.vouchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(guid)
+            .cloned()
+    }
+
     pub fn records(&self) -> Vec<OnboardRecord> {
         self.onboarded
             .lock()
