@@ -29,6 +29,7 @@ pub mod manufacturer;
 pub mod msg;
 pub mod owner;
 pub mod owner_service;
+pub mod registry;
 pub mod rendezvous;
 pub mod session;
 pub mod types;
