@@ -515,3 +515,89 @@ async fn truncated_random_and_unknown_messages_get_error_255() {
     check(r, ErrorCode::InvalidJwtToken, 62);
     assert!(env.backend.records().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_store_backend_registers_the_device_and_its_certificate() {
+    use outpost::fdo::owner;
+    use outpost::fdo::registry::StoreOwnerBackend;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("fdo");
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let ca = Ca::open_or_create(
+        &dir.path().join("ca"),
+        "gw-store",
+        &CaConfig::default(),
+        store.clone(),
+    )
+    .unwrap();
+    let (ca, _join) = CaHandle::spawn(ca).unwrap();
+    let ok = owner::current_or_create(&data, Curve::P256, "gw-store").unwrap();
+    // One listener for both roles: the gateway is rendezvous and owner.
+    let (l, ep) = bind().await;
+    let mfg = Manufacturer::open_or_create(&dir.path().join("mfg"), Curve::P256).unwrap();
+    let (cred, v) = mfg
+        .init_device(&MfgOptions {
+            device_info: "thermo".into(),
+            rv_info: RendezvousInfo(vec![RvDirective::default()
+                .with_ip("127.0.0.1".parse().unwrap())
+                .with_dev_port(ep.port)
+                .with_protocol(RvProtocol::Http)]),
+            curve: Curve::P256,
+        })
+        .unwrap();
+    let v = v.extend(mfg.key(), &ok.public_key()).unwrap();
+    // Imported as a PEM file, like `outpost voucher import`.
+    owner::import_voucher(&store, &data, v.to_pem().as_bytes()).unwrap();
+    let backend =
+        Arc::new(StoreOwnerBackend::open(store.clone(), &data, "gateway gw-store").unwrap());
+    let service = Arc::new(OwnerService::new(
+        OwnerConfig {
+            mqtt_servers: vec!["mqtts://127.0.0.1:8883".into()],
+            ..Default::default()
+        },
+        backend.clone(),
+        Some(Arc::new(ca.clone())),
+    ));
+    tokio::spawn(http::serve(
+        l,
+        FdoServer {
+            rendezvous: Some(Arc::new(Rendezvous::new(
+                RvConfig::default(),
+                Arc::new(MemoryRvStore::new(100)),
+                None,
+            ))),
+            owner: Some(service),
+        },
+        std::future::pending(),
+    ));
+    let addrs = vec![To2Addr {
+        ip: Some("127.0.0.1".parse().unwrap()),
+        dns: None,
+        port: ep.port,
+        protocol: transport::HTTP,
+    }];
+    client::to0_register(&ep, &v, &ok.key, addrs, 600)
+        .await
+        .unwrap();
+    let done = client::onboard(&cred, &DeviceOptions::default())
+        .await
+        .unwrap();
+    let mqtt = done.mqtt.unwrap();
+    let reg = backend.registry().unwrap();
+    assert_eq!(reg.len(), 1);
+    assert_eq!(reg[0].guid, done.credential.guid.hex());
+    assert_eq!(reg[0].old_guid, cred.guid.hex());
+    assert_eq!(reg[0].owner_key_id, ok.key_id);
+    assert!(reg[0].peer.as_deref().unwrap().starts_with("127.0.0.1:"));
+    // The certificate is the CA's record for the new identity.
+    let certs = ca.list().await.unwrap();
+    let issued = certs
+        .iter()
+        .find(|c| c.device_id == done.credential.guid.hex())
+        .unwrap();
+    assert_eq!(Some(&issued.serial), reg[0].cert_serial.as_ref());
+    assert_eq!(issued.key_source, "csr");
+    assert_eq!(issued.cert_pem.trim(), mqtt.cert_pem.trim());
+    // The replacement voucher is stored for the new GUID.
+    assert!(store.voucher(&done.credential.guid.0).unwrap().is_some());
+}
