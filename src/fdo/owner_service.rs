@@ -890,3 +890,33 @@ impl OwnerBackend for MemoryOwnerBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn service() -> OwnerService {
+        let key = Arc::new(SigningKey::generate(Curve::P256).unwrap());
+        OwnerService::new(
+            OwnerConfig::default(),
+            Arc::new(MemoryOwnerBackend::new(vec![key])),
+            None,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        #[test]
+        fn handler_never_panics(msg in prop_oneof![Just(60u8), Just(62), Just(64), Just(66), Just(68), Just(70), Just(255), any::<u8>()],
+                                bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let s = service();
+            rt.block_on(async {
+                let _ = s.handle(msg, None, &bytes, None).await;
+                let _ = s.handle(msg, Some("x"), &bytes, None).await;
+                let _ = s.device_error(Some("x"), &bytes);
+            });
+        }
+    }
+}

@@ -350,3 +350,61 @@ impl Rendezvous {
         Ok(wait)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn rv() -> Rendezvous {
+        Rendezvous::new(
+            RvConfig {
+                max_sessions: 4,
+                ..Default::default()
+            },
+            Arc::new(MemoryRvStore::new(10)),
+            None,
+        )
+    }
+
+    #[test]
+    fn sessions_are_bounded_and_single_use() {
+        let r = rv();
+        let mut tokens = Vec::new();
+        for _ in 0..4 {
+            tokens.push(
+                r.handle(msg_type::TO0_HELLO, None, &msg::to0_hello())
+                    .unwrap()
+                    .token,
+            );
+        }
+        let e = r
+            .handle(msg_type::TO0_HELLO, None, &msg::to0_hello())
+            .unwrap_err();
+        assert_eq!(e.error_code(), ErrorCode::InternalServerError);
+        // A bad OwnerSign consumes its session; the token cannot be used again.
+        let e = r
+            .handle(msg_type::TO0_OWNER_SIGN, Some(&tokens[0]), &[0x80])
+            .unwrap_err();
+        assert_eq!(e.error_code(), ErrorCode::MessageBodyError);
+        let e = r
+            .handle(msg_type::TO0_OWNER_SIGN, Some(&tokens[0]), &[0x80])
+            .unwrap_err();
+        assert_eq!(e.error_code(), ErrorCode::InvalidJwtToken);
+        let e = r
+            .handle(msg_type::TO2_HELLO_DEVICE, None, &[0x80])
+            .unwrap_err();
+        assert_eq!(e.error_code(), ErrorCode::InvalidMessageError);
+    }
+
+    proptest! {
+        #[test]
+        fn handler_never_panics(msg in prop_oneof![Just(20u8), Just(22), Just(30), Just(32), any::<u8>()],
+                                bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let r = rv();
+            let t = r.handle(msg_type::TO0_HELLO, None, &msg::to0_hello()).unwrap().token;
+            let _ = r.handle(msg, Some(&t), &bytes);
+            let _ = r.handle(msg, None, &bytes);
+        }
+    }
+}
