@@ -12,6 +12,18 @@
 //! - [`manufacturer`]: the manufacturer's keys and `init-device`;
 //! - [`owner`]: the owner keys of a gateway or cloud and voucher import.
 //!
+//! The protocol (TO0, TO1, TO2, HTTP binding) on top of it:
+//!
+//! - [`msg`]: every message of TO0 (20–23), TO1 (30–33) and TO2 (60–71), EAT tokens;
+//! - [`kex`]: ECDH256/ECDH384 key exchange and the SP 800-108 KDF;
+//! - [`encrypt`]: the COSE_Encrypt0 (A128GCM/A256GCM) tunnel after TO2.ProveDevice;
+//! - [`session`]: bounded, expiring, single-use protocol sessions;
+//! - [`rendezvous`]: the rendezvous server (TO0 registrations, TO1 answers);
+//! - [`owner_service`]: the owner side of TO2 with devmod and the `outpost:mqtt` module;
+//! - [`registry`]: the owner backend on the store (vouchers, owner keys, device registry);
+//! - [`http`]: the axum server for `POST /fdo/101/msg/{n}`;
+//! - [`client`]: the device (TO1 + TO2) and the owner's TO0 over a bounded HTTP client.
+//!
 //! The authority for every wire decision is the CDDL of the FDO 1.1 specification
 //! (PS 2022-04-19); `docs/onboarding.md` lists the decisions and file formats.
 //! Decoding never panics and never allocates more than a small multiple of its input, whose
