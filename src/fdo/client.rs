@@ -549,6 +549,47 @@ pub async fn onboard(
     Err(last.unwrap_or(ClientError::NoRendezvous))
 }
 
+/// Default delay between onboarding attempts when the rendezvous info names none (the
+/// specification's 120 s), with ±25 % jitter against synchronized retries.
+pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(120);
+
+/// The delay before the next attempt: the first RVDelaysec of the credential's rendezvous
+/// info, else [`DEFAULT_RETRY_DELAY`], with ±25 % jitter.
+pub fn retry_delay(cred: &DeviceCredential) -> Duration {
+    use rand::Rng;
+    let base = cred
+        .rv_info
+        .0
+        .iter()
+        .find_map(|d| d.delay_secs().ok().flatten())
+        .map(|s| Duration::from_secs(s as u64))
+        .unwrap_or(DEFAULT_RETRY_DELAY);
+    let factor = rand::thread_rng().gen_range(0.75..=1.25);
+    base.mul_f64(factor)
+}
+
+/// [`onboard`] until it succeeds or `attempts` (if given) are used up, waiting
+/// [`retry_delay`] between attempts. Failures are logged.
+pub async fn onboard_with_retry(
+    cred: &DeviceCredential,
+    opts: &DeviceOptions,
+    attempts: Option<u32>,
+) -> Result<Onboarded, ClientError> {
+    let mut n = 0u32;
+    loop {
+        n += 1;
+        match onboard(cred, opts).await {
+            Ok(o) => return Ok(o),
+            Err(e) if attempts.is_some_and(|max| n >= max) => return Err(e),
+            Err(e) => {
+                let d = retry_delay(cred);
+                tracing::warn!(attempt = n, error = %e, retry_in = ?d, "onboarding failed");
+                tokio::time::sleep(d).await;
+            }
+        }
+    }
+}
+
 /// Check the entries received in TO2: hash chain from the header, signatures from the
 /// manufacturer key on, header info. Returns the final owner key.
 fn verify_entries(
