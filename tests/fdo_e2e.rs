@@ -601,3 +601,31 @@ async fn gateway_store_backend_registers_the_device_and_its_certificate() {
     // The replacement voucher is stored for the new GUID.
     assert!(store.voucher(&done.credential.guid.0).unwrap().is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_devices_onboard_concurrently() {
+    let env = Arc::new(env().await);
+    let mut devices = Vec::new();
+    for _ in 0..32 {
+        let (cred, v) = env.device(Curve::P256);
+        env.own(&v).await;
+        devices.push(cred);
+    }
+    let start = std::time::Instant::now();
+    let tasks: Vec<_> = devices
+        .into_iter()
+        .map(|cred| {
+            tokio::spawn(async move {
+                client::onboard(&cred, &DeviceOptions::default())
+                    .await
+                    .map(|o| o.mqtt.is_some())
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap().unwrap());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!("32 concurrent onboardings (TO1 + TO2) in {secs:.2} s");
+    assert_eq!(env.backend.records().len(), 32);
+}
