@@ -49,7 +49,10 @@ impl fmt::Debug for DeviceCredential {
         f.debug_struct("DeviceCredential")
             .field("active", &self.active)
             .field("prot_ver", &self.prot_ver)
-            .field("hmac_secret", &format_args!("<{} bytes>", self.hmac_secret.len()))
+            .field(
+                "hmac_secret",
+                &format_args!("<{} bytes>", self.hmac_secret.len()),
+            )
             .field("device_info", &self.device_info)
             .field("guid", &self.guid)
             .field("rv_info", &self.rv_info)
@@ -145,7 +148,9 @@ mod tests {
             hmac_secret: vec![7; 32],
             device_info: "sensor".into(),
             guid: Guid([1; 16]),
-            rv_info: RendezvousInfo(vec![RvDirective::default().with_dns("rv").with_dev_port(8041)]),
+            rv_info: RendezvousInfo(vec![RvDirective::default()
+                .with_dns("rv")
+                .with_dev_port(8041)]),
             pub_key_hash: DeviceCredential::pub_key_hash_of(&mfg.public_key(), HashAlg::Sha256)
                 .unwrap(),
             device_key: SigningKey::generate(Curve::P384).unwrap(),
@@ -157,7 +162,10 @@ mod tests {
         let c = sample();
         let back = DeviceCredential::decode(&c.encode()).unwrap();
         assert_eq!(back.encode(), c.encode());
-        assert!(!format!("{back:?}").contains("7, 7"), "secret must not be printed");
+        assert!(
+            !format!("{back:?}").contains("7, 7"),
+            "secret must not be printed"
+        );
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join(FILE_NAME);
         c.write(&p).unwrap();

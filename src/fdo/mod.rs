@@ -10,7 +10,8 @@
 //! - [`voucher`]: the ownership voucher: create, extend, verify, PEM armour;
 //! - [`credential`]: the device credential file (the result of DI, done offline);
 //! - [`manufacturer`]: the manufacturer's keys and `init-device`;
-//! - [`owner`]: the owner keys of a gateway or cloud and voucher import.
+//! - [`owner`]: the owner keys of a gateway or cloud and voucher import;
+//! - [`report`]: the human-readable `outpost voucher show`.
 //!
 //! The authority for every wire decision is the CDDL of the FDO 1.1 specification
 //! (PS 2022-04-19); `docs/onboarding.md` lists the decisions and file formats.
@@ -23,6 +24,7 @@ pub mod credential;
 pub mod crypto;
 pub mod manufacturer;
 pub mod owner;
+pub mod report;
 pub mod types;
 pub mod voucher;
 

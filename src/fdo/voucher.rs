@@ -256,8 +256,8 @@ impl OwnershipVoucher {
             });
         }
         let items = cbor::array_items(bytes, W)?;
-        let [ver, hdr, mac, chain, entries] = <[&[u8]; 5]>::try_from(items.as_slice())
-            .map_err(|_| {
+        let [ver, hdr, mac, chain, entries] =
+            <[&[u8]; 5]>::try_from(items.as_slice()).map_err(|_| {
                 FdoError::malformed(W, format!("expected 5 items, found {}", items.len()))
             })?;
         let prot_ver = cbor::uint(cbor::decode(ver, 16, "OVProtVer")?, "OVProtVer")?;
@@ -267,7 +267,10 @@ impl OwnershipVoucher {
                 found: prot_ver,
             });
         }
-        let header_bytes = cbor::bytes(cbor::decode(hdr, MAX_VOUCHER, "OVHeaderTag")?, "OVHeaderTag")?;
+        let header_bytes = cbor::bytes(
+            cbor::decode(hdr, MAX_VOUCHER, "OVHeaderTag")?,
+            "OVHeaderTag",
+        )?;
         let header = OvHeader::decode(&header_bytes)?;
         let hmac = Hash::from_value(cbor::decode(mac, 256, "OVHeaderHMac")?, "OVHeaderHMac")?;
         let cert_chain = match cbor::decode(chain, MAX_VOUCHER, "OVDevCertChain")? {
@@ -476,7 +479,10 @@ impl OwnershipVoucher {
             }
             keys.push(p.pub_key.clone());
         }
-        let owner_key = keys.last().cloned().unwrap_or_else(|| self.header.mfg_pub_key.clone());
+        let owner_key = keys
+            .last()
+            .cloned()
+            .unwrap_or_else(|| self.header.mfg_pub_key.clone());
         Ok(VerifiedChain {
             guid: self.header.guid,
             keys,
@@ -536,7 +542,10 @@ impl OwnershipVoucher {
             pair[0]
                 .verify_signature(Some(pair[1].public_key()))
                 .map_err(|e| {
-                    FdoError::CertChain(format!("certificate {i} is not signed by certificate {}: {e}", i + 1))
+                    FdoError::CertChain(format!(
+                        "certificate {i} is not signed by certificate {}: {e}",
+                        i + 1
+                    ))
                 })?;
         }
         Ok(())
