@@ -126,9 +126,7 @@ impl DeviceCredential {
         if Self::pub_key_hash_of(key, self.pub_key_hash.alg)? == self.pub_key_hash {
             Ok(())
         } else {
-            Err(FdoError::KeyTypeMismatch(
-                "the voucher's manufacturer key is not the one this device credential names (DCPubKeyHash)".into(),
-            ))
+            Err(FdoError::UnknownManufacturer)
         }
     }
 }
@@ -175,6 +173,11 @@ mod tests {
             0o600
         );
         assert_eq!(DeviceCredential::read(&p).unwrap().guid, c.guid);
+        let stranger = SigningKey::generate(Curve::P256).unwrap();
+        assert!(matches!(
+            c.check_manufacturer_key(&stranger.public_key()),
+            Err(FdoError::UnknownManufacturer)
+        ));
     }
 
     #[test]

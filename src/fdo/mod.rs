@@ -99,6 +99,8 @@ pub enum FdoError {
     NotCurrentOwner { expected: String, found: String },
     #[error("{0}")]
     KeyTypeMismatch(String),
+    #[error("the voucher's manufacturer key is not the one this device credential trusts (DCPubKeyHash)")]
+    UnknownManufacturer,
     #[error("the voucher's owner key {fingerprint} is not one of this gateway's owner keys (extend the voucher to `outpost voucher owner-cert`)")]
     NotOurs { fingerprint: String },
     #[error("{what}: signature does not verify")]
@@ -138,6 +140,7 @@ impl FdoError {
             | CertChain(_)
             | NotCurrentOwner { .. }
             | KeyTypeMismatch(_)
+            | UnknownManufacturer
             | NotOurs { .. } => ErrorCode::InvalidOwnershipVoucher,
             GuidMismatch { .. } => ErrorCode::InvalidGuid,
             BadSignature { .. } => ErrorCode::InvalidMessageError,

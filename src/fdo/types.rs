@@ -352,9 +352,18 @@ impl PublicKey {
         Ok(self.verifying_key()?.curve())
     }
 
+    /// The SubjectPublicKeyInfo in its canonical DER form for EC keys (rebuilt from the
+    /// curve and point), as found for other keys.
+    fn normalized_spki(&self) -> Result<Vec<u8>, FdoError> {
+        match self.verifying_key() {
+            Ok(vk) => Ok(vk.spki()),
+            Err(_) => self.spki(),
+        }
+    }
+
     /// SHA-256 of the SubjectPublicKeyInfo, lower-case hex: the same for every encoding.
     pub fn fingerprint(&self) -> Result<String, FdoError> {
-        Ok(crypto::sha256_hex(&self.spki()?))
+        Ok(crypto::sha256_hex(&self.normalized_spki()?))
     }
 
     /// The first 16 hex digits of the fingerprint (file names, logs).
@@ -366,7 +375,7 @@ impl PublicKey {
 
     /// Whether both name the same key (compared as SubjectPublicKeyInfo).
     pub fn same_key(&self, other: &PublicKey) -> bool {
-        match (self.spki(), other.spki()) {
+        match (self.normalized_spki(), other.normalized_spki()) {
             (Ok(a), Ok(b)) => a == b,
             _ => false,
         }

@@ -312,6 +312,35 @@ impl OwnershipVoucher {
         })
     }
 
+    /// Assemble a voucher from its parts as TO2 delivers them to a device (ProveOVHdr
+    /// carries the header bytes and HMAC, OVNextEntry each entry), to verify it with
+    /// [`verify_chain`](Self::verify_chain) and [`verify_hmac`](Self::verify_hmac).
+    pub fn from_parts(
+        header_bytes: Vec<u8>,
+        hmac: HMac,
+        cert_chain: Option<Vec<Vec<u8>>>,
+        entries: &[Vec<u8>],
+    ) -> Result<OwnershipVoucher, FdoError> {
+        if entries.len() > MAX_ENTRIES {
+            return Err(FdoError::malformed(
+                "OVEntryArray",
+                format!("{} entries (at most {MAX_ENTRIES})", entries.len()),
+            ));
+        }
+        let header = OvHeader::decode(&header_bytes)?;
+        Ok(OwnershipVoucher {
+            prot_ver: header.prot_ver,
+            header_bytes,
+            header,
+            hmac,
+            cert_chain,
+            entries: entries
+                .iter()
+                .map(|e| OvEntry::decode(e.as_slice()))
+                .collect::<Result<Vec<_>, _>>()?,
+        })
+    }
+
     /// The CBOR voucher; entries are written as received.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -351,6 +380,14 @@ impl OwnershipVoucher {
 
     /// A voucher file: PEM armour or raw CBOR.
     pub fn from_file_bytes(bytes: &[u8]) -> Result<OwnershipVoucher, FdoError> {
+        // Base64 and line breaks take about 4/3 of the CBOR: twice the limit is plenty.
+        if bytes.len() > 2 * MAX_VOUCHER {
+            return Err(FdoError::TooLarge {
+                what: "voucher file",
+                len: bytes.len(),
+                max: 2 * MAX_VOUCHER,
+            });
+        }
         let start = bytes.iter().position(|b| !b.is_ascii_whitespace());
         match start {
             Some(i) if bytes[i..].starts_with(b"-----BEGIN") => {

@@ -143,6 +143,30 @@ fn extended_vouchers_verify_and_name_the_last_owner() {
         assert_eq!(e.payload().hash_prev_entry.alg, HashAlg::Sha256);
         assert_eq!(e.raw()[0], 0xd2, "entries are tagged COSE_Sign1");
     }
+    // What a device reassembles from TO2 messages verifies the same way.
+    let raw: Vec<Vec<u8>> = v.entries().iter().map(|e| e.raw().to_vec()).collect();
+    let parts = OwnershipVoucher::from_parts(
+        v.header_bytes().to_vec(),
+        v.hmac().clone(),
+        v.cert_chain().map(|c| c.to_vec()),
+        &raw,
+    )
+    .unwrap();
+    assert_eq!(parts.encode(), bytes);
+    parts.verify_with_secret(&c.secret).unwrap();
+    let mut reordered = raw.clone();
+    reordered.swap(1, 2);
+    let bad = OwnershipVoucher::from_parts(
+        v.header_bytes().to_vec(),
+        v.hmac().clone(),
+        v.cert_chain().map(|c| c.to_vec()),
+        &reordered,
+    )
+    .unwrap();
+    assert!(matches!(
+        bad.verify_chain(),
+        Err(FdoError::BrokenChain { entry: 1 })
+    ));
 }
 
 #[test]
