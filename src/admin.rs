@@ -1,11 +1,13 @@
-//! The local admin socket: how `outpost ca ...` reaches a running gateway.
+//! The local admin socket: how `outpost ca ...` and `outpost voucher import` reach a running
+//! gateway.
 //!
 //! A Unix socket `admin.sock` in the data directory, mode 0600 (only the gateway's user),
 //! one JSON request per connection, one JSON reply. When no gateway runs, the CLI opens the
 //! store itself instead (sled allows one process at a time, so never both).
 
 use crate::ca::{CaError, CaHandle, Issued};
-use crate::store::CertRecord;
+use crate::fdo::owner::Imported;
+use crate::store::{CertRecord, Store};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -33,10 +35,22 @@ pub enum AdminError {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    IssueDevice { id: String, csr: Option<String> },
-    RevokeSerial { serial: String },
-    RevokeDevice { id: String },
+    IssueDevice {
+        id: String,
+        csr: Option<String>,
+    },
+    RevokeSerial {
+        serial: String,
+    },
+    RevokeDevice {
+        id: String,
+    },
     List,
+    /// Verify an ownership voucher (PEM) and store it if it is extended to one of this
+    /// gateway's owner keys.
+    ImportVoucher {
+        voucher_pem: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -50,6 +64,13 @@ pub enum Reply {
     },
     Records {
         records: Vec<CertRecord>,
+    },
+    VoucherImported {
+        guid: String,
+        device_info: String,
+        entries: usize,
+        owner_key_id: String,
+        replaced: bool,
     },
     Error {
         message: String,
@@ -67,6 +88,27 @@ impl From<Issued> for Reply {
     }
 }
 
+impl From<Imported> for Reply {
+    fn from(i: Imported) -> Self {
+        Reply::VoucherImported {
+            guid: i.guid.hex(),
+            device_info: i.device_info,
+            entries: i.entries,
+            owner_key_id: i.owner_key_id,
+            replaced: i.replaced,
+        }
+    }
+}
+
+/// What the admin socket serves: the CA (through its owner thread), and for voucher import
+/// the store (vouchers tree) and the data directory (owner keys).
+#[derive(Clone)]
+pub struct Services {
+    pub ca: CaHandle,
+    pub store: Store,
+    pub data_dir: PathBuf,
+}
+
 fn records(r: Result<Vec<CertRecord>, CaError>) -> Reply {
     match r {
         Ok(records) => Reply::Records { records },
@@ -76,7 +118,8 @@ fn records(r: Result<Vec<CertRecord>, CaError>) -> Reply {
     }
 }
 
-async fn handle(req: Request, ca: &CaHandle) -> Reply {
+async fn handle(req: Request, svc: &Services) -> Reply {
+    let ca = &svc.ca;
     match req {
         Request::IssueDevice { id, csr } => match ca.issue_device(&id, csr).await {
             Ok(i) => i.into(),
@@ -87,6 +130,26 @@ async fn handle(req: Request, ca: &CaHandle) -> Reply {
         Request::RevokeSerial { serial } => records(ca.revoke_serial(&serial).await),
         Request::RevokeDevice { id } => records(ca.revoke_device(&id).await),
         Request::List => records(ca.list().await),
+        Request::ImportVoucher { voucher_pem } => {
+            // Verification and the flushed store write are blocking work.
+            let (store, dir) = (svc.store.clone(), svc.data_dir.clone());
+            let r = tokio::task::spawn_blocking(move || {
+                crate::fdo::owner::import_voucher(&store, &dir, voucher_pem.as_bytes())
+            })
+            .await;
+            match r {
+                Ok(Ok(i)) => i.into(),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "voucher import refused");
+                    Reply::Error {
+                        message: e.to_string(),
+                    }
+                }
+                Err(e) => Reply::Error {
+                    message: format!("voucher import failed: {e}"),
+                },
+            }
+        }
     }
 }
 
@@ -108,7 +171,7 @@ pub fn bind(data_dir: &Path) -> Result<UnixListener, AdminError> {
 
 pub async fn serve(
     listener: UnixListener,
-    ca: CaHandle,
+    svc: Services,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
@@ -120,7 +183,7 @@ pub async fn serve(
                 Err(e) => { tracing::warn!(error = %e, "admin accept failed"); continue; }
             },
         };
-        let (ca, shutdown) = (ca.clone(), shutdown.clone());
+        let (svc, shutdown) = (svc.clone(), shutdown.clone());
         tracker.spawn(async move {
             let (rd, mut wr) = stream.into_split();
             let mut line = String::new();
@@ -134,7 +197,7 @@ pub async fn serve(
             };
             let reply = match read {
                 Ok(_) => match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => handle(req, &ca).await,
+                    Ok(req) => handle(req, &svc).await,
                     Err(e) => Reply::Error {
                         message: format!("bad request: {e}"),
                     },

@@ -121,6 +121,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let gateway_id = config.gateway_id();
     let ca = open_ca(&config)?;
     let store = ca.store().clone();
+    let admin_store = store.clone();
     let (server_cert, server_key) = ca.server_identity(&config.ca.server_names)?;
     let material = frontdoor::TlsMaterial::new(
         &server_cert,
@@ -212,7 +213,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     }
     tracker.spawn(admin::serve(
         admin_l,
-        ca.clone(),
+        admin::Services {
+            ca: ca.clone(),
+            store: admin_store,
+            data_dir: data_dir.clone(),
+        },
         tracker.clone(),
         shutdown.clone(),
     ));

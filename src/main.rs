@@ -6,6 +6,11 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use outpost::admin::{self, Reply, Request};
 use outpost::config::Config;
+use outpost::fdo::crypto::{self, Curve, SigningKey};
+use outpost::fdo::manufacturer::{self, DeviceOptions, Manufacturer};
+use outpost::fdo::types::{RvDirective, RvProtocol};
+use outpost::fdo::{owner, DeviceCredential, OwnershipVoucher, PublicKey, RendezvousInfo};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +33,7 @@ struct Cli {
     cmd: Cmd,
 }
 
-#[derive(Args, Clone)]
+#[derive(Args, Clone, Default)]
 struct ConfigArgs {
     /// TOML config file (default: the embedded defaults).
     #[arg(long, short)]
@@ -48,6 +53,82 @@ enum Cmd {
     Ca {
         #[command(subcommand)]
         cmd: CaCmd,
+    },
+    /// FIDO Device Onboard ownership vouchers: make devices, extend, show, import.
+    Voucher {
+        #[command(subcommand)]
+        cmd: VoucherCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum VoucherCmd {
+    /// Make a device (FDO DI done offline): writes OUT/device.cred (0600) and
+    /// OUT/voucher.pem, owned by the manufacturer key in --mfg-dir.
+    InitDevice {
+        #[arg(long)]
+        out: PathBuf,
+        /// OVDeviceInfo: what the device is (model, serial).
+        #[arg(long, default_value = "outpost-device")]
+        device_info: String,
+        /// Rendezvous server host name; repeat for more (default: outpost.local).
+        #[arg(long = "rv-dns", value_name = "HOST")]
+        rv_dns: Vec<String>,
+        /// Rendezvous server IP address; repeat for more.
+        #[arg(long = "rv-ip", value_name = "IP")]
+        rv_ip: Vec<IpAddr>,
+        /// Rendezvous server port.
+        #[arg(long, default_value_t = outpost::fdo::DEFAULT_RV_PORT)]
+        rv_port: u16,
+        /// http or https.
+        #[arg(long, default_value = "http")]
+        rv_protocol: RvProtocol,
+        /// Seconds the device waits between rendezvous attempts (RVDelaysec).
+        #[arg(long, value_name = "SECS")]
+        rv_delay: Option<u32>,
+        /// Manufacturer keys and device CA (created on first use).
+        #[arg(long, default_value = manufacturer::DEFAULT_DIR)]
+        mfg_dir: PathBuf,
+        /// p256 or p384: the device key and the manufacturer key.
+        #[arg(long, default_value = "p256")]
+        curve: Curve,
+    },
+    /// Transfer a voucher to its next owner: sign a new entry with the current owner's key.
+    Extend {
+        /// The voucher (PEM or CBOR).
+        #[arg(long)]
+        voucher: PathBuf,
+        /// The current owner's private key (PEM; for a new voucher the manufacturer key).
+        #[arg(long)]
+        key: PathBuf,
+        /// The next owner's certificate (or public key), PEM.
+        #[arg(long)]
+        to: PathBuf,
+        /// Where to write the extended voucher (PEM).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Decode and verify a voucher, human readable.
+    Show {
+        /// The voucher (PEM or CBOR).
+        file: PathBuf,
+        /// The device credential: also check the header HMAC.
+        #[arg(long)]
+        cred: Option<PathBuf>,
+    },
+    /// Print this gateway's owner certificate (PEM), creating the owner key if needed.
+    OwnerCert {
+        /// p256 or p384 (a voucher's keys all have its manufacturer key's type).
+        #[arg(long, default_value = "p256")]
+        curve: Curve,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// Import a voucher (PEM or CBOR) extended to one of this gateway's owner keys.
+    Import {
+        file: PathBuf,
+        #[command(flatten)]
+        cfg: ConfigArgs,
     },
 }
 
@@ -116,6 +197,11 @@ fn main() -> ExitCode {
             cmd:
                 CaCmd::IssueDevice { cfg, .. } | CaCmd::Revoke { cfg, .. } | CaCmd::List { cfg, .. },
         } => cfg.clone(),
+        Cmd::Voucher {
+            cmd: VoucherCmd::OwnerCert { cfg, .. } | VoucherCmd::Import { cfg, .. },
+        } => cfg.clone(),
+        // The manufacturer's tools need no gateway configuration.
+        Cmd::Voucher { .. } => ConfigArgs::default(),
     };
     let config = match load_config(&cfg_args) {
         Ok(c) => c,
@@ -139,6 +225,7 @@ fn main() -> ExitCode {
         match cli.cmd {
             Cmd::Run(_) => run(config).await,
             Cmd::Ca { cmd } => ca_command(cmd, config).await,
+            Cmd::Voucher { cmd } => voucher_command(cmd, config).await,
             Cmd::PrintDefaultConfig => Ok(()),
         }
     });
@@ -267,5 +354,155 @@ fn offline(config: &Config, req: Request) -> anyhow::Result<Reply> {
         Request::List => Reply::Records {
             records: ca.list()?,
         },
+        Request::ImportVoucher { .. } => bail!("voucher import is not a CA request"),
     })
+}
+
+fn read_file(p: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+}
+
+fn read_text(p: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+}
+
+fn read_voucher(p: &Path) -> anyhow::Result<OwnershipVoucher> {
+    OwnershipVoucher::from_file_bytes(&read_file(p)?)
+        .with_context(|| format!("voucher {}", p.display()))
+}
+
+async fn voucher_command(cmd: VoucherCmd, config: Config) -> anyhow::Result<()> {
+    match cmd {
+        VoucherCmd::InitDevice {
+            out,
+            device_info,
+            mut rv_dns,
+            rv_ip,
+            rv_port,
+            rv_protocol,
+            rv_delay,
+            mfg_dir,
+            curve,
+        } => {
+            if rv_dns.is_empty() && rv_ip.is_empty() {
+                rv_dns.push(outpost::fdo::DEFAULT_RV_DNS.to_string());
+            }
+            let directive = |d: RvDirective| {
+                let d = d.with_dev_port(rv_port).with_protocol(rv_protocol);
+                match rv_delay {
+                    Some(s) => d.with_delay_secs(s),
+                    None => d,
+                }
+            };
+            let rv_info = RendezvousInfo(
+                rv_dns
+                    .iter()
+                    .map(|h| directive(RvDirective::default().with_dns(h)))
+                    .chain(
+                        rv_ip
+                            .iter()
+                            .map(|ip| directive(RvDirective::default().with_ip(*ip))),
+                    )
+                    .collect(),
+            );
+            let mfg = Manufacturer::open_or_create(&mfg_dir, curve)
+                .with_context(|| format!("manufacturer directory {}", mfg_dir.display()))?;
+            let (cred, voucher) = mfg.init_device(&DeviceOptions {
+                device_info,
+                rv_info,
+                curve,
+            })?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let cred_path = out.join(outpost::fdo::credential::FILE_NAME);
+            cred.write(&cred_path)
+                .with_context(|| format!("writing {}", cred_path.display()))?;
+            write_out(&out, "voucher.pem", &voucher.to_pem(), 0o644)?;
+            println!(
+                "device {} ({curve}) -> {} and {}",
+                cred.guid,
+                cred_path.display(),
+                out.join("voucher.pem").display()
+            );
+            println!(
+                "the voucher is owned by the manufacturer; transfer it with:\n  outpost voucher extend --voucher {} --key {} --to OWNER.crt --out VOUCHER.pem",
+                out.join("voucher.pem").display(),
+                mfg.key_path().display()
+            );
+        }
+        VoucherCmd::Extend {
+            voucher,
+            key,
+            to,
+            out,
+        } => {
+            let v = read_voucher(&voucher)?;
+            let key = SigningKey::from_pem(&read_text(&key)?)
+                .with_context(|| format!("owner key {}", key.display()))?;
+            let (next_key, cert) = crypto::public_key_from_pem(&read_text(&to)?)
+                .with_context(|| format!("next owner {}", to.display()))?;
+            let next = PublicKey::encoded_like(&v.header().mfg_pub_key, &next_key, cert.as_deref());
+            let extended = v.extend(&key, &next).context("extending the voucher")?;
+            outpost::ca::write_file(&out, extended.to_pem().as_bytes(), 0o644)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "voucher {}: entry {} transfers it to sha256:{} -> {}",
+                extended.guid(),
+                extended.entries().len() - 1,
+                next.fingerprint()?,
+                out.display()
+            );
+        }
+        VoucherCmd::Show { file, cred } => {
+            let v = read_voucher(&file)?;
+            let cred = match cred {
+                Some(p) => Some(
+                    DeviceCredential::read(&p)
+                        .with_context(|| format!("device credential {}", p.display()))?,
+                ),
+                None => None,
+            };
+            let (text, result) = outpost::fdo::report::voucher_report(&v, cred.as_ref());
+            print!("{text}");
+            result.with_context(|| format!("voucher {} does not verify", file.display()))?;
+        }
+        VoucherCmd::OwnerCert { curve, .. } => {
+            let dir = &config.gateway.data_dir;
+            outpost::prepare_data_dir(dir)?;
+            let k = owner::current_or_create(dir, curve, &config.gateway_id())?;
+            print!("{}", k.cert_pem);
+        }
+        VoucherCmd::Import { file, .. } => {
+            let v = read_voucher(&file)?;
+            let data_dir = config.gateway.data_dir.clone();
+            let req = Request::ImportVoucher {
+                voucher_pem: v.to_pem(),
+            };
+            let reply = match admin::call(&data_dir, &req).await? {
+                Some(r) => r,
+                None => {
+                    // No gateway running: verify and store directly.
+                    outpost::prepare_data_dir(&data_dir)?;
+                    let store = outpost::store::Store::open(&data_dir.join("store"))?;
+                    owner::import_voucher(&store, &data_dir, v.to_pem().as_bytes())
+                        .context("importing the voucher")?
+                        .into()
+                }
+            };
+            match reply {
+                Reply::VoucherImported {
+                    guid,
+                    device_info,
+                    entries,
+                    owner_key_id,
+                    replaced,
+                } => println!(
+                    "imported voucher {guid} ({device_info}, {entries} {}) owned by key {owner_key_id}{}",
+                    if entries == 1 { "entry" } else { "entries" },
+                    if replaced { ", replacing the stored one" } else { "" }
+                ),
+                other => bail!("unexpected answer: {other:?}"),
+            }
+        }
+    }
+    Ok(())
 }

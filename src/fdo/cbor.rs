@@ -348,8 +348,9 @@ pub fn text(v: Value, what: &'static str) -> Result<String, FdoError> {
 
 pub fn uint(v: Value, what: &'static str) -> Result<u64, FdoError> {
     match v {
-        Value::Integer(i) => u64::try_from(i)
-            .map_err(|_| FdoError::malformed(what, "expected an unsigned integer")),
+        Value::Integer(i) => {
+            u64::try_from(i).map_err(|_| FdoError::malformed(what, "expected an unsigned integer"))
+        }
         other => Err(unexpected(what, "an unsigned integer", &other)),
     }
 }
@@ -399,7 +400,10 @@ mod tests {
         }
         assert_eq!(encode(&int_value(-16)), [0x2f]);
         assert_eq!(encode(&int_value(-43)), [0x38, 42]);
-        assert_eq!(encode(&Value::Integer((-(1i128 << 64)).try_into().unwrap())), [0x3b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(
+            encode(&Value::Integer((-(1i128 << 64)).try_into().unwrap())),
+            [0x3b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]
+        );
     }
 
     #[test]
@@ -427,11 +431,20 @@ mod tests {
         ));
         // A huge claimed array length allocates nothing and fails as truncated.
         assert!(matches!(
-            decode(&[0x9b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00], 100, "t"),
+            decode(
+                &[0x9b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00],
+                100,
+                "t"
+            ),
             Err(FdoError::Truncated { .. })
         ));
         // Indefinite containers and strings are understood.
-        let v = decode(&[0x9f, 0x01, 0x5f, 0x41, 0xaa, 0x41, 0xbb, 0xff, 0xff], 100, "t").unwrap();
+        let v = decode(
+            &[0x9f, 0x01, 0x5f, 0x41, 0xaa, 0x41, 0xbb, 0xff, 0xff],
+            100,
+            "t",
+        )
+        .unwrap();
         assert_eq!(
             v,
             Value::Array(vec![uint_value(1), Value::Bytes(vec![0xaa, 0xbb])])

@@ -49,7 +49,10 @@ impl fmt::Debug for DeviceCredential {
         f.debug_struct("DeviceCredential")
             .field("active", &self.active)
             .field("prot_ver", &self.prot_ver)
-            .field("hmac_secret", &format_args!("<{} bytes>", self.hmac_secret.len()))
+            .field(
+                "hmac_secret",
+                &format_args!("<{} bytes>", self.hmac_secret.len()),
+            )
             .field("device_info", &self.device_info)
             .field("guid", &self.guid)
             .field("rv_info", &self.rv_info)
@@ -123,9 +126,7 @@ impl DeviceCredential {
         if Self::pub_key_hash_of(key, self.pub_key_hash.alg)? == self.pub_key_hash {
             Ok(())
         } else {
-            Err(FdoError::KeyTypeMismatch(
-                "the voucher's manufacturer key is not the one this device credential names (DCPubKeyHash)".into(),
-            ))
+            Err(FdoError::UnknownManufacturer)
         }
     }
 }
@@ -145,7 +146,9 @@ mod tests {
             hmac_secret: vec![7; 32],
             device_info: "sensor".into(),
             guid: Guid([1; 16]),
-            rv_info: RendezvousInfo(vec![RvDirective::default().with_dns("rv").with_dev_port(8041)]),
+            rv_info: RendezvousInfo(vec![RvDirective::default()
+                .with_dns("rv")
+                .with_dev_port(8041)]),
             pub_key_hash: DeviceCredential::pub_key_hash_of(&mfg.public_key(), HashAlg::Sha256)
                 .unwrap(),
             device_key: SigningKey::generate(Curve::P384).unwrap(),
@@ -157,7 +160,10 @@ mod tests {
         let c = sample();
         let back = DeviceCredential::decode(&c.encode()).unwrap();
         assert_eq!(back.encode(), c.encode());
-        assert!(!format!("{back:?}").contains("7, 7"), "secret must not be printed");
+        assert!(
+            !format!("{back:?}").contains("7, 7"),
+            "secret must not be printed"
+        );
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join(FILE_NAME);
         c.write(&p).unwrap();
@@ -167,6 +173,11 @@ mod tests {
             0o600
         );
         assert_eq!(DeviceCredential::read(&p).unwrap().guid, c.guid);
+        let stranger = SigningKey::generate(Curve::P256).unwrap();
+        assert!(matches!(
+            c.check_manufacturer_key(&stranger.public_key()),
+            Err(FdoError::UnknownManufacturer)
+        ));
     }
 
     #[test]

@@ -19,12 +19,12 @@ const OID_P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
 
 /// DER of a SubjectPublicKeyInfo up to the uncompressed point (RFC 5480).
 const SPKI_PREFIX_P256: &[u8] = &[
-    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-    0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 const SPKI_PREFIX_P384: &[u8] = &[
-    0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05,
-    0x2b, 0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
+    0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b,
+    0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
 ];
 
 /// The elliptic curves FDO 1.1 devices and owners use here.
@@ -328,9 +328,7 @@ impl VerifyingKey {
         let (rest, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(der)
             .map_err(|e| FdoError::Key(format!("SubjectPublicKeyInfo: {e}")))?;
         if !rest.is_empty() {
-            return Err(FdoError::Key(
-                "SubjectPublicKeyInfo: trailing bytes".into(),
-            ));
+            return Err(FdoError::Key("SubjectPublicKeyInfo: trailing bytes".into()));
         }
         if spki.algorithm.algorithm.as_bytes() != OID_EC_PUBLIC_KEY {
             return Err(FdoError::Unsupported {
@@ -531,6 +529,23 @@ pub fn cert_der_from_pem(text: &str) -> Result<Vec<u8>, FdoError> {
         .find(|b| b.tag() == "CERTIFICATE")
         .map(|b| b.into_contents())
         .ok_or_else(|| FdoError::Pem("no CERTIFICATE block".into()))
+}
+
+/// The public key of the first CERTIFICATE block (returned too) or PUBLIC KEY block of a
+/// PEM text.
+pub fn public_key_from_pem(text: &str) -> Result<(VerifyingKey, Option<Vec<u8>>), FdoError> {
+    let blocks = pem::parse_many(text).map_err(|e| FdoError::Pem(e.to_string()))?;
+    for b in blocks {
+        match b.tag() {
+            "CERTIFICATE" => {
+                let der = b.into_contents();
+                return Ok((cert_public_key(&der)?, Some(der)));
+            }
+            "PUBLIC KEY" => return Ok((VerifyingKey::from_spki(b.contents())?, None)),
+            _ => {}
+        }
+    }
+    Err(FdoError::Pem("no CERTIFICATE or PUBLIC KEY block".into()))
 }
 
 /// The public key of a DER certificate.

@@ -10,7 +10,8 @@
 //! - [`voucher`]: the ownership voucher: create, extend, verify, PEM armour;
 //! - [`credential`]: the device credential file (the result of DI, done offline);
 //! - [`manufacturer`]: the manufacturer's keys and `init-device`;
-//! - [`owner`]: the owner keys of a gateway or cloud and voucher import.
+//! - [`owner`]: the owner keys of a gateway or cloud and voucher import;
+//! - [`report`]: the human-readable `outpost voucher show`.
 //!
 //! The protocol (TO0, TO1, TO2, HTTP binding) on top of it:
 //!
@@ -43,6 +44,7 @@ pub mod owner;
 pub mod owner_service;
 pub mod registry;
 pub mod rendezvous;
+pub mod report;
 pub mod session;
 pub mod types;
 pub mod voucher;
@@ -118,6 +120,8 @@ pub enum FdoError {
     NotCurrentOwner { expected: String, found: String },
     #[error("{0}")]
     KeyTypeMismatch(String),
+    #[error("the voucher's manufacturer key is not the one this device credential trusts (DCPubKeyHash)")]
+    UnknownManufacturer,
     #[error("the voucher's owner key {fingerprint} is not one of this gateway's owner keys (extend the voucher to `outpost voucher owner-cert`)")]
     NotOurs { fingerprint: String },
     #[error("{what}: signature does not verify")]
@@ -157,6 +161,7 @@ impl FdoError {
             | CertChain(_)
             | NotCurrentOwner { .. }
             | KeyTypeMismatch(_)
+            | UnknownManufacturer
             | NotOurs { .. } => ErrorCode::InvalidOwnershipVoucher,
             GuidMismatch { .. } => ErrorCode::InvalidGuid,
             BadSignature { .. } => ErrorCode::InvalidMessageError,

@@ -44,7 +44,8 @@ fn current_name(curve: Curve) -> &'static str {
 }
 
 fn load(key_path: &Path, cert_path: &Path) -> Result<OwnerKey, FdoError> {
-    let key = SigningKey::from_pem(&std::fs::read_to_string(key_path).map_err(file_err(key_path))?)?;
+    let key =
+        SigningKey::from_pem(&std::fs::read_to_string(key_path).map_err(file_err(key_path))?)?;
     let cert_pem = std::fs::read_to_string(cert_path).map_err(file_err(cert_path))?;
     let cert_der = crypto::cert_der_from_pem(&cert_pem)?;
     if crypto::cert_public_key(&cert_der)?.point() != key.public_point() {
@@ -66,7 +67,11 @@ fn load(key_path: &Path, cert_path: &Path) -> Result<OwnerKey, FdoError> {
 
 /// The current owner key of `curve` in `data_dir`, created (with its certificate) on first
 /// use. `subject` names the gateway in the certificate.
-pub fn current_or_create(data_dir: &Path, curve: Curve, subject: &str) -> Result<OwnerKey, FdoError> {
+pub fn current_or_create(
+    data_dir: &Path,
+    curve: Curve,
+    subject: &str,
+) -> Result<OwnerKey, FdoError> {
     super::private_dir(data_dir)?;
     let name = current_name(curve);
     let key_path = data_dir.join(format!("{name}.key"));

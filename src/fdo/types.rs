@@ -153,7 +153,9 @@ impl Hash {
         let code = cbor::int(t, what)?;
         let alg = HashAlg::from_code(code).ok_or_else(|| FdoError::Unsupported {
             what: "hash type",
-            detail: format!("{code} in {what} (SHA-256 -16, SHA-384 -43, HMAC-SHA256 5, HMAC-SHA384 6)"),
+            detail: format!(
+                "{code} in {what} (SHA-256 -16, SHA-384 -43, HMAC-SHA256 5, HMAC-SHA384 6)"
+            ),
         })?;
         let value = cbor::bytes(h, what)?;
         if value.len() != alg.output_len() {
@@ -282,7 +284,8 @@ impl PublicKey {
     pub fn from_value(v: Value, what: &'static str) -> Result<PublicKey, FdoError> {
         let [t, e, body] = cbor::array_n(v, what)?;
         let small = |n: u64| {
-            u8::try_from(n).map_err(|_| FdoError::malformed(what, format!("value {n} out of range")))
+            u8::try_from(n)
+                .map_err(|_| FdoError::malformed(what, format!("value {n} out of range")))
         };
         let pk_type = small(cbor::uint(t, what)?)?;
         let enc = small(cbor::uint(e, what)?)?;
@@ -316,9 +319,8 @@ impl PublicKey {
             (pk_enc::X509, Value::Bytes(b)) => Ok(b.clone()),
             (pk_enc::X5CHAIN, Value::Array(certs)) => match certs.first() {
                 Some(Value::Bytes(der)) => {
-                    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| {
-                        FdoError::Key(format!("X5CHAIN leaf certificate: {e}"))
-                    })?;
+                    let (_, cert) = x509_parser::parse_x509_certificate(der)
+                        .map_err(|e| FdoError::Key(format!("X5CHAIN leaf certificate: {e}")))?;
                     Ok(cert.public_key().raw.to_vec())
                 }
                 _ => Err(FdoError::Key("empty X5CHAIN".into())),
@@ -350,9 +352,18 @@ impl PublicKey {
         Ok(self.verifying_key()?.curve())
     }
 
+    /// The SubjectPublicKeyInfo in its canonical DER form for EC keys (rebuilt from the
+    /// curve and point), as found for other keys.
+    fn normalized_spki(&self) -> Result<Vec<u8>, FdoError> {
+        match self.verifying_key() {
+            Ok(vk) => Ok(vk.spki()),
+            Err(_) => self.spki(),
+        }
+    }
+
     /// SHA-256 of the SubjectPublicKeyInfo, lower-case hex: the same for every encoding.
     pub fn fingerprint(&self) -> Result<String, FdoError> {
-        Ok(crypto::sha256_hex(&self.spki()?))
+        Ok(crypto::sha256_hex(&self.normalized_spki()?))
     }
 
     /// The first 16 hex digits of the fingerprint (file names, logs).
@@ -364,7 +375,7 @@ impl PublicKey {
 
     /// Whether both name the same key (compared as SubjectPublicKeyInfo).
     pub fn same_key(&self, other: &PublicKey) -> bool {
-        match (self.spki(), other.spki()) {
+        match (self.normalized_spki(), other.normalized_spki()) {
             (Ok(a), Ok(b)) => a == b,
             _ => false,
         }
@@ -513,7 +524,9 @@ impl FromStr for RvProtocol {
         match s.to_ascii_lowercase().as_str() {
             "http" => Ok(RvProtocol::Http),
             "https" => Ok(RvProtocol::Https),
-            _ => Err(format!("unsupported rendezvous protocol {s:?} (http or https)")),
+            _ => Err(format!(
+                "unsupported rendezvous protocol {s:?} (http or https)"
+            )),
         }
     }
 }
@@ -969,11 +982,9 @@ mod tests {
             let x509 = k.public_key();
             let vk = x509.verifying_key().unwrap();
             let cose = PublicKey::from_cose_key(&vk);
-            let back = PublicKey::from_value(
-                cbor::decode(&cose.encode(), 4096, "pk").unwrap(),
-                "pk",
-            )
-            .unwrap();
+            let back =
+                PublicKey::from_value(cbor::decode(&cose.encode(), 4096, "pk").unwrap(), "pk")
+                    .unwrap();
             assert!(back.same_key(&x509));
             assert_eq!(back.fingerprint().unwrap(), x509.fingerprint().unwrap());
             assert_eq!(back.curve().unwrap(), curve);

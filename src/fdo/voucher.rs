@@ -256,8 +256,8 @@ impl OwnershipVoucher {
             });
         }
         let items = cbor::array_items(bytes, W)?;
-        let [ver, hdr, mac, chain, entries] = <[&[u8]; 5]>::try_from(items.as_slice())
-            .map_err(|_| {
+        let [ver, hdr, mac, chain, entries] =
+            <[&[u8]; 5]>::try_from(items.as_slice()).map_err(|_| {
                 FdoError::malformed(W, format!("expected 5 items, found {}", items.len()))
             })?;
         let prot_ver = cbor::uint(cbor::decode(ver, 16, "OVProtVer")?, "OVProtVer")?;
@@ -267,7 +267,10 @@ impl OwnershipVoucher {
                 found: prot_ver,
             });
         }
-        let header_bytes = cbor::bytes(cbor::decode(hdr, MAX_VOUCHER, "OVHeaderTag")?, "OVHeaderTag")?;
+        let header_bytes = cbor::bytes(
+            cbor::decode(hdr, MAX_VOUCHER, "OVHeaderTag")?,
+            "OVHeaderTag",
+        )?;
         let header = OvHeader::decode(&header_bytes)?;
         let hmac = Hash::from_value(cbor::decode(mac, 256, "OVHeaderHMac")?, "OVHeaderHMac")?;
         let cert_chain = match cbor::decode(chain, MAX_VOUCHER, "OVDevCertChain")? {
@@ -306,6 +309,35 @@ impl OwnershipVoucher {
             hmac,
             cert_chain,
             entries,
+        })
+    }
+
+    /// Assemble a voucher from its parts as TO2 delivers them to a device (ProveOVHdr
+    /// carries the header bytes and HMAC, OVNextEntry each entry), to verify it with
+    /// [`verify_chain`](Self::verify_chain) and [`verify_hmac`](Self::verify_hmac).
+    pub fn from_parts(
+        header_bytes: Vec<u8>,
+        hmac: HMac,
+        cert_chain: Option<Vec<Vec<u8>>>,
+        entries: &[Vec<u8>],
+    ) -> Result<OwnershipVoucher, FdoError> {
+        if entries.len() > MAX_ENTRIES {
+            return Err(FdoError::malformed(
+                "OVEntryArray",
+                format!("{} entries (at most {MAX_ENTRIES})", entries.len()),
+            ));
+        }
+        let header = OvHeader::decode(&header_bytes)?;
+        Ok(OwnershipVoucher {
+            prot_ver: header.prot_ver,
+            header_bytes,
+            header,
+            hmac,
+            cert_chain,
+            entries: entries
+                .iter()
+                .map(|e| OvEntry::decode(e.as_slice()))
+                .collect::<Result<Vec<_>, _>>()?,
         })
     }
 
@@ -348,6 +380,14 @@ impl OwnershipVoucher {
 
     /// A voucher file: PEM armour or raw CBOR.
     pub fn from_file_bytes(bytes: &[u8]) -> Result<OwnershipVoucher, FdoError> {
+        // Base64 and line breaks take about 4/3 of the CBOR: twice the limit is plenty.
+        if bytes.len() > 2 * MAX_VOUCHER {
+            return Err(FdoError::TooLarge {
+                what: "voucher file",
+                len: bytes.len(),
+                max: 2 * MAX_VOUCHER,
+            });
+        }
         let start = bytes.iter().position(|b| !b.is_ascii_whitespace());
         match start {
             Some(i) if bytes[i..].starts_with(b"-----BEGIN") => {
@@ -476,7 +516,10 @@ impl OwnershipVoucher {
             }
             keys.push(p.pub_key.clone());
         }
-        let owner_key = keys.last().cloned().unwrap_or_else(|| self.header.mfg_pub_key.clone());
+        let owner_key = keys
+            .last()
+            .cloned()
+            .unwrap_or_else(|| self.header.mfg_pub_key.clone());
         Ok(VerifiedChain {
             guid: self.header.guid,
             keys,
@@ -536,7 +579,10 @@ impl OwnershipVoucher {
             pair[0]
                 .verify_signature(Some(pair[1].public_key()))
                 .map_err(|e| {
-                    FdoError::CertChain(format!("certificate {i} is not signed by certificate {}: {e}", i + 1))
+                    FdoError::CertChain(format!(
+                        "certificate {i} is not signed by certificate {}: {e}",
+                        i + 1
+                    ))
                 })?;
         }
         Ok(())

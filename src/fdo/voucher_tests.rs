@@ -19,7 +19,14 @@ fn rv() -> RendezvousInfo {
         .with_protocol(RvProtocol::Http)])
 }
 
-fn device(curve: Curve) -> (tempfile::TempDir, Manufacturer, DeviceCredential, OwnershipVoucher) {
+fn device(
+    curve: Curve,
+) -> (
+    tempfile::TempDir,
+    Manufacturer,
+    DeviceCredential,
+    OwnershipVoucher,
+) {
     let dir = tempfile::tempdir().unwrap();
     let mfg = Manufacturer::open_or_create(dir.path(), curve).unwrap();
     let (cred, voucher) = mfg
@@ -97,7 +104,8 @@ fn a_manufactured_voucher_verifies_with_the_device_secret() {
         assert!(c.owner_key.same_key(&mfg.public_key()));
         assert_eq!(c.guid, cred.guid);
         assert_eq!(v.hmac().alg, curve.hmac_alg());
-        cred.check_manufacturer_key(&v.header().mfg_pub_key).unwrap();
+        cred.check_manufacturer_key(&v.header().mfg_pub_key)
+            .unwrap();
         assert_eq!(
             v.device_public_key().unwrap().unwrap().spki().unwrap(),
             cred.device_key.spki()
@@ -108,10 +116,15 @@ fn a_manufactured_voucher_verifies_with_the_device_secret() {
         let pem = v.to_pem();
         assert!(pem.starts_with("-----BEGIN OWNERSHIP VOUCHER-----\n"));
         assert_eq!(
-            OwnershipVoucher::from_file_bytes(pem.as_bytes()).unwrap().encode(),
+            OwnershipVoucher::from_file_bytes(pem.as_bytes())
+                .unwrap()
+                .encode(),
             bytes
         );
-        assert_eq!(OwnershipVoucher::from_file_bytes(&bytes).unwrap().encode(), bytes);
+        assert_eq!(
+            OwnershipVoucher::from_file_bytes(&bytes).unwrap().encode(),
+            bytes
+        );
     }
 }
 
@@ -130,6 +143,30 @@ fn extended_vouchers_verify_and_name_the_last_owner() {
         assert_eq!(e.payload().hash_prev_entry.alg, HashAlg::Sha256);
         assert_eq!(e.raw()[0], 0xd2, "entries are tagged COSE_Sign1");
     }
+    // What a device reassembles from TO2 messages verifies the same way.
+    let raw: Vec<Vec<u8>> = v.entries().iter().map(|e| e.raw().to_vec()).collect();
+    let parts = OwnershipVoucher::from_parts(
+        v.header_bytes().to_vec(),
+        v.hmac().clone(),
+        v.cert_chain().map(|c| c.to_vec()),
+        &raw,
+    )
+    .unwrap();
+    assert_eq!(parts.encode(), bytes);
+    parts.verify_with_secret(&c.secret).unwrap();
+    let mut reordered = raw.clone();
+    reordered.swap(1, 2);
+    let bad = OwnershipVoucher::from_parts(
+        v.header_bytes().to_vec(),
+        v.hmac().clone(),
+        v.cert_chain().map(|c| c.to_vec()),
+        &reordered,
+    )
+    .unwrap();
+    assert!(matches!(
+        bad.verify_chain(),
+        Err(FdoError::BrokenChain { entry: 1 })
+    ));
 }
 
 #[test]
@@ -137,7 +174,10 @@ fn p384_vouchers_use_sha384() {
     let (_d, mfg, cred, v) = device(Curve::P384);
     let o = SigningKey::generate(Curve::P384).unwrap();
     let v = v.extend(mfg.key(), &o.public_key()).unwrap();
-    assert_eq!(v.entries()[0].payload().hash_prev_entry.alg, HashAlg::Sha384);
+    assert_eq!(
+        v.entries()[0].payload().hash_prev_entry.alg,
+        HashAlg::Sha384
+    );
     v.verify_with_secret(&cred.hmac_secret).unwrap();
     // A P-256 next owner is refused: every key has the manufacturer key's type.
     let p256 = SigningKey::generate(Curve::P256).unwrap();
@@ -169,7 +209,10 @@ fn header_byte_flipped() {
     bytes[at] ^= 0x01;
     let v = OwnershipVoucher::decode(&bytes).unwrap();
     assert!(matches!(v.verify_chain(), Err(FdoError::HeaderAltered)));
-    assert!(matches!(v.verify_hmac(&c.secret), Err(FdoError::HmacMismatch)));
+    assert!(matches!(
+        v.verify_hmac(&c.secret),
+        Err(FdoError::HmacMismatch)
+    ));
     assert!(matches!(
         v.extend(&c.owners[2], &c.mfg.public_key()),
         Err(FdoError::HeaderAltered)
@@ -214,7 +257,10 @@ fn wrong_hmac() {
     let mut replaced = c.voucher.clone();
     replaced.hmac.value[0] ^= 0xff;
     let replaced = OwnershipVoucher::decode(&replaced.encode()).unwrap();
-    assert!(matches!(replaced.verify_chain(), Err(FdoError::HeaderAltered)));
+    assert!(matches!(
+        replaced.verify_chain(),
+        Err(FdoError::HeaderAltered)
+    ));
     assert!(matches!(
         replaced.verify_hmac(&c.secret),
         Err(FdoError::HmacMismatch)
@@ -273,7 +319,9 @@ fn entry_signed_by_the_wrong_key() {
         other => panic!("unexpected {other:?}"),
     }
     // And the correct signer passes.
-    push_entry(&c.voucher, &c.owners[2], p).verify_chain().unwrap();
+    push_entry(&c.voucher, &c.owners[2], p)
+        .verify_chain()
+        .unwrap();
 }
 
 #[test]
@@ -338,7 +386,9 @@ fn truncated_and_random_cbor() {
         Err(FdoError::Malformed { .. })
     ));
     assert!(matches!(
-        OwnershipVoucher::from_file_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+        OwnershipVoucher::from_file_bytes(
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+        ),
         Err(FdoError::Pem(_))
     ));
     let big = vec![0u8; MAX_VOUCHER + 1];
@@ -358,11 +408,11 @@ fn truncated_and_random_cbor() {
 #[test]
 fn error_codes_for_message_255() {
     use crate::fdo::ErrorCode;
-    assert_eq!(FdoError::HeaderAltered.error_code(), ErrorCode::InvalidOwnershipVoucher);
     assert_eq!(
-        FdoError::Truncated { what: "x" }.error_code().code(),
-        100
+        FdoError::HeaderAltered.error_code(),
+        ErrorCode::InvalidOwnershipVoucher
     );
+    assert_eq!(FdoError::Truncated { what: "x" }.error_code().code(), 100);
     assert_eq!(
         FdoError::GuidMismatch {
             expected: Guid([0; 16]),
@@ -372,7 +422,10 @@ fn error_codes_for_message_255() {
         .code(),
         5
     );
-    assert_eq!(FdoError::BadSignature { what: "x" }.error_code().code(), 101);
+    assert_eq!(
+        FdoError::BadSignature { what: "x" }.error_code().code(),
+        101
+    );
 }
 
 /// A voucher built by hand with ciborium values, exactly per the FDO 1.1 CDDL, as another
@@ -392,7 +445,9 @@ fn a_voucher_made_by_another_tool_is_accepted() {
         V::Integer(n.into())
     }
     fn sha256(data: &[u8]) -> Vec<u8> {
-        ring::digest::digest(&ring::digest::SHA256, data).as_ref().to_vec()
+        ring::digest::digest(&ring::digest::SHA256, data)
+            .as_ref()
+            .to_vec()
     }
     fn spki(pair: &EcdsaKeyPair) -> Vec<u8> {
         let mut v = hex::decode("3059301306072a8648ce3d020106082a8648ce3d030107034200").unwrap();
@@ -441,7 +496,10 @@ fn a_voucher_made_by_another_tool_is_accepted() {
 
     // OVHeader = [OVHProtVer, OVGuid, OVRVInfo, OVDeviceInfo, OVPubKey, OVDevCertChainHash]
     let rv_info = V::Array(vec![V::Array(vec![
-        V::Array(vec![int(5), V::Bytes(ser(&V::Text("rv.other.example".into())))]),
+        V::Array(vec![
+            int(5),
+            V::Bytes(ser(&V::Text("rv.other.example".into()))),
+        ]),
         V::Array(vec![int(3), V::Bytes(ser(&int(8082)))]),
         V::Array(vec![int(12), V::Bytes(ser(&int(1)))]),
     ])]);
@@ -570,8 +628,14 @@ fn owner_keys_persist_rotate_and_stay_ours() {
     let imported = owner::import_voucher(&store, data.path(), &v.encode()).unwrap();
     assert_eq!(imported.owner_key_id, a.key_id);
     // Importing again replaces.
-    assert!(owner::import_voucher(&store, data.path(), &v.encode()).unwrap().replaced);
-    assert!(owner::find(data.path(), &p384.public_key()).unwrap().is_some());
+    assert!(
+        owner::import_voucher(&store, data.path(), &v.encode())
+            .unwrap()
+            .replaced
+    );
+    assert!(owner::find(data.path(), &p384.public_key())
+        .unwrap()
+        .is_some());
 }
 
 #[test]
@@ -597,7 +661,11 @@ fn cose_key_encoded_manufacturer_keys_are_copied() {
     assert_eq!(next.enc, crate::fdo::types::pk_enc::COSEKEY);
     let v3 = v2.extend(mfg.key(), &next).unwrap();
     let v3 = OwnershipVoucher::decode(&v3.encode()).unwrap();
-    assert!(v3.verify_with_secret(&cred.hmac_secret).unwrap().owner_key.same_key(&o.public_key()));
+    assert!(v3
+        .verify_with_secret(&cred.hmac_secret)
+        .unwrap()
+        .owner_key
+        .same_key(&o.public_key()));
 }
 
 proptest! {
