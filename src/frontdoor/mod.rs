@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -175,13 +175,14 @@ pub fn follow_revocations(
     Ok(rx)
 }
 
-/// Accept TLS device connections until shutdown.
-pub async fn accept_tls(
+/// Accept connections until shutdown: each one is counted against the connection limit
+/// and handed to `start` with its permit and its own cancellation token.
+async fn accept_loop(
+    what: &'static str,
     listener: TcpListener,
-    tls: watch::Receiver<Arc<ServerConfig>>,
-    shared: Arc<Shared>,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+    mut start: impl FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit, CancellationToken),
 ) {
     loop {
         let (tcp, peer) = tokio::select! {
@@ -191,16 +192,34 @@ pub async fn accept_tls(
                 Err(e) => { accept_error(e).await; continue; }
             },
         };
-        let Some(permit) = admit(&shared, peer) else {
+        let Some(permit) = admit(shared, peer) else {
             continue;
         };
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
-        let shared = shared.clone();
-        let token = shutdown.child_token();
-        tracker.spawn(
+        let _ = tcp.set_nodelay(true);
+        start(tcp, peer, permit, shutdown.child_token());
+    }
+    tracing::info!(listener = what, "listener closed");
+}
+
+/// Accept TLS device connections until shutdown.
+pub async fn accept_tls(
+    listener: TcpListener,
+    tls: watch::Receiver<Arc<ServerConfig>>,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    accept_loop(
+        "mqtts",
+        listener,
+        &shared.clone(),
+        &shutdown,
+        |tcp, peer, permit, token| {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
+            let shared = shared.clone();
+            tracker.spawn(
             async move {
                 let _permit = permit;
-                let _ = tcp.set_nodelay(true);
                 let hs = tokio::time::timeout(
                     shared.cfg.limits.tls_handshake_timeout,
                     acceptor.accept(tcp),
@@ -246,8 +265,9 @@ pub async fn accept_tls(
             }
             .instrument(tracing::info_span!("conn", %peer, tls = true)),
         );
-    }
-    tracing::info!("TLS listener closed");
+        },
+    )
+    .await;
 }
 
 /// Accept plain connections (loopback by default) until shutdown.
@@ -257,31 +277,25 @@ pub async fn accept_plain(
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => { accept_error(e).await; continue; }
-            },
-        };
-        let Some(permit) = admit(&shared, peer) else {
-            continue;
-        };
-        let shared = shared.clone();
-        let token = shutdown.child_token();
-        tracker.spawn(
-            async move {
-                let _permit = permit;
-                let _ = tcp.set_nodelay(true);
-                conn::serve(tcp, conn::Peer::Local, shared, token).await;
-            }
-            .instrument(
-                tracing::info_span!("conn", %peer, tls = false, id = tracing::field::Empty),
-            ),
-        );
-    }
-    tracing::info!("plain listener closed");
+    accept_loop(
+        "plain",
+        listener,
+        &shared.clone(),
+        &shutdown,
+        |tcp, peer, permit, token| {
+            let shared = shared.clone();
+            tracker.spawn(
+                async move {
+                    let _permit = permit;
+                    conn::serve(tcp, conn::Peer::Local, shared, token).await;
+                }
+                .instrument(
+                    tracing::info_span!("conn", %peer, tls = false, id = tracing::field::Empty),
+                ),
+            );
+        },
+    )
+    .await;
 }
 
 fn admit(shared: &Shared, peer: SocketAddr) -> Option<tokio::sync::OwnedSemaphorePermit> {
