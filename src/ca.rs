@@ -33,7 +33,8 @@ pub const SERVER_KEY: &str = "server.key";
 pub const SERVER_CERT: &str = "server.crt";
 pub const CRL_FILE: &str = "crl.pem";
 
-/// Renew the server certificate when less than this is left.
+/// Renew the server certificate when less than this is left (or a third of its validity,
+/// when that is shorter).
 const SERVER_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Accept clocks this far behind ours.
 const BACKDATE: Duration = Duration::from_secs(300);
@@ -378,7 +379,8 @@ impl Ca {
             std::fs::read_to_string(&cert_path),
             std::fs::read_to_string(&key_path),
         ) {
-            if server_cert_still_good(&cert, &names, &self.cert_der) {
+            let renew_before = SERVER_RENEW_BEFORE.min(self.cfg.server_validity / 3);
+            if server_cert_still_good(&cert, &names, &self.cert_der, renew_before) {
                 return Ok((cert, key));
             }
             tracing::info!("server certificate expiring, changed or foreign: issuing a new one");
@@ -419,7 +421,12 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&b)
 }
 
-fn server_cert_still_good(cert_pem: &str, names: &[String], ca_der: &[u8]) -> bool {
+fn server_cert_still_good(
+    cert_pem: &str,
+    names: &[String],
+    ca_der: &[u8],
+    renew_before: Duration,
+) -> bool {
     let Ok(der) = pem_to_der(cert_pem, Path::new(SERVER_CERT)) else {
         return false;
     };
@@ -433,7 +440,7 @@ fn server_cert_still_good(cert_pem: &str, names: &[String], ca_der: &[u8]) -> bo
         return false;
     }
     let left = cert.validity().not_after.timestamp() - now().unix_timestamp();
-    if left < SERVER_RENEW_BEFORE.as_secs() as i64 {
+    if left < renew_before.as_secs() as i64 {
         return false;
     }
     let mut have: Vec<String> = match cert.subject_alternative_name() {
@@ -481,6 +488,10 @@ enum Command {
     },
     List {
         reply: oneshot::Sender<Result<Vec<CertRecord>, CaError>>,
+    },
+    ServerIdentity {
+        names: Vec<String>,
+        reply: oneshot::Sender<Result<(String, String), CaError>>,
     },
     RefreshCrl,
 }
@@ -538,6 +549,9 @@ impl CaHandle {
                         Command::List { reply } => {
                             let _ = reply.send(ca.list());
                         }
+                        Command::ServerIdentity { names, reply } => {
+                            let _ = reply.send(ca.server_identity(&names));
+                        }
                         Command::RefreshCrl => publish(&ca),
                     }
                 }
@@ -582,6 +596,13 @@ impl CaHandle {
 
     pub async fn list(&self) -> Result<Vec<CertRecord>, CaError> {
         self.ask(|reply| Command::List { reply }).await
+    }
+
+    /// The current TLS server certificate and key (renewed by the CA when due).
+    pub async fn server_identity(&self, names: &[String]) -> Result<(String, String), CaError> {
+        let names = names.to_vec();
+        self.ask(|reply| Command::ServerIdentity { names, reply })
+            .await
     }
 
     pub async fn refresh_crl(&self) -> Result<(), CaError> {
@@ -707,6 +728,25 @@ mod tests {
             ca(dir.path()).issue_device("a/#", None),
             Err(CaError::BadId(_))
         ));
+    }
+
+    #[test]
+    fn server_cert_is_renewed_when_less_than_the_threshold_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let short = CaConfig {
+            server_validity: Duration::from_secs(3 * 3600),
+            ..CaConfig::default()
+        };
+        let ca = Ca::open_or_create(dir.path(), "gw-test", &short, store).unwrap();
+        let (c1, _) = ca.server_identity(&[]).unwrap();
+        // 3 h left, threshold a third of 3 h: kept.
+        assert_eq!(ca.server_identity(&[]).unwrap().0, c1);
+        drop(ca);
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let ca = Ca::open_or_create(dir.path(), "gw-test", &CaConfig::default(), store).unwrap();
+        // With the default 2-year validity the threshold is 30 days: 3 h left is due.
+        assert_ne!(ca.server_identity(&[]).unwrap().0, c1);
     }
 
     #[test]

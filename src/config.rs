@@ -99,8 +99,8 @@ pub struct BrokerConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
-            segment_size: 16 * 1024 * 1024,
-            segment_count: 8,
+            segment_size: 2 * 1024 * 1024,
+            segment_count: 4,
         }
     }
 }

@@ -147,7 +147,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 
     let metrics = Arc::new(Metrics::default());
     let tracker = TaskTracker::new();
-    let tls = frontdoor::follow_revocations(material, ca.revocations(), shutdown.clone())?;
+    let tls = frontdoor::follow_tls(
+        material,
+        ca.clone(),
+        config.ca.server_names.clone(),
+        shutdown.clone(),
+    )?;
     let (uplink, queue_thread) = uplink::start(
         &config.uplink,
         &gateway_id,

@@ -307,6 +307,8 @@ fn ten_thousand_messages_survive_blackhole_and_two_sigkills() {
     // Bound: each kill can repeat at most the uplink window (100) plus every device's
     // window (5 x 20) of messages that were queued but not yet acknowledged.
     assert!(dups <= 2 * (100 + DEVICES * 20), "{dups} duplicates");
+    // The restarted gateway knows it may be repeating what the killed one sent.
+    assert!(resent > 0, "resends after the mid-drain kill are counted");
 }
 
 #[test]

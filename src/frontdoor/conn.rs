@@ -70,13 +70,14 @@ enum Local {
     /// A SUBSCRIBE went to the core with some filters removed: merge its SUBACK.
     /// `None` = take the core's code, `Some(c)` = our code for a refused filter.
     ExpectSuback(u16, Vec<Option<u8>>),
-    /// Shutdown: keep forwarding what the core still sends (acknowledgements of what the
-    /// client already sent) until it has been quiet for `DRAIN_QUIET`, then close cleanly.
+    /// Shutdown: keep forwarding what the core still sends until every QoS 1/2 publish the
+    /// client already sent has its PUBACK/PUBREC and the core has been quiet for
+    /// `DRAIN_QUIET`, then close cleanly.
     Drain,
 }
 
 const READ_CHUNK: usize = 16 * 1024;
-const DRAIN_QUIET: Duration = Duration::from_millis(100);
+const DRAIN_QUIET: Duration = Duration::from_millis(50);
 
 pub async fn serve<S>(stream: S, peer: Peer, shared: Arc<Shared>, cancel: CancellationToken)
 where
@@ -240,8 +241,11 @@ where
     // The core -> client direction runs as its own task: if both directions shared one task,
     // a client that stops reading (or a burst of locally answered packets) could leave each
     // side waiting for the other forever.
+    // QoS 1/2 publishes forwarded to the core and not yet acknowledged (for the drain).
+    let awaiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut downstream = AbortOnDrop(tokio::spawn(
-        pump_to_client(brd, cwr, lrx, metrics).instrument(tracing::Span::current()),
+        pump_to_client(brd, cwr, lrx, metrics, awaiting.clone())
+            .instrument(tracing::Span::current()),
     ));
 
     let mut upstream_state = Upstream {
@@ -252,6 +256,7 @@ where
         dropped_qos2: HashSet::new(),
         shared,
         ltx,
+        awaiting,
     };
     // Packets the client sent right behind CONNECT (it need not wait for CONNACK) may have
     // arrived in the same read: handle them now, not only after the next read.
@@ -343,6 +348,7 @@ struct Upstream<'a> {
     dropped_qos2: HashSet<u16>,
     shared: &'a Shared,
     ltx: mpsc::Sender<Local>,
+    awaiting: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Upstream<'_> {
@@ -380,6 +386,10 @@ impl Upstream<'_> {
                                     enqueued_ms: crate::uplink::queue::now_ms(),
                                 });
                             }
+                        }
+                        if qos > 0 {
+                            self.awaiting
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                         out.extend_from_slice(&buf[..total]);
                     } else {
@@ -484,6 +494,7 @@ async fn pump_to_client<R, W>(
     mut client: W,
     mut local: mpsc::Receiver<Local>,
     metrics: Arc<crate::metrics::Metrics>,
+    awaiting: Arc<std::sync::atomic::AtomicUsize>,
 ) -> End
 where
     R: AsyncRead + Unpin,
@@ -505,7 +516,8 @@ where
                 Some(Local::Drain) => quiet_until = Some(tokio::time::Instant::now() + DRAIN_QUIET),
                 None => local_open = false,
             },
-            _ = tokio::time::sleep_until(quiet), if quiet_until.is_some() => {
+            _ = tokio::time::sleep_until(quiet),
+                if quiet_until.is_some() && awaiting.load(std::sync::atomic::Ordering::Relaxed) == 0 => {
                 let _ = client.flush().await;
                 let _ = client.shutdown().await;
                 return End::Shutdown;
@@ -530,6 +542,15 @@ where
                     match ptype {
                         mqtt::PUBLISH => {
                             metrics.inc(|m| &m.messages_out);
+                            out.extend_from_slice(&buf[..total]);
+                        }
+                        // Acknowledgements of the client's own QoS 1/2 publishes.
+                        mqtt::PUBACK | mqtt::PUBREC => {
+                            let _ = awaiting.fetch_update(
+                                std::sync::atomic::Ordering::Relaxed,
+                                std::sync::atomic::Ordering::Relaxed,
+                                |n| n.checked_sub(1),
+                            );
                             out.extend_from_slice(&buf[..total]);
                         }
                         mqtt::SUBACK if !pending.is_empty() => {

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -42,6 +42,8 @@ pub enum FrontDoorError {
 
 /// Everything the TLS layer needs that does not change with revocations.
 pub struct TlsMaterial {
+    pub server_cert_pem: String,
+    pub ca_der: Vec<u8>,
     pub server_chain: Vec<CertificateDer<'static>>,
     pub server_key: PrivateKeyDer<'static>,
     pub roots: Arc<RootCertStore>,
@@ -54,14 +56,7 @@ impl TlsMaterial {
         ca_der: &[u8],
         extra_cas: &[PathBuf],
     ) -> Result<TlsMaterial, FrontDoorError> {
-        let mut chain: Vec<CertificateDer<'static>> =
-            rustls_pemfile::certs(&mut server_cert_pem.as_bytes())
-                .collect::<Result<_, _>>()
-                .map_err(|e| FrontDoorError::Key(e.to_string()))?;
-        chain.push(CertificateDer::from(ca_der.to_vec()));
-        let server_key = rustls_pemfile::private_key(&mut server_key_pem.as_bytes())
-            .map_err(|e| FrontDoorError::Key(e.to_string()))?
-            .ok_or_else(|| FrontDoorError::Key("no private key in server.key".into()))?;
+        let (server_chain, server_key) = server_parts(server_cert_pem, server_key_pem, ca_der)?;
         let mut roots = RootCertStore::empty();
         roots.add(CertificateDer::from(ca_der.to_vec()))?;
         for path in extra_cas {
@@ -86,9 +81,27 @@ impl TlsMaterial {
             }
         }
         Ok(TlsMaterial {
-            server_chain: chain,
+            server_cert_pem: server_cert_pem.to_string(),
+            ca_der: ca_der.to_vec(),
+            server_chain,
             server_key,
             roots: Arc::new(roots),
+        })
+    }
+
+    /// The same trust with a new server certificate (after renewal).
+    pub fn with_server(
+        &self,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<TlsMaterial, FrontDoorError> {
+        let (server_chain, server_key) = server_parts(cert_pem, key_pem, &self.ca_der)?;
+        Ok(TlsMaterial {
+            server_cert_pem: cert_pem.to_string(),
+            ca_der: self.ca_der.clone(),
+            server_chain,
+            server_key,
+            roots: self.roots.clone(),
         })
     }
 
@@ -114,6 +127,22 @@ impl TlsMaterial {
             .with_single_cert(self.server_chain.clone(), self.server_key.clone_key())?;
         Ok(Arc::new(cfg))
     }
+}
+
+/// The server chain (leaf + gateway CA) and key from PEM.
+fn server_parts(
+    cert_pem: &str,
+    key_pem: &str,
+    ca_der: &[u8],
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), FrontDoorError> {
+    let mut chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| FrontDoorError::Key(e.to_string()))?;
+    chain.push(CertificateDer::from(ca_der.to_vec()));
+    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+        .map_err(|e| FrontDoorError::Key(e.to_string()))?
+        .ok_or_else(|| FrontDoorError::Key("no private key in server.key".into()))?;
+    Ok((chain, key))
 }
 
 /// What a connection task needs, shared by all of them.
@@ -149,30 +178,88 @@ impl Shared {
     }
 }
 
-/// Keep the TLS config in step with the CRL: rebuilt on every change.
-pub fn follow_revocations(
-    material: TlsMaterial,
-    mut revocations: watch::Receiver<Arc<Revocations>>,
+/// How often the server certificate is checked for renewal while running.
+const SERVER_CERT_CHECK: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
+/// Keep the TLS config current: rebuilt on every CRL change, and when the CA renews the
+/// server certificate (checked every few hours, so a gateway that runs for years never
+/// serves an expired certificate).
+pub fn follow_tls(
+    mut material: TlsMaterial,
+    ca: crate::ca::CaHandle,
+    server_names: Vec<String>,
     shutdown: CancellationToken,
 ) -> Result<watch::Receiver<Arc<ServerConfig>>, FrontDoorError> {
+    let mut revocations = ca.revocations();
     let first = material.server_config(&revocations.borrow_and_update())?;
     let (tx, rx) = watch::channel(first);
     tokio::spawn(async move {
+        let mut check = tokio::time::interval(SERVER_CERT_CHECK);
+        check.tick().await;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 changed = revocations.changed() => {
                     if changed.is_err() { break; }
-                    let rev = revocations.borrow_and_update().clone();
-                    match material.server_config(&rev) {
-                        Ok(c) => { tx.send_replace(c); }
-                        Err(e) => tracing::error!(error = %e, "cannot rebuild TLS config after CRL change"),
+                }
+                _ = check.tick() => {
+                    match ca.server_identity(&server_names).await {
+                        Ok((cert, key)) if cert != material.server_cert_pem => {
+                            match material.with_server(&cert, &key) {
+                                Ok(m) => {
+                                    material = m;
+                                    tracing::info!("server certificate renewed");
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %e, "renewed server certificate unusable");
+                                    continue;
+                                }
+                            }
+                        }
+                        Ok(_) => continue,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot check the server certificate");
+                            continue;
+                        }
                     }
                 }
+            }
+            let rev = revocations.borrow_and_update().clone();
+            match material.server_config(&rev) {
+                Ok(c) => {
+                    tx.send_replace(c);
+                }
+                Err(e) => tracing::error!(error = %e, "cannot rebuild the TLS config"),
             }
         }
     });
     Ok(rx)
+}
+
+/// Accept connections until shutdown: each one is counted against the connection limit
+/// and handed to `start` with its permit and its own cancellation token.
+async fn accept_loop(
+    what: &'static str,
+    listener: TcpListener,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+    mut start: impl FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit, CancellationToken),
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => { accept_error(e).await; continue; }
+            },
+        };
+        let Some(permit) = admit(shared, peer) else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        start(tcp, peer, permit, shutdown.child_token());
+    }
+    tracing::info!(listener = what, "listener closed");
 }
 
 /// Accept TLS device connections until shutdown.
@@ -183,24 +270,17 @@ pub async fn accept_tls(
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => { accept_error(e).await; continue; }
-            },
-        };
-        let Some(permit) = admit(&shared, peer) else {
-            continue;
-        };
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
-        let shared = shared.clone();
-        let token = shutdown.child_token();
-        tracker.spawn(
+    accept_loop(
+        "mqtts",
+        listener,
+        &shared.clone(),
+        &shutdown,
+        |tcp, peer, permit, token| {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
+            let shared = shared.clone();
+            tracker.spawn(
             async move {
                 let _permit = permit;
-                let _ = tcp.set_nodelay(true);
                 let hs = tokio::time::timeout(
                     shared.cfg.limits.tls_handshake_timeout,
                     acceptor.accept(tcp),
@@ -246,8 +326,9 @@ pub async fn accept_tls(
             }
             .instrument(tracing::info_span!("conn", %peer, tls = true)),
         );
-    }
-    tracing::info!("TLS listener closed");
+        },
+    )
+    .await;
 }
 
 /// Accept plain connections (loopback by default) until shutdown.
@@ -257,31 +338,25 @@ pub async fn accept_plain(
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => { accept_error(e).await; continue; }
-            },
-        };
-        let Some(permit) = admit(&shared, peer) else {
-            continue;
-        };
-        let shared = shared.clone();
-        let token = shutdown.child_token();
-        tracker.spawn(
-            async move {
-                let _permit = permit;
-                let _ = tcp.set_nodelay(true);
-                conn::serve(tcp, conn::Peer::Local, shared, token).await;
-            }
-            .instrument(
-                tracing::info_span!("conn", %peer, tls = false, id = tracing::field::Empty),
-            ),
-        );
-    }
-    tracing::info!("plain listener closed");
+    accept_loop(
+        "plain",
+        listener,
+        &shared.clone(),
+        &shutdown,
+        |tcp, peer, permit, token| {
+            let shared = shared.clone();
+            tracker.spawn(
+                async move {
+                    let _permit = permit;
+                    conn::serve(tcp, conn::Peer::Local, shared, token).await;
+                }
+                .instrument(
+                    tracing::info_span!("conn", %peer, tls = false, id = tracing::field::Empty),
+                ),
+            );
+        },
+    )
+    .await;
 }
 
 fn admit(shared: &Shared, peer: SocketAddr) -> Option<tokio::sync::OwnedSemaphorePermit> {

@@ -8,8 +8,8 @@ use super::{UplinkConfig, UplinkError, UplinkStats, STATE_TOPIC};
 use crate::broker::BrokerLink;
 use rand::Rng;
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
-    TlsConfiguration, Transport,
+    AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
+    Transport,
 };
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -80,51 +80,48 @@ impl Backoff {
     }
 }
 
-enum Ctl {
-    /// Connect (again) when not connected.
-    Go,
-    /// Drop the connection now; wait for `Go` before reconnecting.
-    Drop,
+/// One connection attempt's rumqttc client, its event loop running in its own task (so
+/// that this loop's timers never cancel a connection attempt), and the events it reports.
+///
+/// Every (re)connection gets a fresh `Link`: requests still queued in an old client die
+/// with it, so packet ids always map back to the queue entries exactly, and everything
+/// unacknowledged is sent again from the durable queue (the queue, not rumqttc, is the
+/// source of truth). The broker session itself persists (`clean_session = false`), which
+/// keeps cloud-to-device subscriptions and queued commands across reconnects.
+struct Link {
+    client: AsyncClient,
+    events: tokio::sync::mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>,
+    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-fn spawn_event_loop(
-    mut el: EventLoop,
-) -> (
-    tokio::sync::mpsc::Sender<Ctl>,
-    tokio::sync::mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>,
-) {
-    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel::<Ctl>(16);
-    let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(1024);
-    tokio::spawn(async move {
-        let mut connected = false;
-        let mut may_connect = true;
-        loop {
-            tokio::select! {
-                biased;
-                cmd = ctl_rx.recv() => match cmd {
-                    None => break,
-                    Some(Ctl::Go) => may_connect = true,
-                    Some(Ctl::Drop) => {
-                        el.clean();
-                        connected = false;
-                        may_connect = false;
-                    }
-                },
-                ev = el.poll(), if connected || may_connect => {
-                    match &ev {
-                        Ok(Event::Incoming(Packet::ConnAck(a))) => connected = a.code == ConnectReturnCode::Success,
-                        Ok(Event::Outgoing(Outgoing::Disconnect)) => { connected = false; may_connect = false; }
-                        Err(_) => { connected = false; may_connect = false; }
-                        _ => {}
-                    }
-                    if ev_tx.send(ev).await.is_err() {
-                        break;
+impl Link {
+    fn start(opts: MqttOptions, connect_timeout: Duration, cap: usize) -> Link {
+        let (client, mut el) = AsyncClient::new(opts, cap);
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_connection_timeout(connect_timeout.as_secs().max(1));
+        el.set_network_options(net);
+        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ev_tx, events) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut stop_rx => break,
+                    ev = el.poll() => {
+                        let failed = ev.is_err();
+                        if ev_tx.send(ev).await.is_err() || failed {
+                            break;
+                        }
                     }
                 }
             }
+        });
+        Link {
+            client,
+            events,
+            _stop: stop_tx,
         }
-    });
-    (ctl_tx, ev_rx)
+    }
 }
 
 /// What an in-flight cloud publish stands for.
@@ -246,13 +243,8 @@ impl Session {
             self.tls.clone(),
         )));
         let window = self.cfg.inflight as usize;
-        let (client, mut el) = AsyncClient::new(opts, window * 2 + 64);
-        let mut net = rumqttc::NetworkOptions::new();
-        net.set_connection_timeout(self.cfg.connect_timeout.as_secs().max(1));
-        el.set_network_options(net);
-        // The event loop runs in its own task so that a connection attempt is never
-        // cancelled by this loop's timers; we tell it when it may (re)connect.
-        let (ctl, mut events) = spawn_event_loop(el);
+        let cap = window * 2 + 64;
+        let mut link: Option<Link> = Some(Link::start(opts.clone(), self.cfg.connect_timeout, cap));
         let d = self.cfg.detection.clone();
         let heartbeat_topic = self
             .cfg
@@ -265,16 +257,21 @@ impl Session {
             attempt: 0,
         };
         let mut connected = false;
-        // When the event loop may try to connect next (None: it already may, or is trying).
+        // When to start the next connection attempt (None: one is under way or connected).
         let mut next_attempt: Option<Instant> = None;
         let mut tick = tokio::time::interval(d.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut inflight: HashMap<u16, Slot> = HashMap::new();
         let mut unmapped: VecDeque<Slot> = VecDeque::new();
         let mut cursor = self.queue.first_seq().ok().flatten().unwrap_or(1);
-        let mut sent_mark = self.queue.sent_mark();
-        let mut persisted_mark = sent_mark;
+        // Messages up to `previous_run_mark` may have been sent by an earlier run; in this run
+        // `max_sent` is exact. `reserved` is persisted before anything beyond it is sent.
+        let previous_run_mark = self.queue.sent_mark();
+        let mut reserved = previous_run_mark;
+        let mut max_sent = 0u64;
         let mut evidence = false;
+        // When the cloud broker last answered anything on the session.
+        let mut last_evidence = Instant::now();
         let mut heartbeat: Option<Instant> = None;
         let mut probe: Option<tokio::task::JoinHandle<Result<Duration, String>>> = None;
         let mut durable = self.queue.durable();
@@ -315,7 +312,12 @@ impl Session {
                                     cursor = seq + 1;
                                     continue;
                                 };
-                                if client
+                                if seq > reserved {
+                                    reserved = seq + window as u64;
+                                    self.queue.reserve_sent(reserved).await;
+                                }
+                                let Some(l) = link.as_ref() else { break };
+                                if l.client
                                     .try_publish(
                                         remote,
                                         QoS::AtLeastOnce,
@@ -328,10 +330,10 @@ impl Session {
                                 }
                                 unmapped.push_back(Slot::Data { seq });
                                 self.stats.published.fetch_add(1, Ordering::Relaxed);
-                                if seq <= sent_mark {
+                                if seq <= max_sent || seq <= previous_run_mark {
                                     self.stats.resent.fetch_add(1, Ordering::Relaxed);
                                 }
-                                sent_mark = sent_mark.max(seq);
+                                max_sent = max_sent.max(seq);
                                 cursor = seq + 1;
                             }
                         }
@@ -355,9 +357,17 @@ impl Session {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep_until(wake), if next_attempt.is_some() => {
                     next_attempt = None;
-                    let _ = ctl.send(Ctl::Go).await;
+                    link = Some(Link::start(opts.clone(), self.cfg.connect_timeout, cap));
                 }
                 _ = durable.changed() => {}
+                // Something is waiting for an answer and the broker has said nothing for
+                // heartbeat_timeout: the link is dead even if TCP has not noticed.
+                _ = tokio::time::sleep_until(last_evidence + d.heartbeat_timeout),
+                    if connected && (heartbeat.is_some() || !inflight.is_empty() || !unmapped.is_empty()) => {
+                    heartbeat = None;
+                    last_evidence = Instant::now();
+                    verdict = Some((false, "no MQTT round trip within heartbeat_timeout"));
+                }
                 r = async { probe.as_mut().expect("guarded").await }, if probe.is_some() => {
                     probe = None;
                     match r {
@@ -371,62 +381,64 @@ impl Session {
                 }
                 _ = tick.tick() => {
                     flush_acks = true;
-                    if connected {
-                        if let Some(sent) = heartbeat {
-                            if sent.elapsed() >= d.heartbeat_timeout {
-                                heartbeat = None;
-                                verdict = Some((false, "no MQTT round trip within heartbeat_timeout"));
-                            }
+                    if let (true, Some(l)) = (connected, link.as_ref()) {
+                        if evidence {
+                            // Round trips completed since the last tick: the link is alive,
+                            // whatever the heartbeat (which may be queued behind data).
+                            evidence = false;
+                            heartbeat = None;
+                            verdict = Some((true, "cloud broker acknowledges"));
+                        } else if heartbeat.is_none()
+                            && last_evidence.elapsed() >= d.interval / 2
+                            && l.client.try_publish(heartbeat_topic.as_str(), QoS::AtLeastOnce, false, now_ms().to_string()).is_ok() {
+                            let now = Instant::now();
+                            heartbeat = Some(now);
+                            unmapped.push_back(Slot::Heartbeat { sent: now });
+                            self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
                         }
-                        if verdict.is_none() {
-                            if evidence {
-                                evidence = false;
-                                verdict = Some((true, "cloud broker acknowledges"));
-                            } else if heartbeat.is_none() && client.try_publish(heartbeat_topic.as_str(), QoS::AtLeastOnce, false, now_ms().to_string()).is_ok() {
-                                let now = Instant::now();
-                                heartbeat = Some(now);
-                                unmapped.push_back(Slot::Heartbeat { sent: now });
-                                self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                    } else if probe.is_none() {
+                    } else if !connected && probe.is_none() {
                         let (host, port, tls, t) = (self.cfg.host.clone(), self.cfg.port, self.tls.clone(), d.probe_timeout);
                         probe = Some(tokio::spawn(async move { tls_probe(&host, port, tls, t).await }));
                     }
-                    if sent_mark != persisted_mark {
-                        self.queue.set_sent_mark(sent_mark).await;
-                        persisted_mark = sent_mark;
-                    }
                 }
-                ev = events.recv() => match ev {
-                    None => break,
+                ev = async { link.as_mut().expect("guarded").events.recv().await }, if link.is_some() => match ev {
+                    // The event loop ended without an error event (should not happen).
+                    None => {
+                        link = None;
+                        connected = false;
+                        next_attempt = Some(Instant::now() + backoff.next());
+                    }
                     Some(ev) => match ev {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         if ack.code != ConnectReturnCode::Success {
                             tracing::warn!(code = ?ack.code, "cloud broker refused the uplink");
                             connected = false;
-                            let _ = ctl.send(Ctl::Drop).await;
+                            link = None;
                             next_attempt = Some(Instant::now() + backoff.next());
-                            continue;
-                        }
-                        connected = true;
-                        backoff.reset();
-                        self.stats.connects.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(session_present = ack.session_present, "uplink connected");
-                        if !ack.session_present {
-                            // The broker kept nothing and rumqttc dropped its in-flight
-                            // copies: everything unacknowledged goes again from the queue.
+                            verdict = Some((false, "cloud broker refused the connection"));
+                        } else {
+                            connected = true;
+                            backoff.reset();
+                            self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(session_present = ack.session_present, "uplink connected");
+                            // A fresh client: everything unacknowledged goes again from the queue,
+                            // in order (possible duplicates are counted as resent).
                             inflight.clear();
                             unmapped.clear();
                             heartbeat = None;
                             cursor = self.queue.first_seq().ok().flatten().unwrap_or(cursor);
-                            for f in self.mapping.down_filters() {
-                                if let Err(e) = client.try_subscribe(f, QoS::AtLeastOnce) {
-                                    tracing::error!(filter = f, error = %e, "cannot subscribe for cloud-to-device messages");
+                            if !ack.session_present {
+                                if let Some(l) = link.as_ref() {
+                                    for f in self.mapping.down_filters() {
+                                        if let Err(e) = l.client.try_subscribe(f, QoS::AtLeastOnce) {
+                                            tracing::error!(filter = f, error = %e, "cannot subscribe for cloud-to-device messages");
+                                        }
+                                    }
                                 }
                             }
+                            evidence = true;
+                        last_evidence = Instant::now();
                         }
-                        evidence = true;
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         if pkid != 0 && !inflight.contains_key(&pkid) {
@@ -437,6 +449,7 @@ impl Session {
                     }
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
                         evidence = true;
+                        last_evidence = Instant::now();
                         match inflight.remove(&ack.pkid) {
                             Some(Slot::Data { seq }) => acked.push(seq),
                             Some(Slot::Heartbeat { sent }) => {
@@ -465,10 +478,16 @@ impl Session {
                                 tracing::warn!(%topic, "cloud message on an unmapped topic ignored");
                             }
                         }
-                        let _ = client.try_ack(&p);
+                        if let Some(l) = link.as_ref() {
+                            let _ = l.client.try_ack(&p);
+                        }
                         evidence = true;
+                        last_evidence = Instant::now();
                     }
-                    Ok(Event::Incoming(_)) => evidence = true,
+                    Ok(Event::Incoming(_)) => {
+                        evidence = true;
+                        last_evidence = Instant::now();
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         if connected {
@@ -478,6 +497,7 @@ impl Session {
                         }
                         connected = false;
                         heartbeat = None;
+                        link = None;
                         next_attempt = Some(Instant::now() + backoff.next());
                         verdict = Some((false, "uplink connection failed"));
                     }
@@ -493,8 +513,8 @@ impl Session {
                         self.transition(&local, LinkState::Offline, reason);
                         if connected {
                             // The session is dead even if TCP has not noticed: drop it now
-                            // (rumqttc keeps the unacknowledged publishes for the resume).
-                            let _ = ctl.send(Ctl::Drop).await;
+                            // (the queue keeps everything unacknowledged).
+                            link = None;
                             connected = false;
                             heartbeat = None;
                             next_attempt = Some(Instant::now() + backoff.next());
@@ -505,8 +525,7 @@ impl Session {
                         if !connected && next_attempt.is_some() {
                             // Proven reachable: reconnect now instead of waiting out the backoff.
                             backoff.reset();
-                            next_attempt = None;
-                            let _ = ctl.send(Ctl::Go).await;
+                            next_attempt = Some(Instant::now());
                         }
                     }
                     None => {}
@@ -514,16 +533,18 @@ impl Session {
             }
         }
         self.queue.remove(std::mem::take(&mut acked), false).await;
-        if connected {
-            let _ = client.try_disconnect();
+        if let (true, Some(mut l)) = (connected, link.take()) {
+            let _ = l.client.try_disconnect();
             // Let the event loop send the DISCONNECT.
             let _ = tokio::time::timeout(Duration::from_millis(500), async {
-                while events.recv().await.is_some() {}
+                while let Some(Ok(ev)) = l.events.recv().await {
+                    if ev == Event::Outgoing(Outgoing::Disconnect) {
+                        break;
+                    }
+                }
             })
             .await;
         }
-        drop(ctl);
-        self.queue.set_sent_mark(sent_mark).await;
         tracing::info!("uplink stopped");
     }
 }

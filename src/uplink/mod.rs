@@ -256,7 +256,7 @@ impl UplinkHandle {
         m(
             "outpost_uplink_resent_total",
             "counter",
-            "Messages published again after a lost session or restart (possible duplicates).",
+            "Messages published again after a reconnect or restart (possible duplicates; after a crash an upper bound, exact within one window).",
             l(&s.resent),
         );
         m(

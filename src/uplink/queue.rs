@@ -127,7 +127,8 @@ enum Command {
     /// The cloud acknowledged these; `expired` ones were skipped for age.
     Remove { seqs: Vec<u64>, expired: bool },
     /// Highest sequence number ever published to the cloud (to count resends after a crash).
-    SentMark(u64),
+    /// Answered once durable.
+    SentMark(u64, oneshot::Sender<()>),
     /// Flush and stop (shutdown); later commands are refused.
     Stop,
 }
@@ -214,9 +215,13 @@ impl QueueHandle {
         rx.await.map_err(|_| QueueError::Stopped)?
     }
 
-    /// Record (durably, with the next flush) the highest sequence published so far.
-    pub async fn set_sent_mark(&self, seq: u64) {
-        let _ = self.tx.send(Command::SentMark(seq)).await;
+    /// Record durably that messages up to `seq` may be sent; returns once on disk. After a
+    /// crash, the forwarder counts every message up to this mark as a possible duplicate.
+    pub async fn reserve_sent(&self, seq: u64) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::SentMark(seq, reply)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// The sent mark as persisted by the previous run.
@@ -298,6 +303,7 @@ impl Owner {
     fn handle(&mut self, cmds: Vec<Command>, durable: &watch::Sender<u64>) -> bool {
         let mut stop = false;
         let mut replies = Vec::new();
+        let mut mark_replies = Vec::new();
         let mut wrote = false;
         let mut wrote_meta = false;
         for cmd in cmds {
@@ -312,10 +318,13 @@ impl Owner {
                     wrote_meta = true;
                 }
                 Command::Stop => stop = true,
-                Command::SentMark(seq) => match self.store.set_meta_u64(SENT_MARK_KEY, seq) {
-                    Ok(()) => wrote_meta = true,
-                    Err(e) => tracing::warn!(error = %e, "cannot record the sent mark"),
-                },
+                Command::SentMark(seq, reply) => {
+                    match self.store.set_meta_u64(SENT_MARK_KEY, seq) {
+                        Ok(()) => wrote_meta = true,
+                        Err(e) => tracing::warn!(error = %e, "cannot record the sent mark"),
+                    }
+                    mark_replies.push(reply);
+                }
             }
         }
         if wrote_meta && !wrote {
@@ -323,7 +332,15 @@ impl Owner {
                 tracing::warn!(error = %e, "cannot flush the sent mark");
             }
         }
-        if wrote {
+        // A sent mark is answered once flushed (or dropped unanswered if the flush failed).
+        let answer_marks = move || {
+            for r in mark_replies {
+                let _ = r.send(());
+            }
+        };
+        if !wrote {
+            answer_marks();
+        } else {
             // Group commit: one flush for every append of this batch.
             if let Err(e) = self.store.flush() {
                 tracing::error!(error = %e, "uplink queue flush failed");
@@ -333,6 +350,7 @@ impl Owner {
                 return stop;
             }
             self.stats.group_commits.fetch_add(1, Ordering::Relaxed);
+            answer_marks();
             durable.send_replace(self.next - 1);
         }
         for (reply, r) in replies {
