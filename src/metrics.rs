@@ -26,6 +26,7 @@ pub struct Metrics {
     pub acl_denied_subscribe: AtomicU64,
     pub revoked_disconnects: AtomicU64,
     pub expired_disconnects: AtomicU64,
+    pub sessions_taken_over: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -149,9 +150,10 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP outpost_forced_disconnects_total Live sessions cut by the gateway.\n# TYPE outpost_forced_disconnects_total counter\noutpost_forced_disconnects_total{{reason=\"revoked\"}} {}\noutpost_forced_disconnects_total{{reason=\"expired\"}} {}",
+            "# HELP outpost_forced_disconnects_total Live sessions cut by the gateway.\n# TYPE outpost_forced_disconnects_total counter\noutpost_forced_disconnects_total{{reason=\"revoked\"}} {}\noutpost_forced_disconnects_total{{reason=\"expired\"}} {}\noutpost_forced_disconnects_total{{reason=\"taken_over\"}} {}",
             g(&self.revoked_disconnects),
-            g(&self.expired_disconnects)
+            g(&self.expired_disconnects),
+            g(&self.sessions_taken_over)
         );
         out
     }

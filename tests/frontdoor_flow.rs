@@ -100,3 +100,59 @@ fn sigterm_drains_sessions_and_closes_tls_cleanly() {
     );
     assert!(gw.wait(Duration::from_secs(10)).expect("exits").success());
 }
+
+fn plain_connect(gw: &Gateway, id: &str) -> TcpStream {
+    let mut s = TcpStream::connect(gw.plain()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let connect = mqtt::encode_connect(&mqtt::Connect {
+        clean_session: true,
+        keep_alive: 30,
+        client_id: id.into(),
+        will: None,
+        username: None,
+        password: None,
+    });
+    s.write_all(&connect).unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(ack, [0x20, 2, 0, 0], "CONNACK for {id}");
+    s
+}
+
+fn subscribe_ok(s: &mut TcpStream, filter: &str) {
+    let mut body = vec![0, 1];
+    body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    body.extend_from_slice(filter.as_bytes());
+    body.push(1);
+    let mut p = vec![0x82, body.len() as u8];
+    p.extend_from_slice(&body);
+    s.write_all(&p).unwrap();
+    let mut ack = [0u8; 5];
+    s.read_exact(&mut ack)
+        .expect("SUBACK (the session must survive)");
+    assert_eq!(ack, [0x90, 3, 0, 1, 1]);
+}
+
+/// A client that reconnects right after its old connection died (or while it still lives)
+/// gets a working session: the old one is ended first, so the core's clean-up of the old
+/// connection can never tear down the new one.
+#[test]
+fn reconnect_with_the_same_identity_takes_over_cleanly() {
+    let gw = Gateway::start();
+    for round in 0..30 {
+        let mut a = plain_connect(&gw, "twin");
+        if round % 2 == 0 {
+            drop(a); // abrupt: no DISCONNECT
+            let mut b = plain_connect(&gw, "twin");
+            subscribe_ok(&mut b, "devices/twin/x");
+        } else {
+            subscribe_ok(&mut a, "devices/twin/y");
+            let mut b = plain_connect(&gw, "twin");
+            subscribe_ok(&mut b, "devices/twin/x");
+            let mut rest = Vec::new();
+            let _ = a.read_to_end(&mut rest);
+            assert!(rest.is_empty(), "the old session is closed, not answered");
+        }
+    }
+    assert!(gw.metric("outpost_forced_disconnects_total{reason=\"taken_over\"}") >= 15);
+}

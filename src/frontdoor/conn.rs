@@ -61,6 +61,7 @@ enum End {
     Io(std::io::Error),
     DeniedPublish(String),
     UplinkRefused(String),
+    TakenOver,
 }
 
 /// Messages from the client-side pump to the writer of the client socket.
@@ -77,6 +78,8 @@ enum Local {
 }
 
 const READ_CHUNK: usize = 16 * 1024;
+/// How long a new connection waits for the previous session of its identity to end.
+const TAKE_OVER_LIMIT: Duration = Duration::from_secs(5);
 const DRAIN_QUIET: Duration = Duration::from_millis(50);
 
 pub async fn serve<S>(stream: S, peer: Peer, shared: Arc<Shared>, cancel: CancellationToken)
@@ -95,6 +98,9 @@ where
     match end {
         End::ClientClosed | End::CoreClosed => tracing::debug!(?end, "connection closed"),
         End::Shutdown => tracing::debug!("connection closed for shutdown"),
+        End::TakenOver => {
+            tracing::info!("session taken over by a new connection of the same identity")
+        }
         End::Revoked => tracing::warn!("certificate revoked: session disconnected"),
         End::Expired => tracing::warn!("certificate expired: session disconnected"),
         End::Malformed(e) => {
@@ -211,6 +217,58 @@ where
         }
     }
 
+    // One session per identity: end the previous one (and let the core forget it) first.
+    let lease = tokio::select! {
+        _ = cancel.cancelled() => return End::Shutdown,
+        l = shared.sessions.take_over(&identity, TAKE_OVER_LIMIT) => match l {
+            Some(l) => l,
+            None => {
+                tracing::warn!(client = %identity, "previous session did not end in time: refused");
+                refuse(&mut cwr, mqtt::CONNACK_ID_REJECTED).await;
+                return End::ClientClosed;
+            }
+        },
+    };
+    let end = connected_session(
+        &mut crd,
+        cwr,
+        &mut buf,
+        peer,
+        shared,
+        cancel,
+        connect,
+        identity.clone(),
+        rules,
+        serial,
+        not_after,
+        &lease.kicked,
+    )
+    .await;
+    drop(lease);
+    shared.sessions.release(&identity);
+    end
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn connected_session<R, W>(
+    mut crd: &mut R,
+    cwr: W,
+    mut buf: &mut BytesMut,
+    _peer: &Peer,
+    shared: &Arc<Shared>,
+    cancel: &CancellationToken,
+    connect: mqtt::Connect,
+    identity: String,
+    rules: &Rules,
+    serial: Option<String>,
+    not_after: Option<i64>,
+    kicked: &CancellationToken,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &shared.cfg.limits;
     let core = match dial_core(&shared.broker).await {
         Ok(c) => c,
         Err(e) => {
@@ -284,6 +342,10 @@ where
     loop {
         tokio::select! {
             biased;
+            _ = kicked.cancelled() => {
+                shared.metrics.inc(|m| &m.sessions_taken_over);
+                return End::TakenOver;
+            }
             _ = cancel.cancelled() => {
                 // Drain: read nothing more from the client, let the core's answers to what
                 // it already sent reach it, then close (TLS close_notify), within the grace.

@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -145,6 +146,63 @@ fn server_parts(
     Ok((chain, key))
 }
 
+/// One live session per identity. A new connection for an identity first ends the old
+/// session and waits until it is gone before it reaches the routing core: left to itself,
+/// the core's clean-up of the old connection can race with, and tear down, the new one.
+#[derive(Default)]
+pub struct SessionRegistry {
+    slots: std::sync::Mutex<HashMap<String, SessionSlot>>,
+}
+
+struct SessionSlot {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    kick: CancellationToken,
+}
+
+/// Held for the whole life of a session; `kicked` fires when a newer one takes over.
+pub struct SessionLease {
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+    pub kicked: CancellationToken,
+}
+
+impl SessionRegistry {
+    /// Take over `identity`: end the current session (if any) and wait up to `limit` until
+    /// it has ended. `None` if it did not end in time.
+    pub async fn take_over(
+        &self,
+        identity: &str,
+        limit: std::time::Duration,
+    ) -> Option<SessionLease> {
+        let (lock, old, kicked) = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let slot = slots
+                .entry(identity.to_string())
+                .or_insert_with(|| SessionSlot {
+                    lock: Arc::new(tokio::sync::Mutex::new(())),
+                    kick: CancellationToken::new(),
+                });
+            let old = std::mem::replace(&mut slot.kick, CancellationToken::new());
+            (slot.lock.clone(), old, slot.kick.clone())
+        };
+        old.cancel();
+        let guard = tokio::time::timeout(limit, lock.lock_owned()).await.ok()?;
+        Some(SessionLease {
+            _guard: guard,
+            kicked,
+        })
+    }
+
+    /// Forget identities nobody holds or waits for (called when a session ends).
+    pub fn release(&self, identity: &str) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = slots.get(identity) {
+            if Arc::strong_count(&slot.lock) == 1 && slot.lock.try_lock().is_ok() {
+                slots.remove(identity);
+            }
+        }
+    }
+}
+
 /// What a connection task needs, shared by all of them.
 pub struct Shared {
     pub cfg: Arc<Config>,
@@ -154,6 +212,8 @@ pub struct Shared {
     pub local_rules: Rules,
     pub revocations: watch::Receiver<Arc<Revocations>>,
     pub permits: Arc<Semaphore>,
+    /// One live session per identity: a new connection takes over from the old one.
+    pub sessions: SessionRegistry,
     /// Set when the uplink is enabled: PUBLISHes on uplink topics are made durable first.
     pub uplink: Option<crate::uplink::UplinkHandle>,
 }
@@ -169,6 +229,7 @@ impl Shared {
             device_rules: Rules::new(&cfg.acl.device_publish, &cfg.acl.device_subscribe)?,
             local_rules: Rules::new(&cfg.acl.local_publish, &cfg.acl.local_subscribe)?,
             permits: Arc::new(Semaphore::new(cfg.limits.max_connections)),
+            sessions: SessionRegistry::default(),
             cfg,
             broker,
             metrics,
