@@ -23,20 +23,7 @@ fn publish_qos1(topic: &str, pid: u16) -> Vec<u8> {
 #[test]
 fn burst_of_denied_publishes_is_fully_acknowledged() {
     let gw = Gateway::start();
-    let mut s = TcpStream::connect(gw.plain()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let connect = mqtt::encode_connect(&mqtt::Connect {
-        clean_session: true,
-        keep_alive: 30,
-        client_id: "burst".into(),
-        will: None,
-        username: None,
-        password: None,
-    });
-    s.write_all(&connect).unwrap();
-    let mut ack = [0u8; 4];
-    s.read_exact(&mut ack).unwrap();
-    assert_eq!(ack, [0x20, 2, 0, 0]);
+    let mut s = plain_connect(&gw, "burst");
     const N: u16 = 500;
     let mut burst = Vec::new();
     for pid in 1..=N {
@@ -72,18 +59,7 @@ fn sigterm_drains_sessions_and_closes_tls_cleanly() {
     let name = rustls::pki_types::ServerName::IpAddress(gw.mqtts().ip().into());
     let conn = rustls::ClientConnection::new(tls, name).unwrap();
     let mut s = rustls::StreamOwned::new(conn, tcp);
-    let connect = mqtt::encode_connect(&mqtt::Connect {
-        clean_session: true,
-        keep_alive: 30,
-        client_id: "drain-1".into(),
-        will: None,
-        username: None,
-        password: None,
-    });
-    s.write_all(&connect).unwrap();
-    let mut ack = [0u8; 4];
-    s.read_exact(&mut ack).unwrap();
-    assert_eq!(ack, [0x20, 2, 0, 0]);
+    mqtt_connect(&mut s, "drain-1");
     s.write_all(&publish_qos1("devices/drain-1/x", 7)).unwrap();
     s.flush().unwrap();
     gw.signal("TERM");
@@ -101,9 +77,8 @@ fn sigterm_drains_sessions_and_closes_tls_cleanly() {
     assert!(gw.wait(Duration::from_secs(10)).expect("exits").success());
 }
 
-fn plain_connect(gw: &Gateway, id: &str) -> TcpStream {
-    let mut s = TcpStream::connect(gw.plain()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+/// CONNECT as `id` and expect CONNACK 0.
+fn mqtt_connect(s: &mut (impl Read + Write), id: &str) {
     let connect = mqtt::encode_connect(&mqtt::Connect {
         clean_session: true,
         keep_alive: 30,
@@ -116,6 +91,12 @@ fn plain_connect(gw: &Gateway, id: &str) -> TcpStream {
     let mut ack = [0u8; 4];
     s.read_exact(&mut ack).unwrap();
     assert_eq!(ack, [0x20, 2, 0, 0], "CONNACK for {id}");
+}
+
+fn plain_connect(gw: &Gateway, id: &str) -> TcpStream {
+    let mut s = TcpStream::connect(gw.plain()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    mqtt_connect(&mut s, id);
     s
 }
 
