@@ -489,7 +489,7 @@ fn spawn_outpost(args: &[&str], extra: &[&Path], log: &Path) -> Child {
     Command::new(BIN)
         .args(args)
         .args(extra)
-        .env("RUST_LOG", "info,rumqttd=warn")
+        .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

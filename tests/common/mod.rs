@@ -95,7 +95,7 @@ impl Gateway {
         let child = Command::new(BIN)
             .args(["run", "--config"])
             .arg(&self.config_path)
-            .env("RUST_LOG", "info,rumqttd=warn")
+            .env_remove("RUST_LOG") // the gateway's own default filter
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
