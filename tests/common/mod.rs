@@ -63,25 +63,7 @@ impl Gateway {
 
     /// `extra` is TOML appended to the base config (sections not already in the base).
     pub fn start_with(extra: &str) -> Gateway {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let data_dir = dir.path().join("data");
-        let config_path = dir.path().join("outpost.toml");
-        std::fs::write(&config_path, base_config(&data_dir, extra)).expect("write config");
-        let mut gw = Gateway {
-            dir,
-            data_dir,
-            config_path,
-            child: None,
-            ep: Endpoints {
-                gateway_id: String::new(),
-                mqtts: "127.0.0.1:1".parse().unwrap(),
-                plain: None,
-                metrics: None,
-                pid: 0,
-            },
-        };
-        gw.spawn();
-        gw
+        Gateway::start_custom(|data_dir| base_config(data_dir, extra))
     }
 
     /// Start (again) the process on the same data dir and config.
