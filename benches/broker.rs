@@ -173,6 +173,9 @@ listen = "127.0.0.1:0"
 [mdns]
 enabled = false
 
+[fdo]
+enabled = false
+
 [acl]
 device_subscribe = {subscribe}
 

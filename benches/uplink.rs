@@ -430,6 +430,7 @@ fn start_gateway(extra: &str) -> Gateway {
             mqtts: "127.0.0.1:1".parse().unwrap(),
             plain: None,
             metrics: None,
+            fdo: None,
             pid: 0,
         },
     };

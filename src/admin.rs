@@ -7,12 +7,15 @@
 
 use crate::ca::{CaError, CaHandle, Issued};
 use crate::fdo::owner::Imported;
+use crate::fdo::registry::RegistryEntry;
 use crate::store::{CertRecord, Store};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -51,6 +54,8 @@ pub enum Request {
     ImportVoucher {
         voucher_pem: String,
     },
+    /// The device registry (every completed onboarding), oldest first.
+    Registry,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -71,6 +76,9 @@ pub enum Reply {
         entries: usize,
         owner_key_id: String,
         replaced: bool,
+    },
+    Registry {
+        entries: Vec<RegistryEntry>,
     },
     Error {
         message: String,
@@ -107,6 +115,8 @@ pub struct Services {
     pub ca: CaHandle,
     pub store: Store,
     pub data_dir: PathBuf,
+    /// Woken after a voucher import (the FDO registrar registers it at once).
+    pub vouchers_changed: Option<Arc<Notify>>,
 }
 
 fn records(r: Result<Vec<CertRecord>, CaError>) -> Reply {
@@ -138,7 +148,12 @@ async fn handle(req: Request, svc: &Services) -> Reply {
             })
             .await;
             match r {
-                Ok(Ok(i)) => i.into(),
+                Ok(Ok(i)) => {
+                    if let Some(n) = &svc.vouchers_changed {
+                        n.notify_one();
+                    }
+                    i.into()
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "voucher import refused");
                     Reply::Error {
@@ -150,7 +165,25 @@ async fn handle(req: Request, svc: &Services) -> Reply {
                 },
             }
         }
+        Request::Registry => {
+            let store = svc.store.clone();
+            let r = tokio::task::spawn_blocking(move || registry(&store)).await;
+            match r {
+                Ok(Ok(entries)) => Reply::Registry { entries },
+                Ok(Err(e)) => Reply::Error {
+                    message: e.to_string(),
+                },
+                Err(e) => Reply::Error {
+                    message: format!("registry: {e}"),
+                },
+            }
+        }
     }
+}
+
+/// The device registry of a store (also used by the CLI when nothing runs).
+pub fn registry(store: &Store) -> Result<Vec<RegistryEntry>, crate::fdo::FdoError> {
+    crate::fdo::registry::read(store)
 }
 
 /// Bind the admin socket (replacing a stale one: the store lock proves no other gateway

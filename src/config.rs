@@ -44,6 +44,7 @@ pub struct Config {
     pub mdns: MdnsConfig,
     pub shutdown: ShutdownConfig,
     pub uplink: crate::uplink::UplinkConfig,
+    pub fdo: crate::fdo::service::FdoConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -195,6 +196,7 @@ impl Default for Config {
             mdns: MdnsConfig::default(),
             shutdown: ShutdownConfig::default(),
             uplink: crate::uplink::UplinkConfig::default(),
+            fdo: crate::fdo::service::FdoConfig::default(),
         }
     }
 }
@@ -422,6 +424,9 @@ impl Config {
             }
         }
         if let Err((field, reason)) = self.uplink.validate() {
+            return Err(ConfigError::Invalid { field, reason });
+        }
+        if let Err((field, reason)) = self.fdo.validate() {
             return Err(ConfigError::Invalid { field, reason });
         }
         if self.shutdown.grace > Duration::from_secs(600) {

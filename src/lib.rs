@@ -9,6 +9,7 @@ pub mod admin;
 pub mod broker;
 pub mod ca;
 pub mod config;
+pub mod device;
 pub mod fdo;
 pub mod frontdoor;
 pub mod mdns;
@@ -59,6 +60,8 @@ pub enum RunError {
     Admin(#[from] admin::AdminError),
     #[error(transparent)]
     Uplink(#[from] uplink::UplinkError),
+    #[error(transparent)]
+    Fdo(#[from] fdo::service::ServiceError),
 }
 
 /// Addresses a running gateway is bound to (also written to `endpoints.json`).
@@ -68,6 +71,9 @@ pub struct Endpoints {
     pub mqtts: SocketAddr,
     pub plain: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
+    /// FDO rendezvous + owner (HTTP), if enabled.
+    #[serde(default)]
+    pub fdo: Option<SocketAddr>,
     pub pid: u32,
 }
 
@@ -142,6 +148,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     } else {
         None
     };
+    let fdo_l = fdo::service::bind(&config.fdo)
+        .await
+        .map_err(|cause| RunError::Bind {
+            what: "fdo",
+            addr: config.fdo.listen,
+            cause,
+        })?;
     let admin_l = admin::bind(&data_dir)?;
     let core = broker::start(&config)?;
 
@@ -153,6 +166,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         config.ca.server_names.clone(),
         shutdown.clone(),
     )?;
+    let fdo_store = store.clone();
     let (uplink, queue_thread) = uplink::start(
         &config.uplink,
         &gateway_id,
@@ -177,9 +191,36 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             Some(l) => Some(local(l, "metrics", config.metrics.listen)?),
             None => None,
         },
+        fdo: None,
         pid: std::process::id(),
     };
+    let mut endpoints = endpoints;
+    let fdo_svc = match fdo_l {
+        Some(l) => {
+            let role = fdo::service::Role {
+                registered_by: format!("gateway {gateway_id}"),
+                subject: gateway_id.clone(),
+                mqtts_port: Some(endpoints.mqtts.port()),
+            };
+            let svc = fdo::service::start(
+                &config.fdo,
+                l,
+                &role,
+                &fdo_store,
+                &data_dir,
+                &ca,
+                &tracker,
+                shutdown.clone(),
+            )?;
+            endpoints.fdo = Some(svc.addr);
+            Some(svc)
+        }
+        None => None,
+    };
     metrics::log_bound("mqtts (devices, TLS + client certificate)", endpoints.mqtts);
+    if let Some(a) = endpoints.fdo {
+        metrics::log_bound("fdo (onboarding: rendezvous + owner, HTTP)", a);
+    }
     if let Some(a) = endpoints.plain {
         metrics::log_bound("plain MQTT (local processes)", a);
     }
@@ -222,23 +263,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             ca: ca.clone(),
             store: admin_store,
             data_dir: data_dir.clone(),
+            vouchers_changed: fdo_svc.as_ref().map(|f| f.vouchers_changed.clone()),
         },
         tracker.clone(),
         shutdown.clone(),
     ));
-    {
-        // Re-sign the CRL well before it expires.
-        let (ca, s) = (ca.clone(), shutdown.clone());
-        let every = config.ca.crl_validity / 4;
-        tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = s.cancelled() => break,
-                    _ = tokio::time::sleep(every) => { let _ = ca.refresh_crl().await; }
-                }
-            }
-        });
-    }
+    spawn_crl_refresh(&ca, &config, &tracker, &shutdown);
     let advert = if config.mdns.enabled {
         let instance = if config.mdns.instance.is_empty() {
             gateway_id.clone()
@@ -251,7 +281,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             endpoints.mqtts.port(),
             &ca::fingerprint(ca.ca_der()),
         ) {
-            Ok(a) => Some(a),
+            Ok(mut a) => {
+                if let (Some(addr), false) = (endpoints.fdo, config.fdo.mdns_host.is_empty()) {
+                    if let Err(e) = a.add_fdo(&instance, &config.fdo.mdns_host, addr.port()) {
+                        tracing::warn!(error = %e, "mDNS: FDO service not advertised");
+                    }
+                }
+                Some(a)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "mDNS advertisement not started");
                 None
@@ -298,7 +335,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     {
         tracing::error!("uplink queue did not finish flushing in 5 s");
     }
-    // The CA thread owns the store: it flushes and exits once every handle is gone.
+    join_store_owner(ca_thread).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Re-sign the CRL well before it expires.
+fn spawn_crl_refresh(
+    ca: &CaHandle,
+    config: &Config,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    let (ca, s) = (ca.clone(), shutdown.clone());
+    let every = config.ca.crl_validity / 4;
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = s.cancelled() => break,
+                _ = tokio::time::sleep(every) => { let _ = ca.refresh_crl().await; }
+            }
+        }
+    });
+}
+
+/// The CA thread owns the store: it flushes and exits once every handle is gone.
+async fn join_store_owner(ca_thread: std::thread::JoinHandle<()>) {
     let joined = tokio::task::spawn_blocking(move || ca_thread.join());
     if tokio::time::timeout(Duration::from_secs(5), joined)
         .await
@@ -306,6 +368,115 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     {
         tracing::error!("store owner did not finish flushing in 5 s");
     }
+}
+
+/// Addresses a running `outpost cloud` is bound to (`endpoints.json` in its data dir).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CloudEndpoints {
+    pub cloud_id: String,
+    pub fdo: SocketAddr,
+    pub pid: u32,
+}
+
+impl CloudEndpoints {
+    pub fn read(data_dir: &Path) -> Option<CloudEndpoints> {
+        let text = std::fs::read_to_string(data_dir.join(ENDPOINTS_FILE)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+}
+
+/// Run the cloud role (`outpost cloud`) until `shutdown` is cancelled: the same CA, store,
+/// rendezvous server, owner and device registry as a gateway, without the MQTT side (the
+/// cloud's broker is any standard broker). Uses the `[gateway]` (id, data dir), `[ca]`,
+/// `[fdo]` and `[shutdown]` sections.
+pub async fn run_cloud(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    let data_dir = config.gateway.data_dir.clone();
+    let id = config.gateway_id();
+    if !config.fdo.enabled || !config.fdo.owner {
+        return Err(RunError::Fdo(fdo::service::ServiceError::Config(
+            "fdo.enabled",
+            "the cloud role serves FDO: fdo.enabled and fdo.owner must be true".into(),
+        )));
+    }
+    if config.fdo.mqtt_servers.is_empty() {
+        return Err(RunError::Fdo(fdo::service::ServiceError::Config(
+            "fdo.mqtt_servers",
+            "must name the devices' MQTT servers (the cloud role has no broker)".into(),
+        )));
+    }
+    let ca = open_ca(&config)?;
+    let store = ca.store().clone();
+    let (ca, ca_thread) = CaHandle::spawn(ca)?;
+    let fdo_l = fdo::service::bind(&config.fdo)
+        .await
+        .map_err(|cause| RunError::Bind {
+            what: "fdo",
+            addr: config.fdo.listen,
+            cause,
+        })?
+        .ok_or(RunError::Fdo(fdo::service::ServiceError::Config(
+            "fdo.enabled",
+            "must be true".into(),
+        )))?;
+    let admin_l = admin::bind(&data_dir)?;
+    let tracker = TaskTracker::new();
+    let role = fdo::service::Role {
+        registered_by: format!("cloud {id}"),
+        subject: id.clone(),
+        mqtts_port: None,
+    };
+    let svc = fdo::service::start(
+        &config.fdo,
+        fdo_l,
+        &role,
+        &store,
+        &data_dir,
+        &ca,
+        &tracker,
+        shutdown.clone(),
+    )?;
+    metrics::log_bound("fdo (onboarding: rendezvous + owner, HTTP)", svc.addr);
+    tracker.spawn(admin::serve(
+        admin_l,
+        admin::Services {
+            ca: ca.clone(),
+            store: store.clone(),
+            data_dir: data_dir.clone(),
+            vouchers_changed: Some(svc.vouchers_changed.clone()),
+        },
+        tracker.clone(),
+        shutdown.clone(),
+    ));
+    spawn_crl_refresh(&ca, &config, &tracker, &shutdown);
+    let ep = CloudEndpoints {
+        cloud_id: id.clone(),
+        fdo: svc.addr,
+        pid: std::process::id(),
+    };
+    let ep_text = serde_json::to_string_pretty(&ep).unwrap_or_default();
+    ca::write_file(&data_dir.join(ENDPOINTS_FILE), ep_text.as_bytes(), 0o644)?;
+    systemd::ready();
+    tracker.spawn(systemd::watchdog(shutdown.clone()));
+    tracing::info!(cloud = %id, "cloud ready");
+
+    shutdown.cancelled().await;
+    systemd::stopping();
+    tracker.close();
+    if tokio::time::timeout(config.shutdown.grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tracker.len(),
+            "grace period over: remaining tasks abandoned"
+        );
+    }
+    let _ = std::fs::remove_file(data_dir.join(admin::SOCKET));
+    let _ = std::fs::remove_file(data_dir.join(ENDPOINTS_FILE));
+    drop(svc);
+    drop(store);
+    drop(ca);
+    join_store_owner(ca_thread).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -47,6 +47,17 @@ struct ConfigArgs {
 enum Cmd {
     /// Run the gateway.
     Run(ConfigArgs),
+    /// Run the cloud side of onboarding: rendezvous server, owner, device registry.
+    Cloud(ConfigArgs),
+    /// Run the device agent: onboard with FDO (TO1 + TO2), then stay connected over mTLS.
+    Device(DeviceArgs),
+    /// The device registry: every device onboarded here.
+    Registry {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
     /// Print the default configuration as TOML.
     PrintDefaultConfig,
     /// Operate the gateway's certificate authority (works whether or not the gateway runs).
@@ -59,6 +70,29 @@ enum Cmd {
         #[command(subcommand)]
         cmd: VoucherCmd,
     },
+}
+
+#[derive(Args, Clone)]
+struct DeviceArgs {
+    /// The device credential file (from `outpost voucher init-device`); replaced after
+    /// onboarding.
+    #[arg(long, default_value = outpost::fdo::credential::FILE_NAME)]
+    cred: PathBuf,
+    /// Where the operational MQTT credentials are kept.
+    #[arg(long, default_value = "outpost-device")]
+    state_dir: PathBuf,
+    /// Heartbeat interval (e.g. 30s; 0s: none).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    interval: std::time::Duration,
+    /// MQTT keep-alive.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    keep_alive: std::time::Duration,
+    /// Give up onboarding after this many attempts (default: never).
+    #[arg(long)]
+    attempts: Option<u32>,
+    /// Onboard, save the credentials, and exit.
+    #[arg(long)]
+    onboard_only: bool,
 }
 
 #[derive(Subcommand)]
@@ -192,7 +226,8 @@ fn main() -> ExitCode {
             print!("{}", Config::default_toml());
             return ExitCode::SUCCESS;
         }
-        Cmd::Run(a) => a.clone(),
+        Cmd::Run(a) | Cmd::Cloud(a) | Cmd::Registry { cfg: a, .. } => a.clone(),
+        Cmd::Device(_) => ConfigArgs::default(),
         Cmd::Ca {
             cmd:
                 CaCmd::IssueDevice { cfg, .. } | CaCmd::Revoke { cfg, .. } | CaCmd::List { cfg, .. },
@@ -223,7 +258,10 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.cmd {
-            Cmd::Run(_) => run(config).await,
+            Cmd::Run(_) => run(config, false).await,
+            Cmd::Cloud(_) => run(config, true).await,
+            Cmd::Device(a) => device(a).await,
+            Cmd::Registry { json, .. } => registry(config, json).await,
             Cmd::Ca { cmd } => ca_command(cmd, config).await,
             Cmd::Voucher { cmd } => voucher_command(cmd, config).await,
             Cmd::PrintDefaultConfig => Ok(()),
@@ -238,7 +276,8 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+/// A token cancelled on SIGTERM or SIGINT.
+fn on_signal() -> anyhow::Result<CancellationToken> {
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -250,9 +289,80 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         s.cancel();
     });
-    outpost::run(config, shutdown)
+    Ok(shutdown)
+}
+
+async fn run(config: Config, cloud: bool) -> anyhow::Result<()> {
+    let shutdown = on_signal()?;
+    if cloud {
+        outpost::run_cloud(config, shutdown)
+            .await
+            .context("cloud failed")
+    } else {
+        outpost::run(config, shutdown)
+            .await
+            .context("gateway failed")
+    }
+}
+
+async fn device(a: DeviceArgs) -> anyhow::Result<()> {
+    let shutdown = on_signal()?;
+    let opts = outpost::device::AgentOptions {
+        cred: a.cred,
+        state_dir: a.state_dir,
+        interval: a.interval,
+        keep_alive: a.keep_alive,
+        attempts: a.attempts,
+        onboard_only: a.onboard_only,
+        ..Default::default()
+    };
+    outpost::device::run(opts, shutdown)
         .await
-        .context("gateway failed")
+        .context("device agent failed")
+}
+
+async fn registry(config: Config, json: bool) -> anyhow::Result<()> {
+    let data_dir = config.gateway.data_dir.clone();
+    let entries = match admin::call(&data_dir, &Request::Registry).await? {
+        Some(Reply::Registry { entries }) => entries,
+        Some(other) => bail!("unexpected answer: {other:?}"),
+        None => {
+            let store = outpost::store::Store::open(&data_dir.join("store"))
+                .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+            admin::registry(&store)?
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:<20} {:<34} {:<20} {:<24} {}",
+        "GUID", "DEVICE INFO", "CERT SERIAL", "ONBOARDED (UTC)", "BY", "OWNER KEY"
+    );
+    for e in entries {
+        let when = time::OffsetDateTime::from_unix_timestamp(e.onboarded_at)
+            .map(|t| {
+                format!(
+                    "{} {:02}:{:02}:{:02}",
+                    t.date(),
+                    t.hour(),
+                    t.minute(),
+                    t.second()
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<32} {:<20} {:<34} {:<20} {:<24} {}",
+            e.guid,
+            e.device_info,
+            e.cert_serial.as_deref().unwrap_or("-"),
+            when,
+            e.registered_by,
+            e.owner_key_id
+        );
+    }
+    Ok(())
 }
 
 fn write_out(dir: &Path, name: &str, text: &str, mode: u32) -> anyhow::Result<()> {
@@ -354,7 +464,7 @@ fn offline(config: &Config, req: Request) -> anyhow::Result<Reply> {
         Request::List => Reply::Records {
             records: ca.list()?,
         },
-        Request::ImportVoucher { .. } => bail!("voucher import is not a CA request"),
+        Request::ImportVoucher { .. } | Request::Registry => bail!("not a CA request"),
     })
 }
 

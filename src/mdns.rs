@@ -12,9 +12,13 @@ pub const SERVICE_TYPE: &str = "_secure-mqtt._tcp.local.";
 #[error("mDNS: {0}")]
 pub struct MdnsError(String);
 
+/// FDO service (rendezvous + owner over HTTP); its host name is the one devices are made
+/// with (`outpost.local`), so that answering for the service also answers that name.
+pub const FDO_SERVICE_TYPE: &str = "_fdo._tcp.local.";
+
 pub struct Advert {
     daemon: ServiceDaemon,
-    fullname: String,
+    fullnames: Vec<String>,
 }
 
 impl Advert {
@@ -38,17 +42,38 @@ impl Advert {
         let fullname = info.get_fullname().to_string();
         daemon.register(info).map_err(e)?;
         tracing::info!(service = %fullname, port, "advertising over mDNS");
-        Ok(Advert { daemon, fullname })
+        Ok(Advert {
+            daemon,
+            fullnames: vec![fullname],
+        })
+    }
+
+    /// Also advertise the FDO listener on `port` under the host name `host` (e.g.
+    /// `outpost.local`), which the responder then resolves to this machine's addresses.
+    pub fn add_fdo(&mut self, instance: &str, host: &str, port: u16) -> Result<(), MdnsError> {
+        let e = |e: mdns_sd::Error| MdnsError(e.to_string());
+        let props = HashMap::from([("path".to_string(), "/fdo/101/msg".to_string())]);
+        let host = format!("{}.", host.trim_end_matches('.'));
+        let info = ServiceInfo::new(FDO_SERVICE_TYPE, instance, &host, "", port, props)
+            .map_err(e)?
+            .enable_addr_auto();
+        let fullname = info.get_fullname().to_string();
+        self.daemon.register(info).map_err(e)?;
+        tracing::info!(service = %fullname, %host, port, "advertising FDO over mDNS");
+        self.fullnames.push(fullname);
+        Ok(())
     }
 
     /// Withdraw the record and stop the daemon, waiting briefly for the goodbye to go out.
     pub fn stop(self) {
-        if let Ok(rx) = self.daemon.unregister(&self.fullname) {
-            let _ = rx.recv_timeout(std::time::Duration::from_secs(1));
+        for name in &self.fullnames {
+            if let Ok(rx) = self.daemon.unregister(name) {
+                let _ = rx.recv_timeout(std::time::Duration::from_secs(1));
+            }
         }
         if let Ok(rx) = self.daemon.shutdown() {
             let _ = rx.recv_timeout(std::time::Duration::from_secs(1));
         }
-        tracing::info!(service = %self.fullname, "mDNS advertisement withdrawn");
+        tracing::info!(services = ?self.fullnames, "mDNS advertisement withdrawn");
     }
 }

@@ -166,6 +166,59 @@ impl Log {
     }
 }
 
+/// A named key-value table of opaque records (e.g. the rendezvous registrations).
+#[derive(Clone)]
+pub struct Table {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl Table {
+    /// Insert or replace, flushed before returning.
+    pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.tree.insert(key, value)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Remove keys (not flushed: callers use it for entries that are void anyway).
+    pub fn remove(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for k in keys {
+            batch.remove(k.as_slice());
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    pub fn contains(&self, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.tree.contains_key(key)?)
+    }
+
+    /// Number of entries (walks the table).
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+
+    /// Every entry, in key order.
+    pub fn entries(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.iter() {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+}
+
 fn seq_of(k: &[u8]) -> Result<u64, StoreError> {
     <[u8; 8]>::try_from(k)
         .map(u64::from_be_bytes)
@@ -238,6 +291,14 @@ impl Store {
     pub fn log(&self, name: &str) -> Result<Log, StoreError> {
         Ok(Log {
             tree: self.db.open_tree(format!("log/{name}"))?,
+        })
+    }
+
+    /// A named key-value table.
+    pub fn table(&self, name: &str) -> Result<Table, StoreError> {
+        Ok(Table {
+            db: self.db.clone(),
+            tree: self.db.open_tree(format!("table/{name}"))?,
         })
     }
 

@@ -244,6 +244,9 @@ listen = "127.0.0.1:0"
 [mdns]
 enabled = false
 
+[fdo]
+listen = "127.0.0.1:0"
+
 {extra}
 "#,
         data_dir.display()
@@ -574,7 +577,7 @@ fn first_start_with_defaults_creates_the_ca() {
     // Only the ports differ from the defaults.
     std::fs::write(
         &cfg,
-        "[listeners]\nmqtts = \"127.0.0.1:0\"\nplain = \"127.0.0.1:0\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        "[listeners]\nmqtts = \"127.0.0.1:0\"\nplain = \"127.0.0.1:0\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[fdo]\nlisten = \"127.0.0.1:0\"\n",
     )
     .unwrap();
     let log = dir.path().join("log");
@@ -621,10 +624,11 @@ fn first_start_with_defaults_creates_the_ca() {
 
 #[test]
 fn run_without_any_config_uses_default_ports() {
-    let wanted: [SocketAddr; 3] = [
+    let wanted: [SocketAddr; 4] = [
         "0.0.0.0:8883".parse().unwrap(),
         "127.0.0.1:1883".parse().unwrap(),
         "127.0.0.1:9883".parse().unwrap(),
+        "0.0.0.0:8041".parse().unwrap(),
     ];
     let busy: Vec<SocketAddr> = wanted
         .iter()
@@ -659,6 +663,7 @@ fn run_without_any_config_uses_default_ports() {
     assert_eq!(ep.mqtts, wanted[0]);
     assert_eq!(ep.plain, Some(wanted[1]));
     assert_eq!(ep.metrics, Some(wanted[2]));
+    assert_eq!(ep.fdo, Some(wanted[3]));
     check_first_start(&data, &ep);
     stop(&mut child);
 }
@@ -704,6 +709,23 @@ fn mdns_advertises_the_device_listener_and_withdraws_it() {
         Some(ca_fp.as_str())
     );
     assert!(!resolved.addresses.is_empty(), "no address advertised");
+
+    // The FDO listener, under the host name devices are made with (outpost.local).
+    let fdo_events = browser
+        .browse(outpost::mdns::FDO_SERVICE_TYPE)
+        .expect("browse fdo");
+    let fdo_name = format!("{id}.{}", outpost::mdns::FDO_SERVICE_TYPE);
+    let fdo = loop {
+        let left = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
+        match fdo_events.recv_timeout(left) {
+            Ok(ServiceEvent::ServiceResolved(s)) if s.fullname == fdo_name => break s,
+            Ok(_) => {}
+            Err(_) => panic!("{fdo_name} not resolved:\n{}", gw.log()),
+        }
+    };
+    assert_eq!(Some(fdo.port), gw.ep.fdo.map(|a| a.port()), "FDO port");
+    assert_eq!(fdo.host, "outpost.local.");
+    assert!(!fdo.addresses.is_empty(), "no address for outpost.local");
 
     gw.signal("TERM");
     let st = gw

@@ -17,8 +17,14 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_service::Service;
 
 /// Largest request body.
 pub const MAX_BODY: usize = super::encrypt::MAX_ENCRYPTED + 1024;
@@ -38,18 +44,145 @@ pub fn router(server: FdoServer) -> Router {
         .with_state(Arc::new(server))
 }
 
-/// Serve on `listener` until `shutdown` completes.
+/// Limits of the HTTP listener.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Open connections; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time allowed for one request: headers, body and answer. Also the longest wait for
+    /// the headers of the next request on a kept-alive connection.
+    pub request_timeout: Duration,
+    /// A connection is closed (gracefully) after this long, whatever it does.
+    pub max_connection_age: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: 1024,
+            request_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Serve on `listener` with the default [`HttpLimits`] until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     server: FdoServer,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(server).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        t.cancel();
+    });
+    serve_with(listener, server, HttpLimits::default(), token).await;
+    Ok(())
+}
+
+/// Serve on `listener` until `shutdown` is cancelled, then let open requests finish (5 s
+/// at most). A slow or stalled client holds one connection slot for at most
+/// `request_timeout` per request; past `max_connections`, new connections wait.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    server: FdoServer,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+) {
+    let router = router(server);
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let conns = TaskTracker::new();
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "FDO listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let (router, limits, shutdown) = (router.clone(), limits.clone(), shutdown.clone());
+        conns.spawn(async move {
+            let _permit = permit;
+            serve_connection(stream, peer, router, limits, shutdown).await;
+        });
+    }
+    conns.close();
+    if tokio::time::timeout(Duration::from_secs(5), conns.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = conns.len(),
+            "FDO listener: connections still open after 5 s"
+        );
+    }
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    router: Router,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let timeout = limits.request_timeout;
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let mut router = router.clone();
+        async move {
+            match tokio::time::timeout(timeout, router.call(req)).await {
+                Ok(Ok(resp)) => Ok::<Response, Infallible>(resp),
+                Ok(Err(never)) => match never {},
+                Err(_) => {
+                    tracing::warn!(%peer, ?timeout, "FDO request timed out");
+                    Ok(error_response(
+                        0,
+                        ErrorCode::MessageBodyError,
+                        format!("request not completed within {timeout:?}"),
+                    ))
+                }
+            }
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .max_buf_size(64 * 1024);
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let age = tokio::time::sleep(limits.max_connection_age);
+    tokio::pin!(age);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(timeout, conn.as_mut()).await.unwrap_or(Ok(()))
+        }
+        _ = &mut age => {
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(timeout, conn.as_mut()).await.unwrap_or(Ok(()))
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "FDO connection ended with an error");
+    }
 }
 
 fn cbor_response(status: StatusCode, msg_type: u8, token: Option<&str>, body: Vec<u8>) -> Response {

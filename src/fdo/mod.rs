@@ -22,7 +22,9 @@
 //! - [`rendezvous`]: the rendezvous server (TO0 registrations, TO1 answers);
 //! - [`owner_service`]: the owner side of TO2 with devmod and the `outpost:mqtt` module;
 //! - [`registry`]: the owner backend on the store (vouchers, owner keys, device registry);
-//! - [`http`]: the axum server for `POST /fdo/101/msg/{n}`;
+//! - [`http`]: the HTTP server for `POST /fdo/101/msg/{n}` (axum on hyper, bounded);
+//! - [`service`]: the `[fdo]` config and the running services of a gateway or cloud
+//!   (listener, rendezvous and owner on the store, the TO0 registrar);
 //! - [`client`]: the device (TO1 + TO2) and the owner's TO0 over a bounded HTTP client.
 //!
 //! The authority for every wire decision is the CDDL of the FDO 1.1 specification
@@ -45,6 +47,7 @@ pub mod owner_service;
 pub mod registry;
 pub mod rendezvous;
 pub mod report;
+pub mod service;
 pub mod session;
 pub mod types;
 pub mod voucher;

@@ -65,19 +65,28 @@ impl StoreOwnerBackend {
 
     /// The registry, oldest first.
     pub fn registry(&self) -> Result<Vec<RegistryEntry>, FdoError> {
-        let mut out = Vec::new();
-        let mut from = 0;
-        loop {
-            let batch = self.registry.read_from(from, 256)?;
-            let Some((last, _)) = batch.last() else {
-                return Ok(out);
-            };
-            from = last + 1;
-            for (_, v) in batch {
-                match serde_json::from_slice(&v) {
-                    Ok(e) => out.push(e),
-                    Err(e) => tracing::warn!(error = %e, "skipping unreadable registry entry"),
-                }
+        read_log(&self.registry)
+    }
+}
+
+/// The registry of `store`, oldest first.
+pub fn read(store: &Store) -> Result<Vec<RegistryEntry>, FdoError> {
+    read_log(&store.log(REGISTRY_LOG)?)
+}
+
+fn read_log(log: &Log) -> Result<Vec<RegistryEntry>, FdoError> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let batch = log.read_from(from, 256)?;
+        let Some((last, _)) = batch.last() else {
+            return Ok(out);
+        };
+        from = last + 1;
+        for (_, v) in batch {
+            match serde_json::from_slice(&v) {
+                Ok(e) => out.push(e),
+                Err(e) => tracing::warn!(error = %e, "skipping unreadable registry entry"),
             }
         }
     }

@@ -137,6 +137,105 @@ impl RvStore for MemoryRvStore {
     }
 }
 
+impl Registration {
+    /// CBOR `[guid, to1d, deviceKey, ownerKey, expiresAt]` (the store's format).
+    pub fn encode(&self) -> Vec<u8> {
+        use super::cbor::{int_value, Value};
+        super::cbor::encode(&Value::Array(vec![
+            Value::Bytes(self.guid.0.to_vec()),
+            Value::Bytes(self.to1d.clone()),
+            self.device_key.to_value(),
+            self.owner_key.to_value(),
+            int_value(self.expires_at),
+        ]))
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Registration, FdoError> {
+        use super::cbor;
+        const W: &str = "stored registration";
+        let [g, to1d, dk, ok, exp] = cbor::array_n(cbor::decode(bytes, 1 << 20, W)?, W)?;
+        let g = cbor::bytes(g, W)?;
+        let guid = Guid(
+            <[u8; 16]>::try_from(g.as_slice())
+                .map_err(|_| FdoError::malformed(W, "GUID is not 16 bytes"))?,
+        );
+        Ok(Registration {
+            guid,
+            to1d: cbor::bytes(to1d, W)?,
+            device_key: PublicKey::from_value(dk, W)?,
+            owner_key: PublicKey::from_value(ok, W)?,
+            expires_at: cbor::int(exp, W)?,
+        })
+    }
+}
+
+/// Registrations in the store (table `rv-registrations`), flushed before TO0.AcceptOwner,
+/// bounded: when full, expired entries are purged, then new GUIDs are refused.
+pub struct StoreRvStore {
+    table: crate::store::Table,
+    max: usize,
+}
+
+/// Name of the store table of rendezvous registrations.
+pub const RV_TABLE: &str = "rv-registrations";
+
+impl StoreRvStore {
+    pub fn open(store: &crate::store::Store, max: usize) -> Result<StoreRvStore, FdoError> {
+        Ok(StoreRvStore {
+            table: store.table(RV_TABLE)?,
+            max,
+        })
+    }
+
+    /// Remove expired registrations; returns how many.
+    pub fn purge_expired(&self) -> Result<usize, String> {
+        let now = now_unix();
+        let mut gone = Vec::new();
+        for (k, v) in self.table.entries().map_err(|e| e.to_string())? {
+            match Registration::decode(&v) {
+                Ok(r) if r.expires_at > now => {}
+                _ => gone.push(k),
+            }
+        }
+        self.table.remove(&gone).map_err(|e| e.to_string())?;
+        Ok(gone.len())
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+}
+
+impl RvStore for StoreRvStore {
+    fn put(&self, reg: Registration) -> Result<(), String> {
+        let known = self
+            .table
+            .contains(&reg.guid.0)
+            .map_err(|e| e.to_string())?;
+        if !known && self.table.len() >= self.max {
+            self.purge_expired()?;
+            if self.table.len() >= self.max {
+                return Err(format!("{} registrations (the limit)", self.max));
+            }
+        }
+        self.table
+            .put(&reg.guid.0, &reg.encode())
+            .map_err(|e| e.to_string())
+    }
+
+    fn get(&self, guid: &Guid) -> Result<Option<Registration>, String> {
+        let Some(bytes) = self.table.get(&guid.0).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let reg = Registration::decode(&bytes).map_err(|e| e.to_string())?;
+        Ok(Some(reg).filter(|r| r.expires_at > now_unix()))
+    }
+}
+
 /// Which owners may register (default: any owner that proves a valid voucher chain).
 pub type OwnerPolicy = Arc<dyn Fn(&VerifiedChain) -> bool + Send + Sync>;
 
@@ -395,6 +494,39 @@ mod tests {
             .handle(msg_type::TO2_HELLO_DEVICE, None, &[0x80])
             .unwrap_err();
         assert_eq!(e.error_code(), ErrorCode::InvalidMessageError);
+    }
+
+    #[test]
+    fn store_registrations_persist_expire_and_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crypto::SigningKey::generate(crypto::Curve::P256).unwrap();
+        let reg = |g: u8, expires_at: i64| Registration {
+            guid: Guid([g; 16]),
+            to1d: vec![0x80, g],
+            device_key: key.public_key(),
+            owner_key: key.public_key(),
+            expires_at,
+        };
+        let later = now_unix() + 3600;
+        {
+            let store = crate::store::Store::open(&dir.path().join("s")).unwrap();
+            let rv = StoreRvStore::open(&store, 2).unwrap();
+            rv.put(reg(1, later)).unwrap();
+            rv.put(reg(2, now_unix() - 1)).unwrap();
+            // Full: the expired one is purged to make room.
+            rv.put(reg(3, later)).unwrap();
+            assert!(rv.get(&Guid([2; 16])).unwrap().is_none());
+            // Full of live ones: a new GUID is refused, a known one is replaced.
+            assert!(rv.put(reg(4, later)).unwrap_err().contains("limit"));
+            rv.put(reg(3, later + 5)).unwrap();
+        }
+        let store = crate::store::Store::open(&dir.path().join("s")).unwrap();
+        let rv = StoreRvStore::open(&store, 2).unwrap();
+        let got = rv.get(&Guid([3; 16])).unwrap().unwrap();
+        assert_eq!(got.expires_at, later + 5);
+        assert_eq!(got.to1d, vec![0x80, 3]);
+        assert!(got.device_key.same_key(&key.public_key()));
+        assert!(rv.get(&Guid([4; 16])).unwrap().is_none());
     }
 
     proptest! {

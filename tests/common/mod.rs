@@ -12,6 +12,7 @@ pub use outpost::Endpoints;
 
 /// TLS clients, ACL, revocation and core-bypass helpers (mosquitto processes, raw MQTT over
 /// TLS, rumqttc, certificates made in the test).
+pub mod roles;
 pub mod security_helpers;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_outpost");
@@ -49,6 +50,9 @@ listen = "127.0.0.1:0"
 
 [mdns]
 enabled = false
+
+[fdo]
+listen = "127.0.0.1:0"
 
 {extra}
 "#,
@@ -603,6 +607,7 @@ impl Gateway {
                 mqtts: "127.0.0.1:1".parse().unwrap(),
                 plain: None,
                 metrics: None,
+                fdo: None,
                 pid: 0,
             },
         };

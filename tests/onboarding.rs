@@ -1,0 +1,245 @@
+//! Issue 4, acceptance 1 and 2, with the real binary in every role: a manufacturer makes a
+//! device (`outpost voucher init-device`), its voucher is extended to an owner and imported
+//! there; the owner registers it at its rendezvous server (TO0, by itself); `outpost device`
+//! finds its owner (TO1), onboards (TO2), receives an operational certificate for a key it
+//! generated, and publishes through the gateway's mTLS broker with it. The owner's registry
+//! records the device.
+
+mod common;
+
+use common::roles::{extend_to, make_device, s, Agent, Cloud};
+use common::{base_config, expect_publish, mqtt_subscribe, plain_session, tls_args, Gateway};
+use std::process::Command;
+use std::time::Duration;
+
+fn registry(args_config: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec!["registry", "--json"];
+    args.extend_from_slice(args_config);
+    let text = common::roles::run_ok(&args);
+    serde_json::from_str(&text).expect("registry JSON")
+}
+
+/// The device's heartbeat arrives at a local subscriber of the gateway, and a real MQTT
+/// client (mosquitto_pub) with the device's files is accepted by the gateway's mTLS
+/// listener and routed.
+fn check_publishes_through_gateway(gw: &Gateway, agent: &Agent, client_id: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut sub = plain_session(gw.plain(), "watcher").await;
+        mqtt_subscribe(&mut sub, &format!("devices/{client_id}/#"), 1).await;
+        let beat = expect_publish(
+            &mut sub,
+            &format!("devices/{client_id}/telemetry/heartbeat"),
+            Duration::from_secs(20),
+        )
+        .await;
+        let beat: serde_json::Value = serde_json::from_slice(&beat).expect("heartbeat JSON");
+        assert!(beat["seq"].as_u64().unwrap_or(0) >= 1, "{beat}");
+
+        common::require_mosquitto();
+        let creds = agent.creds(client_id);
+        let topic = format!("devices/{client_id}/telemetry/manual");
+        let out = Command::new("mosquitto_pub")
+            .args(tls_args(gw.mqtts(), &creds))
+            .args([
+                "-i",
+                client_id,
+                "-q",
+                "1",
+                "-t",
+                &topic,
+                "-m",
+                "from-mosquitto",
+            ])
+            .output()
+            .expect("mosquitto_pub");
+        assert!(
+            out.status.success(),
+            "mosquitto_pub with the onboarded credentials: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = expect_publish(&mut sub, &topic, Duration::from_secs(10)).await;
+        assert_eq!(got, b"from-mosquitto");
+    });
+}
+
+fn check_entry(
+    entries: &[serde_json::Value],
+    old_guid: &str,
+    guid: &str,
+    by: &str,
+) -> serde_json::Value {
+    let e = entries
+        .iter()
+        .find(|e| e["guid"] == guid)
+        .unwrap_or_else(|| panic!("{guid} not in registry {entries:?}"))
+        .clone();
+    assert_eq!(e["old_guid"], old_guid);
+    assert_eq!(e["registered_by"], by);
+    assert!(
+        e["cert_serial"].as_str().is_some_and(|s| !s.is_empty()),
+        "{e}"
+    );
+    assert!(
+        e["device_cert_hash"]
+            .as_str()
+            .is_some_and(|s| s.len() == 64),
+        "{e}"
+    );
+    assert!(
+        e["owner_key_id"].as_str().is_some_and(|s| !s.is_empty()),
+        "{e}"
+    );
+    assert!(
+        e["device_info"]
+            .as_str()
+            .is_some_and(|s| s.contains("model-x")),
+        "{e}"
+    );
+    assert!(
+        e["onboarded_at"].as_i64().unwrap_or(0) > 1_700_000_000,
+        "{e}"
+    );
+    assert!(
+        e["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{e}"
+    );
+    e
+}
+
+#[test]
+fn device_onboards_against_the_cloud_and_publishes_through_the_gateway() {
+    // The cloud's CA exists before the gateway starts, so that the gateway can accept the
+    // certificates it issues; the gateway's CA is what devices need to verify the gateway.
+    let mut cloud = Cloud::prepare("");
+    let cloud_ca = cloud.ca_cert();
+    let gw = Gateway::start_custom(|data| {
+        base_config(
+            data,
+            &format!("[tls]\nextra_client_cas = [\"{}\"]\n", cloud_ca.display()),
+        )
+    });
+    let gw_ca = gw.data_dir.join("ca.crt");
+    let text = std::fs::read_to_string(&cloud.config_path)
+        .unwrap()
+        .replace(
+            "[fdo]\n",
+            &format!(
+                "[fdo]\nmqtt_servers = [\"mqtts://127.0.0.1:{}\"]\nserver_trust = [\"{}\"]\n",
+                gw.mqtts().port(),
+                gw_ca.display()
+            ),
+        );
+    std::fs::write(&cloud.config_path, text).unwrap();
+    cloud.start();
+
+    let work = tempfile::tempdir().unwrap();
+    let dev = make_device(work.path(), "dev-cloud", cloud.fdo());
+    let owner = cloud.cli(&["voucher", "owner-cert"]);
+    let v = extend_to(&dev, &owner, "cloud");
+    let imported = cloud.cli(&["voucher", "import", s(&v)]);
+    assert!(imported.contains(&dev.guid), "{imported}");
+
+    let mut agent = Agent::start(&dev.cred, &work.path().join("state"), &[]);
+    let onboarded = agent.expect("onboarded", Duration::from_secs(30));
+    assert_eq!(onboarded["old_guid"], dev.guid.as_str());
+    let client_id = onboarded["client_id"]
+        .as_str()
+        .expect("client id")
+        .to_string();
+    assert_eq!(onboarded["guid"], client_id.as_str());
+    assert_ne!(client_id, dev.guid, "TO2 gives the device a new GUID");
+    assert_eq!(
+        onboarded["servers"],
+        serde_json::json!([format!("mqtts://127.0.0.1:{}", gw.mqtts().port())])
+    );
+    let connected = agent.expect("connected", Duration::from_secs(15));
+    assert_eq!(
+        connected["server"],
+        format!("mqtts://127.0.0.1:{}", gw.mqtts().port())
+    );
+    check_publishes_through_gateway(&gw, &agent, &client_id);
+
+    // The cloud recorded it, the certificate serial is one its CA issued, and the device
+    // key never left the device (the CA's record says it came from a CSR).
+    let reg = registry(&["--config", s(&cloud.config_path)]);
+    let e = check_entry(&reg, &dev.guid, &client_id, "cloud cloud-test");
+    let certs: Vec<serde_json::Value> =
+        serde_json::from_str(&cloud.cli(&["ca", "list", "--json"])).unwrap();
+    let c = certs
+        .iter()
+        .find(|c| c["serial"] == e["cert_serial"])
+        .unwrap_or_else(|| panic!("serial not in the cloud CA: {certs:?}"));
+    assert_eq!(c["device_id"], client_id.as_str());
+    assert_eq!(c["key_source"], "csr");
+    // The device credential file was replaced: it names the new GUID, so the old voucher
+    // no longer matches it.
+    let out = Command::new(common::BIN)
+        .args(["voucher", "show", s(&v), "--cred", s(&dev.cred)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("expected {client_id}")), "{err}");
+}
+
+#[test]
+fn device_onboards_against_the_gateway_as_rendezvous_and_owner() {
+    let gw = Gateway::start();
+    let fdo = gw.ep.fdo.expect("gateway FDO listener");
+    let work = tempfile::tempdir().unwrap();
+    let dev = make_device(work.path(), "dev-gw", fdo);
+    let owner = gw.cli(&["voucher", "owner-cert"]);
+    assert!(owner.status.success());
+    let v = extend_to(&dev, &String::from_utf8_lossy(&owner.stdout), "gw");
+    let out = gw.cli(&["voucher", "import", s(&v)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut agent = Agent::start(&dev.cred, &work.path().join("state"), &[]);
+    let onboarded = agent.expect("onboarded", Duration::from_secs(30));
+    let client_id = onboarded["client_id"]
+        .as_str()
+        .expect("client id")
+        .to_string();
+    let primary = format!("mqtts://127.0.0.1:{}", gw.mqtts().port());
+    assert_eq!(onboarded["servers"][0], primary.as_str());
+    let connected = agent.expect("connected", Duration::from_secs(15));
+    assert_eq!(connected["server"], primary.as_str());
+    check_publishes_through_gateway(&gw, &agent, &client_id);
+
+    let reg = registry(&["--config", s(&gw.config_path)]);
+    let e = check_entry(&reg, &dev.guid, &client_id, "gateway gw-test");
+    let list = gw.cli(&["ca", "list", "--json"]);
+    let certs: Vec<serde_json::Value> = serde_json::from_slice(&list.stdout).unwrap();
+    assert!(
+        certs
+            .iter()
+            .any(|c| c["serial"] == e["cert_serial"] && c["device_id"] == client_id.as_str()),
+        "{certs:?}"
+    );
+    // The log says how the device was found and onboarded.
+    let log = gw.log();
+    assert!(log.contains("TO0: registered"), "{log}");
+    assert!(log.contains("TO1: device proved itself"), "{log}");
+
+    // Restarted, the agent reuses its credentials instead of onboarding again.
+    drop(agent);
+    let mut again = Agent::start(&dev.cred, &work.path().join("state"), &[]);
+    let c = again.expect("connected", Duration::from_secs(15));
+    assert_eq!(c["server"], primary.as_str());
+    assert!(
+        !again.seen.iter().any(|e| e["event"] == "onboarded"),
+        "{:?}",
+        again.seen
+    );
+    assert_eq!(registry(&["--config", s(&gw.config_path)]).len(), 1);
+}
