@@ -243,3 +243,86 @@ fn device_onboards_against_the_gateway_as_rendezvous_and_owner() {
     );
     assert_eq!(registry(&["--config", s(&gw.config_path)]).len(), 1);
 }
+
+/// The FDO listener is bounded: stalled clients hold a connection slot for at most the
+/// request timeout, garbage gets an error answer, and onboarding traffic still goes through.
+#[test]
+fn fdo_listener_survives_stalled_and_garbage_clients() {
+    use std::io::{Read, Write};
+    let gw = Gateway::start_custom(|data| {
+        base_config(data, "").replace(
+            "[fdo]\nlisten = \"127.0.0.1:0\"\n",
+            "[fdo]\nlisten = \"127.0.0.1:0\"\nmax_connections = 4\nrequest_timeout = \"1s\"\n",
+        )
+    });
+    let fdo = gw.ep.fdo.expect("FDO listener");
+    // Four connections that send half a request and stall: every slot taken.
+    let mut stalled: Vec<std::net::TcpStream> = (0..4)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(fdo).unwrap();
+            c.write_all(b"POST /fdo/101/msg/30 HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            c
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    // A real request waits for a slot, then is answered (error 255: unknown GUID).
+    let mut c = std::net::TcpStream::connect(fdo).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = [
+        0x82, 0x50, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x82, 0x26, 0xf6,
+    ];
+    let mut req = format!(
+        "POST /fdo/101/msg/30 HTTP/1.1\r\nHost: x\r\nContent-Type: application/cbor\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    c.write_all(&req).unwrap();
+    let mut answer = Vec::new();
+    c.read_to_end(&mut answer).unwrap();
+    let waited = started.elapsed();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 500"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("message-type: 255"),
+        "{text}"
+    );
+    assert!(
+        waited >= Duration::from_millis(700) && waited < Duration::from_secs(5),
+        "a slot freed after {waited:?} (request_timeout 1 s)"
+    );
+    // The stalled connections were closed by the gateway.
+    for s in &mut stalled {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+    }
+    // Garbage: not HTTP at all, and an oversized body.
+    let mut g = std::net::TcpStream::connect(fdo).unwrap();
+    g.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    g.write_all(&[
+        0x16, 0x03, 0x01, 0xff, 0xff, 0, 1, 2, 3, b'\r', b'\n', b'\r', b'\n',
+    ])
+    .unwrap();
+    let mut buf = Vec::new();
+    let _ = g.read_to_end(&mut buf);
+    let mut big = std::net::TcpStream::connect(fdo).unwrap();
+    big.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    big.write_all(
+        b"POST /fdo/101/msg/60 HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    let _ = big.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 413"), "oversized body: {text}");
+    // Still serving, and onboarding works.
+    let work = tempfile::tempdir().unwrap();
+    let dev = make_device(work.path(), "dev-after", fdo);
+    let owner = gw.cli(&["voucher", "owner-cert"]);
+    let v = extend_to(&dev, &String::from_utf8_lossy(&owner.stdout), "gw");
+    assert!(gw.cli(&["voucher", "import", s(&v)]).status.success());
+    let mut agent = Agent::start(&dev.cred, &work.path().join("state"), &["--onboard-only"]);
+    agent.expect("onboarded", Duration::from_secs(30));
+}

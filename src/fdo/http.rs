@@ -145,7 +145,25 @@ async fn serve_connection(
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
         let mut router = router.clone();
+        // A declared length over the limit is refused before any of the body is read.
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
         async move {
+            if let Some(len) = declared.filter(|l| *l > MAX_BODY as u64) {
+                tracing::warn!(%peer, len, "FDO request body too large");
+                let mut r = error_response(
+                    0,
+                    ErrorCode::MessageBodyError,
+                    format!("body of {len} bytes exceeds the limit of {MAX_BODY}"),
+                );
+                *r.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return Ok(r);
+            }
             match tokio::time::timeout(timeout, router.call(req)).await {
                 Ok(Ok(resp)) => Ok::<Response, Infallible>(resp),
                 Ok(Err(never)) => match never {},
