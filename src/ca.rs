@@ -64,6 +64,22 @@ pub enum CaError {
     Stopped,
 }
 
+/// Store table of revocations of certificates issued by other CAs.
+pub const FOREIGN_REVOCATIONS: &str = "foreign-revocations";
+
+/// A revoked certificate of another CA (e.g. the cloud's), learned through the sync.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ForeignRevocation {
+    /// Lower-case hex, no leading zeros beyond what the issuer used.
+    pub serial: String,
+    pub device_id: String,
+    /// Who issued it (`cloud <id>`, `gateway <id>`).
+    pub issuer: String,
+    pub reason: String,
+    /// Unix seconds.
+    pub revoked_at: i64,
+}
+
 /// What a revocation-aware verifier needs: the current CRL and the revoked serials.
 #[derive(Debug, Clone, Default)]
 pub struct Revocations {
@@ -313,6 +329,46 @@ impl Ca {
         Ok(self.store.certs()?)
     }
 
+    /// Record the revocation of a certificate another CA issued (one this gateway trusts for
+    /// client certificates, e.g. the cloud's): the front door refuses its serial from now on.
+    /// Idempotent. Flushed before it returns.
+    pub fn revoke_foreign(&self, r: &ForeignRevocation) -> Result<bool, CaError> {
+        let serial = r
+            .serial
+            .trim()
+            .trim_start_matches("0x")
+            .to_ascii_lowercase();
+        let serial =
+            serial_hex(&hex::decode(&serial).map_err(|_| CaError::UnknownSerial(serial.clone()))?);
+        let t = self.store.table(FOREIGN_REVOCATIONS)?;
+        if t.contains(serial.as_bytes())? {
+            return Ok(false);
+        }
+        let rec = ForeignRevocation {
+            serial: serial.clone(),
+            ..r.clone()
+        };
+        let json = serde_json::to_vec(&rec).map_err(|e| StoreError::Db(e.to_string()))?;
+        t.put(serial.as_bytes(), &json)?;
+        tracing::warn!(device = %rec.device_id, serial = %serial, issuer = %rec.issuer, reason = %rec.reason, "revoked certificate of another CA");
+        Ok(true)
+    }
+
+    /// Revocations of other CAs' certificates, by serial.
+    pub fn foreign_revocations(&self) -> Result<Vec<ForeignRevocation>, CaError> {
+        let t = self.store.table(FOREIGN_REVOCATIONS)?;
+        let mut out = Vec::new();
+        for (k, v) in t.entries()? {
+            match serde_json::from_slice(&v) {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    tracing::warn!(serial = %String::from_utf8_lossy(&k), error = %e, "unreadable foreign revocation")
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Sign a fresh CRL from the store, write `crl.pem`, and return the revocation state.
     pub fn refresh_crl(&self) -> Result<Revocations, CaError> {
         let revoked_recs: Vec<CertRecord> = self
@@ -336,6 +392,10 @@ impl Ca {
                 invalidity_date: None,
             });
             revoked.insert(r.serial.clone());
+        }
+        // Not in our CRL (they are not ours to sign for), but refused all the same.
+        for f in self.foreign_revocations()? {
+            revoked.insert(f.serial);
         }
         let number = self.store.next_crl_number()?;
         let params = CertificateRevocationListParams {
@@ -493,6 +553,15 @@ enum Command {
         names: Vec<String>,
         reply: oneshot::Sender<Result<(String, String), CaError>>,
     },
+    RevokeForeign {
+        rev: ForeignRevocation,
+        reply: oneshot::Sender<Result<bool, CaError>>,
+    },
+    /// Whether this CA issued the serial.
+    Issued {
+        serial: String,
+        reply: oneshot::Sender<Result<bool, CaError>>,
+    },
     RefreshCrl,
 }
 
@@ -552,6 +621,21 @@ impl CaHandle {
                         Command::ServerIdentity { names, reply } => {
                             let _ = reply.send(ca.server_identity(&names));
                         }
+                        Command::RevokeForeign { rev, reply } => {
+                            let r = ca.revoke_foreign(&rev);
+                            if matches!(r, Ok(true)) {
+                                publish(&ca);
+                            }
+                            let _ = reply.send(r);
+                        }
+                        Command::Issued { serial, reply } => {
+                            let _ = reply.send(
+                                ca.store()
+                                    .cert(&serial)
+                                    .map(|c| c.is_some())
+                                    .map_err(CaError::from),
+                            );
+                        }
                         Command::RefreshCrl => publish(&ca),
                     }
                 }
@@ -596,6 +680,18 @@ impl CaHandle {
 
     pub async fn list(&self) -> Result<Vec<CertRecord>, CaError> {
         self.ask(|reply| Command::List { reply }).await
+    }
+
+    /// See [`Ca::revoke_foreign`]; `Ok(false)`: already revoked.
+    pub async fn revoke_foreign(&self, rev: ForeignRevocation) -> Result<bool, CaError> {
+        self.ask(|reply| Command::RevokeForeign { rev, reply })
+            .await
+    }
+
+    /// Whether this CA issued `serial` (lower-case hex).
+    pub async fn issued(&self, serial: &str) -> Result<bool, CaError> {
+        let serial = serial.to_string();
+        self.ask(|reply| Command::Issued { serial, reply }).await
     }
 
     /// The current TLS server certificate and key (renewed by the CA when due).

@@ -45,6 +45,7 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub uplink: crate::uplink::UplinkConfig,
     pub fdo: crate::fdo::service::FdoConfig,
+    pub sync: crate::sync::SyncConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -197,6 +198,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             uplink: crate::uplink::UplinkConfig::default(),
             fdo: crate::fdo::service::FdoConfig::default(),
+            sync: crate::sync::SyncConfig::default(),
         }
     }
 }
@@ -427,6 +429,9 @@ impl Config {
             return Err(ConfigError::Invalid { field, reason });
         }
         if let Err((field, reason)) = self.fdo.validate() {
+            return Err(ConfigError::Invalid { field, reason });
+        }
+        if let Err((field, reason)) = self.sync.validate() {
             return Err(ConfigError::Invalid { field, reason });
         }
         if self.shutdown.grace > Duration::from_secs(600) {

@@ -15,6 +15,7 @@ pub mod frontdoor;
 pub mod mdns;
 pub mod metrics;
 pub mod store;
+pub mod sync;
 pub mod systemd;
 pub mod uplink;
 
@@ -167,6 +168,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         shutdown.clone(),
     )?;
     let fdo_store = store.clone();
+    let sync_on = config.uplink.enabled
+        && config.sync.enabled
+        && config.fdo.enabled
+        && config.fdo.owner
+        && fdo_l.is_some();
+    let (sync_tx, sync_rx) = tokio::sync::mpsc::channel(256);
     let (uplink, queue_thread) = uplink::start(
         &config.uplink,
         &gateway_id,
@@ -174,6 +181,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         core.clone(),
         &tracker,
         shutdown.clone(),
+        sync_on.then_some(sync_tx),
     )?;
     let mut shared =
         frontdoor::Shared::new(config.clone(), core, metrics.clone(), ca.revocations())?;
@@ -213,6 +221,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                 shutdown.clone(),
             )?;
             endpoints.fdo = Some(svc.addr);
+            if let (true, Some(owner)) = (sync_on, &svc.owner) {
+                let applier = sync::Applier {
+                    me: role.registered_by.clone(),
+                    registry: owner.shared_registry().clone(),
+                    ca: ca.clone(),
+                    store: fdo_store.clone(),
+                    data_dir: data_dir.clone(),
+                    vouchers_changed: Some(svc.vouchers_changed.clone()),
+                };
+                sync::start_gateway(
+                    applier,
+                    uplink.queue.clone(),
+                    sync_rx,
+                    &tracker,
+                    shutdown.clone(),
+                );
+                tracing::info!("registry sync with the cloud: on");
+            }
             Some(svc)
         }
         None => None,
@@ -436,6 +462,29 @@ pub async fn run_cloud(config: Config, shutdown: CancellationToken) -> Result<()
         shutdown.clone(),
     )?;
     metrics::log_bound("fdo (onboarding: rendezvous + owner, HTTP)", svc.addr);
+    if let (true, true, Some(owner)) = (config.sync.enabled, config.uplink.enabled, &svc.owner) {
+        let applier = sync::Applier {
+            me: role.registered_by.clone(),
+            registry: owner.shared_registry().clone(),
+            ca: ca.clone(),
+            store: store.clone(),
+            data_dir: data_dir.clone(),
+            vouchers_changed: Some(svc.vouchers_changed.clone()),
+        };
+        let client_id = if config.uplink.client_id.is_empty() {
+            id.clone()
+        } else {
+            config.uplink.client_id.clone()
+        };
+        tracker.spawn(sync::run_cloud(
+            config.uplink.clone(),
+            client_id,
+            config.sync.gateways.clone(),
+            applier,
+            shutdown.clone(),
+        ));
+        tracing::info!(broker = %config.uplink.host, "registry sync with the gateways: on");
+    }
     tracker.spawn(admin::serve(
         admin_l,
         admin::Services {

@@ -36,36 +36,178 @@ pub struct RegistryEntry {
     pub devmod: Vec<(String, String)>,
 }
 
+/// Name of the store table indexing the registry by GUID.
+pub const REGISTRY_INDEX: &str = "fdo-registry-index";
+
+/// What [`Registry::append`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    /// Recorded with this sequence number.
+    New(u64),
+    /// An entry for this GUID was recorded before: nothing written.
+    Duplicate,
+}
+
+/// The device registry: an append-only log of [`RegistryEntry`] (store log `fdo-registry`)
+/// with an index by GUID, so that recording the same onboarding twice (a resend after a
+/// crash, a sync message delivered again) is a no-op. Every append is flushed before it
+/// returns, and announced on [`Registry::changed`].
+pub struct Registry {
+    store: Store,
+    log: Log,
+    index: crate::store::Table,
+    next_seq: Mutex<u64>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Registry {
+    pub fn open(store: &Store) -> Result<Registry, FdoError> {
+        let log = store.log(REGISTRY_LOG)?;
+        let index = store.table(REGISTRY_INDEX)?;
+        let next = log.last_seq()?.map(|s| s + 1).unwrap_or(0);
+        // The index may lag the log after a crash between the two writes: catch up.
+        if index.len() as u64 != log.usage()?.0 {
+            for (seq, e) in read_log_seq(&log)? {
+                if !index.contains(e.guid.as_bytes())? {
+                    index.put(e.guid.as_bytes(), &seq.to_be_bytes())?;
+                }
+            }
+        }
+        let (changed, _) = tokio::sync::watch::channel(next);
+        Ok(Registry {
+            store: store.clone(),
+            log,
+            index,
+            next_seq: Mutex::new(next),
+            changed,
+        })
+    }
+
+    /// Record an onboarding unless its GUID is already recorded.
+    pub fn append(&self, entry: &RegistryEntry) -> Result<Appended, FdoError> {
+        let json = serde_json::to_vec(entry)
+            .map_err(|e| FdoError::Crypto(format!("registry entry: {e}")))?;
+        let mut seq = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
+        if self.index.contains(entry.guid.as_bytes())? {
+            return Ok(Appended::Duplicate);
+        }
+        let n = *seq;
+        self.log.append(n, &[json])?;
+        self.store.flush()?;
+        self.index.put(entry.guid.as_bytes(), &n.to_be_bytes())?;
+        *seq += 1;
+        drop(seq);
+        self.changed.send_replace(n + 1);
+        Ok(Appended::New(n))
+    }
+
+    /// Entries with sequence numbers `>= from`, oldest first, at most `limit`.
+    pub fn read_from(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, RegistryEntry)>, FdoError> {
+        let mut out = Vec::new();
+        for (seq, v) in self.log.read_from(from, limit)? {
+            match serde_json::from_slice(&v) {
+                Ok(e) => out.push((seq, e)),
+                Err(e) => tracing::warn!(seq, error = %e, "skipping unreadable registry entry"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every entry, oldest first.
+    pub fn entries(&self) -> Result<Vec<RegistryEntry>, FdoError> {
+        read_log(&self.log)
+    }
+
+    pub fn contains(&self, guid: &str) -> Result<bool, FdoError> {
+        Ok(self.index.contains(guid.as_bytes())?)
+    }
+
+    /// The next sequence number, updated after every append.
+    pub fn changed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+/// The deterministic rule for a device registered twice (the same voucher GUID onboarded on
+/// both sides of a partition, or twice anywhere): the earlier onboarding wins; on equal
+/// times the smaller `registered_by`, then the smaller new GUID. Every side that sees both
+/// entries reaches the same answer whatever the order they arrived in. Returns the loser.
+pub fn conflict_loser<'a>(a: &'a RegistryEntry, b: &'a RegistryEntry) -> &'a RegistryEntry {
+    let key = |e: &'a RegistryEntry| (e.onboarded_at, e.registered_by.as_str(), e.guid.as_str());
+    if key(a) <= key(b) {
+        b
+    } else {
+        a
+    }
+}
+
+/// Entries that lost to another registration of the same voucher GUID (see
+/// [`conflict_loser`]): their GUIDs.
+pub fn superseded(entries: &[RegistryEntry]) -> std::collections::HashSet<String> {
+    let mut best: std::collections::HashMap<&str, &RegistryEntry> = Default::default();
+    let mut out = std::collections::HashSet::new();
+    for e in entries {
+        match best.get(e.old_guid.as_str()) {
+            None => {
+                best.insert(&e.old_guid, e);
+            }
+            Some(b) => {
+                let loser = conflict_loser(b, e);
+                out.insert(loser.guid.clone());
+                if std::ptr::eq(loser, *b) {
+                    best.insert(&e.old_guid, e);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// [`OwnerBackend`] on the store and the owner keys of a data directory.
 pub struct StoreOwnerBackend {
     store: Store,
     keys: Vec<(Arc<SigningKey>, String)>,
-    registry: Log,
-    next_seq: Mutex<u64>,
+    registry: Arc<Registry>,
     registered_by: String,
 }
 
 impl StoreOwnerBackend {
     /// Owner keys are read from `data_dir` once (restart to pick up new ones).
     pub fn open(store: Store, data_dir: &Path, registered_by: &str) -> Result<Self, FdoError> {
+        let registry = Arc::new(Registry::open(&store)?);
+        Self::with_registry(store, data_dir, registered_by, registry)
+    }
+
+    /// The same, recording into a registry shared with others (the sync).
+    pub fn with_registry(
+        store: Store,
+        data_dir: &Path,
+        registered_by: &str,
+        registry: Arc<Registry>,
+    ) -> Result<Self, FdoError> {
         let keys = owner::all(data_dir)?
             .into_iter()
             .map(|OwnerKey { key, key_id, .. }| (Arc::new(key), key_id))
             .collect();
-        let registry = store.log(REGISTRY_LOG)?;
-        let next = registry.last_seq()?.map(|s| s + 1).unwrap_or(0);
         Ok(StoreOwnerBackend {
             store,
             keys,
             registry,
-            next_seq: Mutex::new(next),
             registered_by: registered_by.to_string(),
         })
     }
 
     /// The registry, oldest first.
     pub fn registry(&self) -> Result<Vec<RegistryEntry>, FdoError> {
-        read_log(&self.registry)
+        self.registry.entries()
+    }
+
+    pub fn shared_registry(&self) -> &Arc<Registry> {
+        &self.registry
     }
 }
 
@@ -75,6 +217,10 @@ pub fn read(store: &Store) -> Result<Vec<RegistryEntry>, FdoError> {
 }
 
 fn read_log(log: &Log) -> Result<Vec<RegistryEntry>, FdoError> {
+    Ok(read_log_seq(log)?.into_iter().map(|(_, e)| e).collect())
+}
+
+fn read_log_seq(log: &Log) -> Result<Vec<(u64, RegistryEntry)>, FdoError> {
     let mut out = Vec::new();
     let mut from = 0;
     loop {
@@ -83,9 +229,9 @@ fn read_log(log: &Log) -> Result<Vec<RegistryEntry>, FdoError> {
             return Ok(out);
         };
         from = last + 1;
-        for (_, v) in batch {
+        for (seq, v) in batch {
             match serde_json::from_slice(&v) {
-                Ok(e) => out.push(e),
+                Ok(e) => out.push((seq, e)),
                 Err(e) => tracing::warn!(error = %e, "skipping unreadable registry entry"),
             }
         }
@@ -139,13 +285,8 @@ impl OwnerBackend for StoreOwnerBackend {
             registered_by: self.registered_by.clone(),
             devmod: rec.devmod.clone(),
         };
-        let json = serde_json::to_vec(&entry).map_err(|e| e.to_string())?;
-        let mut seq = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
-        self.registry
-            .append(*seq, &[json])
-            .map_err(|e| e.to_string())?;
-        *seq += 1;
-        self.store.flush().map_err(|e| e.to_string())
+        self.registry.append(&entry).map_err(|e| e.to_string())?;
+        Ok(())
     }
 }
 
@@ -153,6 +294,49 @@ impl OwnerBackend for StoreOwnerBackend {
 mod tests {
     use super::*;
     use crate::fdo::crypto::Curve;
+
+    fn entry(guid: &str, at: i64, by: &str) -> RegistryEntry {
+        RegistryEntry {
+            guid: guid.into(),
+            old_guid: "old".into(),
+            device_info: String::new(),
+            device_cert_hash: None,
+            cert_serial: Some(format!("serial-{guid}")),
+            onboarded_at: at,
+            peer: None,
+            owner_key_id: String::new(),
+            registered_by: by.into(),
+            devmod: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn conflict_rule_is_deterministic_whatever_the_order() {
+        let gw = entry("aa", 100, "gateway gw1");
+        let cloud = entry("bb", 200, "cloud c1");
+        assert_eq!(conflict_loser(&gw, &cloud).guid, "bb");
+        assert_eq!(conflict_loser(&cloud, &gw).guid, "bb");
+        // Same second: registered_by decides, then the GUID.
+        let c2 = entry("cc", 100, "cloud c1");
+        assert_eq!(conflict_loser(&gw, &c2).guid, "aa");
+        assert_eq!(conflict_loser(&c2, &gw).guid, "aa");
+        let g2 = entry("ab", 100, "gateway gw1");
+        assert_eq!(conflict_loser(&gw, &g2).guid, "ab");
+        // Three registrations in any order: the same two lose.
+        let all = [gw.clone(), cloud.clone(), c2.clone()];
+        let want: std::collections::HashSet<String> = ["bb", "aa"].map(String::from).into();
+        for perm in [
+            [0, 1, 2],
+            [2, 1, 0],
+            [1, 0, 2],
+            [1, 2, 0],
+            [0, 2, 1],
+            [2, 0, 1],
+        ] {
+            let v: Vec<RegistryEntry> = perm.iter().map(|&i| all[i].clone()).collect();
+            assert_eq!(superseded(&v), want, "{perm:?}");
+        }
+    }
 
     #[test]
     fn registry_and_vouchers_persist() {
@@ -179,10 +363,20 @@ mod tests {
         }
         let store = Store::open(&dir.path().join("store")).unwrap();
         let b = StoreOwnerBackend::open(store, &data, "gateway gw1").unwrap();
+        // The same onboarding recorded again (a resend): nothing doubled.
         b.onboarded(&rec, None).unwrap();
+        let rec2 = OnboardRecord {
+            guid: Guid([3; 16]),
+            ..rec.clone()
+        };
+        b.onboarded(&rec2, None).unwrap();
         let reg = b.registry().unwrap();
         assert_eq!(reg.len(), 2);
         assert_eq!(reg[0].guid, Guid([2; 16]).hex());
         assert_eq!(reg[1].registered_by, "gateway gw1");
+        assert_eq!(
+            b.shared_registry().append(&reg[0]).unwrap(),
+            Appended::Duplicate
+        );
     }
 }

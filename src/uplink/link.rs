@@ -140,6 +140,8 @@ pub struct Session {
     core: BrokerLink,
     state_tx: watch::Sender<LinkState>,
     stats: Arc<UplinkStats>,
+    /// Where sync messages from the cloud go (`outpost/{gateway}/sync/down`), if enabled.
+    pub sync_down: Option<tokio::sync::mpsc::Sender<crate::sync::Delivery>>,
 }
 
 impl Session {
@@ -163,6 +165,7 @@ impl Session {
             core,
             state_tx,
             stats,
+            sync_down: None,
         }
     }
 
@@ -306,7 +309,7 @@ impl Session {
                                     cursor = seq + 1;
                                     continue;
                                 }
-                                let Some(remote) = self.mapping.up(&msg.topic) else {
+                                let Some(remote) = self.mapping.up_queued(&msg.topic) else {
                                     tracing::warn!(topic = %msg.topic, "queued message matches no uplink rule any more; dropped");
                                     expired.push(seq);
                                     cursor = seq + 1;
@@ -434,6 +437,11 @@ impl Session {
                                             tracing::error!(filter = f, error = %e, "cannot subscribe for cloud-to-device messages");
                                         }
                                     }
+                                    if self.sync_down.is_some() {
+                                        if let Err(e) = l.client.try_subscribe(self.mapping.sync_down(), QoS::AtLeastOnce) {
+                                            tracing::error!(error = %e, "cannot subscribe for registry sync");
+                                        }
+                                    }
                                 }
                             }
                             evidence = true;
@@ -459,6 +467,18 @@ impl Session {
                             }
                             None => {}
                         }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if self.sync_down.is_some() && p.topic == self.mapping.sync_down() => {
+                        // Acknowledged by the sync once applied; if its queue is full the
+                        // message stays unacknowledged and comes again after a reconnect.
+                        if let (Some(tx), Some(l)) = (&self.sync_down, link.as_ref()) {
+                            let d = crate::sync::Delivery { publish: p, client: l.client.clone() };
+                            if tx.try_send(d).is_err() {
+                                tracing::warn!("sync: too many messages waiting; one left for redelivery");
+                            }
+                        }
+                        evidence = true;
+                        last_evidence = Instant::now();
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let topic = p.topic.clone();

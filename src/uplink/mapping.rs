@@ -45,6 +45,7 @@ pub fn default_down() -> Vec<DownRule> {
 
 #[derive(Debug, Clone)]
 pub struct Mapping {
+    gateway: String,
     up: Vec<(Pattern, String)>,
     down: Vec<(String, Pattern, String, Pattern)>,
 }
@@ -53,6 +54,7 @@ impl Mapping {
     pub fn new(gateway: &str, up: &[UpRule], down: &[DownRule]) -> Result<Mapping, AclError> {
         let g = |s: &str| s.replace("{gateway}", gateway);
         Ok(Mapping {
+            gateway: gateway.to_string(),
             up: up
                 .iter()
                 .map(|r| Ok((Pattern::parse(&g(&r.local))?, g(&r.remote_prefix))))
@@ -77,6 +79,22 @@ impl Mapping {
             .iter()
             .find(|(p, _)| p.covers("", local))
             .map(|(_, prefix)| format!("{prefix}{local}"))
+    }
+
+    /// The cloud topic of a queued message: a mapped local topic, or one of the gateway's
+    /// own `$outpost/...` topics (the registry sync), which go to `outpost/{gateway}/...`.
+    /// No client can publish a `$` topic, so only the gateway queues those.
+    pub fn up_queued(&self, local: &str) -> Option<String> {
+        self.up(local).or_else(|| {
+            local
+                .strip_prefix("$outpost/")
+                .map(|rest| format!("outpost/{}/{rest}", self.gateway))
+        })
+    }
+
+    /// The cloud topic of the sync messages for this gateway.
+    pub fn sync_down(&self) -> String {
+        crate::sync::down_topic(&self.gateway)
     }
 
     /// The cloud filters to subscribe to.

@@ -7,7 +7,7 @@
 //! drains the queue in order, deleting a message only once the cloud broker acknowledged it.
 
 pub mod detect;
-mod link;
+pub(crate) mod link;
 pub mod mapping;
 pub mod queue;
 
@@ -348,6 +348,7 @@ pub fn start(
     core: BrokerLink,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
+    sync_down: Option<tokio::sync::mpsc::Sender<crate::sync::Delivery>>,
 ) -> Result<(UplinkHandle, std::thread::JoinHandle<()>), UplinkError> {
     let mapping = Arc::new(Mapping::new(gateway_id, &cfg.up, &cfg.down)?);
     let (queue, queue_thread) = QueueHandle::spawn(store, cfg.queue_max_bytes, cfg.when_full)?;
@@ -360,7 +361,7 @@ pub fn start(
         state: state_rx,
         stats: stats.clone(),
     };
-    let session = link::Session::new(
+    let mut session = link::Session::new(
         cfg.clone(),
         gateway_id,
         tls,
@@ -370,6 +371,7 @@ pub fn start(
         state_tx,
         stats,
     );
+    session.sync_down = sync_down;
     tracker.spawn(session.run(shutdown));
     Ok((handle, queue_thread))
 }

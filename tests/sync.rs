@@ -1,0 +1,290 @@
+//! Registry sync between a gateway and `outpost cloud` through a real Mosquitto cloud
+//! broker, with the tests' fault-injecting proxy between the gateway's uplink and the broker
+//! (issue 5: S13/S51 of seed 004).
+
+mod cloud;
+mod common;
+
+use cloud::{Cloud as Broker, CloudPki, Fault, Proxy};
+use common::roles::{extend_to, make_device, s, Agent, Cloud};
+use common::{base_config, tls_args, Gateway};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Site {
+    _pki: CloudPki,
+    _broker: Broker,
+    proxy: Proxy,
+    cloud: Cloud,
+    gw: Gateway,
+    work: tempfile::TempDir,
+}
+
+fn uplink_section(
+    port: u16,
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> String {
+    format!(
+        "[uplink]\nenabled = true\nhost = \"127.0.0.1\"\nport = {port}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        ca.display(),
+        cert.display(),
+        key.display()
+    )
+}
+
+impl Site {
+    fn start() -> Site {
+        common::require_mosquitto();
+        let work = tempfile::tempdir().unwrap();
+        let mut pki = CloudPki::new(&work.path().join("pki"));
+        let (gw_cert, gw_key) = pki.issue("gw-test", false);
+        let (cl_cert, cl_key) = pki.issue("cloud-test", false);
+        let broker = Broker::start(&pki);
+        let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], broker.port)));
+        // The cloud's own connection to its broker is direct (no proxy).
+        let mut cloud = Cloud::prepare(&format!(
+            "\n{}\n[sync]\ngateways = [\"gw-test\"]\n",
+            uplink_section(broker.port, &pki.ca, &cl_cert, &cl_key)
+        ));
+        let cloud_ca = cloud.ca_cert();
+        let up = uplink_section(proxy.addr.port(), &pki.ca, &gw_cert, &gw_key);
+        let gw = Gateway::start_custom(|data| {
+            base_config(
+                data,
+                &format!(
+                    "[tls]\nextra_client_cas = [\"{}\"]\n\n{up}",
+                    cloud_ca.display()
+                ),
+            )
+        });
+        let text = std::fs::read_to_string(&cloud.config_path)
+            .unwrap()
+            .replace(
+                "[fdo]\n",
+                &format!(
+                    "[fdo]\nmqtt_servers = [\"mqtts://127.0.0.1:{}\"]\nserver_trust = [\"{}\"]\n",
+                    gw.mqtts().port(),
+                    gw.data_dir.join("ca.crt").display()
+                ),
+            );
+        std::fs::write(&cloud.config_path, text).unwrap();
+        cloud.start();
+        let site = Site {
+            _pki: pki,
+            _broker: broker,
+            proxy,
+            cloud,
+            gw,
+            work,
+        };
+        site.wait_online(true, Duration::from_secs(20));
+        site
+    }
+
+    fn wait_online(&self, online: bool, limit: Duration) {
+        let t0 = Instant::now();
+        while (self.gw.metric("outpost_uplink_online") == 1) != online {
+            assert!(
+                t0.elapsed() < limit,
+                "uplink not {} within {limit:?}\n{}",
+                if online { "online" } else { "offline" },
+                self.gw.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn gw_registry(&self) -> Vec<serde_json::Value> {
+        registry(&self.gw.config_path)
+    }
+
+    fn cloud_registry(&self) -> Vec<serde_json::Value> {
+        registry(&self.cloud.config_path)
+    }
+
+    /// A device owned by the gateway, onboarded there (rendezvous = the gateway).
+    fn onboard_at_gateway(&self, name: &str) -> (Agent, String) {
+        let fdo = self.gw.ep.fdo.expect("gateway FDO");
+        let dev = make_device(self.work.path(), name, fdo);
+        let owner = self.gw.cli(&["voucher", "owner-cert"]);
+        let v = extend_to(&dev, &String::from_utf8_lossy(&owner.stdout), "gw");
+        assert!(self.gw.cli(&["voucher", "import", s(&v)]).status.success());
+        let mut agent = Agent::start(
+            &dev.cred,
+            &self.work.path().join(format!("{name}-state")),
+            &[],
+        );
+        let o = agent.expect("onboarded", Duration::from_secs(30));
+        let id = o["client_id"].as_str().unwrap().to_string();
+        (agent, id)
+    }
+
+    /// A device owned by the cloud, onboarded there (rendezvous = the cloud).
+    fn onboard_at_cloud(&self, name: &str) -> (Agent, String) {
+        let dev = make_device(self.work.path(), name, self.cloud.fdo());
+        let owner = self.cloud.cli(&["voucher", "owner-cert"]);
+        let v = extend_to(&dev, &owner, "cloud");
+        self.cloud.cli(&["voucher", "import", s(&v)]);
+        let mut agent = Agent::start(
+            &dev.cred,
+            &self.work.path().join(format!("{name}-state")),
+            &[],
+        );
+        let o = agent.expect("onboarded", Duration::from_secs(30));
+        let id = o["client_id"].as_str().unwrap().to_string();
+        (agent, id)
+    }
+}
+
+fn registry(config: &PathBuf) -> Vec<serde_json::Value> {
+    let out = Command::new(common::BIN)
+        .args(["registry", "--json", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn find<'a>(reg: &'a [serde_json::Value], guid: &str) -> Option<&'a serde_json::Value> {
+    reg.iter().find(|e| e["guid"] == guid)
+}
+
+/// Wait until `f` holds; returns how long it took.
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t0.elapsed()
+}
+
+fn publish_ok(gw: &Gateway, agent: &Agent, id: &str) -> bool {
+    Command::new("mosquitto_pub")
+        .args(tls_args(gw.mqtts(), &agent.creds(id)))
+        .args([
+            "-i",
+            id,
+            "-q",
+            "1",
+            "-t",
+            &format!("devices/{id}/telemetry/x"),
+            "-m",
+            "x",
+        ])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn offline_registration_reaches_the_cloud_within_5s_of_restore() {
+    let site = Site::start();
+    site.proxy.set(Fault::Blackhole);
+    site.wait_online(false, Duration::from_secs(10));
+
+    let (mut agent, id) = site.onboard_at_gateway("dev-offline");
+    agent.expect("connected", Duration::from_secs(15));
+    let mine = find(&site.gw_registry(), &id)
+        .expect("gateway registry")
+        .clone();
+    assert_eq!(mine["registered_by"], "gateway gw-test");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        find(&site.cloud_registry(), &id).is_none(),
+        "cloud knew it while cut off"
+    );
+
+    site.proxy.set(Fault::Pass);
+    let restored = Instant::now();
+    wait_for(
+        "cloud registry has the device",
+        Duration::from_secs(15),
+        || find(&site.cloud_registry(), &id).is_some(),
+    );
+    let took = restored.elapsed();
+    let theirs = find(&site.cloud_registry(), &id).unwrap().clone();
+    assert_eq!(theirs, mine, "the cloud's copy is the gateway's entry");
+    assert!(
+        took <= Duration::from_secs(5),
+        "restore -> cloud registry took {took:?}"
+    );
+    println!("restore -> cloud registry consistent: {took:?}");
+
+    // Nothing doubled after more traffic and a gateway restart (the queue resends nothing new).
+    std::thread::sleep(Duration::from_secs(1));
+    let n = site
+        .cloud_registry()
+        .iter()
+        .filter(|e| e["guid"] == id.as_str())
+        .count();
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn cloud_registrations_and_revocations_flow_down_and_bind_the_gateway_offline() {
+    let site = Site::start();
+    let (mut agent, id) = site.onboard_at_cloud("dev-cloud");
+    agent.expect("connected", Duration::from_secs(15));
+    assert_eq!(
+        find(&site.cloud_registry(), &id).unwrap()["registered_by"],
+        "cloud cloud-test"
+    );
+    wait_for(
+        "gateway registry has the cloud's device",
+        Duration::from_secs(15),
+        || find(&site.gw_registry(), &id).is_some(),
+    );
+
+    // The link goes: the device keeps working through the gateway (acceptance 2).
+    site.proxy.set(Fault::Blackhole);
+    site.wait_online(false, Duration::from_secs(10));
+    assert!(
+        publish_ok(&site.gw, &agent, &id),
+        "cloud device refused offline"
+    );
+    drop(agent);
+
+    // The cloud revokes it while the gateway is cut off; once the link is back, the
+    // gateway refuses the certificate.
+    let second = site.cloud.cli(&["ca", "list", "--json"]);
+    let certs: Vec<serde_json::Value> = serde_json::from_str(&second).unwrap();
+    let serial = certs
+        .iter()
+        .find(|c| c["device_id"] == id.as_str())
+        .unwrap()["serial"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    site.cloud.cli(&["ca", "revoke", "--id", &id]);
+    let agent2 = Agent::start(
+        &site.work.path().join("dev-cloud").join("device.cred"),
+        &site.work.path().join("dev-cloud-state"),
+        &["--onboard-only"],
+    );
+    assert!(
+        publish_ok(&site.gw, &agent2, &id),
+        "revocation applied before the link returned?"
+    );
+    site.proxy.set(Fault::Pass);
+    site.wait_online(true, Duration::from_secs(10));
+    wait_for(
+        "gateway refuses the revoked certificate",
+        Duration::from_secs(15),
+        || !publish_ok(&site.gw, &agent2, &id),
+    );
+    let log = site.gw.log();
+    assert!(
+        log.contains(&serial) || log.contains("revoked certificate of another CA"),
+        "{log}"
+    );
+}
