@@ -332,15 +332,34 @@ async fn registry(config: Config, json: bool) -> anyhow::Result<()> {
             admin::registry(&store)?
         }
     };
+    // A device registered twice (a partition): the loser is marked, by the same rule the
+    // sync applies on both sides.
+    let superseded = outpost::fdo::registry::superseded(&entries);
     if json {
-        println!("{}", serde_json::to_string_pretty(&entries)?);
+        let mut out = Vec::with_capacity(entries.len());
+        for e in &entries {
+            let mut v = serde_json::to_value(e)?;
+            if let Some(o) = v.as_object_mut() {
+                o.insert(
+                    "superseded".into(),
+                    serde_json::Value::Bool(superseded.contains(&e.guid)),
+                );
+            }
+            out.push(v);
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     println!(
-        "{:<32} {:<20} {:<34} {:<20} {:<24} {}",
-        "GUID", "DEVICE INFO", "CERT SERIAL", "ONBOARDED (UTC)", "BY", "OWNER KEY"
+        "{:<32} {:<20} {:<34} {:<20} {:<24} {:<10} {}",
+        "GUID", "DEVICE INFO", "CERT SERIAL", "ONBOARDED (UTC)", "BY", "STATUS", "OWNER KEY"
     );
     for e in entries {
+        let status = if superseded.contains(&e.guid) {
+            "superseded"
+        } else {
+            "active"
+        };
         let when = time::OffsetDateTime::from_unix_timestamp(e.onboarded_at)
             .map(|t| {
                 format!(
@@ -353,12 +372,13 @@ async fn registry(config: Config, json: bool) -> anyhow::Result<()> {
             })
             .unwrap_or_default();
         println!(
-            "{:<32} {:<20} {:<34} {:<20} {:<24} {}",
+            "{:<32} {:<20} {:<34} {:<20} {:<24} {:<10} {}",
             e.guid,
             e.device_info,
             e.cert_serial.as_deref().unwrap_or("-"),
             when,
             e.registered_by,
+            status,
             e.owner_key_id
         );
     }

@@ -288,3 +288,163 @@ fn cloud_registrations_and_revocations_flow_down_and_bind_the_gateway_offline() 
         "{log}"
     );
 }
+
+/// TO2 straight against an owner (no TO1) with a copy of a device credential; the
+/// operational credentials are written like the agent writes them.
+fn onboard_copy_at(owner: SocketAddr, cred: &std::path::Path, state: &std::path::Path) -> String {
+    use outpost::fdo::client::{to2, DeviceOptions, Endpoint};
+    let cred = outpost::fdo::DeviceCredential::read(cred).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let done = rt
+        .block_on(to2(
+            &Endpoint::from(owner),
+            &cred,
+            None,
+            &DeviceOptions::default(),
+        ))
+        .expect("TO2 at the owner");
+    let m = done.mqtt.expect("operational credentials");
+    std::fs::create_dir_all(state).unwrap();
+    std::fs::write(state.join(outpost::device::MQTT_KEY), &m.key_pem).unwrap();
+    std::fs::write(state.join(outpost::device::MQTT_CERT), &m.cert_pem).unwrap();
+    std::fs::write(state.join(outpost::device::MQTT_CA), &m.ca_pem).unwrap();
+    m.client_id
+}
+
+fn publish_with(gw: &Gateway, state: &std::path::Path, id: &str) -> bool {
+    let creds = common::Creds {
+        id: id.into(),
+        cert: state.join(outpost::device::MQTT_CERT),
+        key: state.join(outpost::device::MQTT_KEY),
+        ca: state.join(outpost::device::MQTT_CA),
+        serial: String::new(),
+    };
+    Command::new("mosquitto_pub")
+        .args(tls_args(gw.mqtts(), &creds))
+        .args([
+            "-i",
+            id,
+            "-q",
+            "1",
+            "-t",
+            &format!("devices/{id}/telemetry/x"),
+            "-m",
+            "x",
+        ])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn superseded(reg: &[serde_json::Value], guid: &str) -> bool {
+    find(reg, guid).unwrap_or_else(|| panic!("{guid} missing from {reg:?}"))["superseded"]
+        .as_bool()
+        .unwrap()
+}
+
+/// One device (one voucher GUID) sold twice during a partition: onboarded on the gateway
+/// (offline) and at the cloud. Whichever happened first wins, on both sides, whatever the
+/// order; the loser's certificate is revoked on both sides and refused by the gateway.
+#[test]
+fn partition_conflict_resolves_the_same_way_in_either_order() {
+    let site = Site::start();
+    site.proxy.set(Fault::Blackhole);
+    site.wait_online(false, Duration::from_secs(10));
+    let gw_owner =
+        String::from_utf8_lossy(&site.gw.cli(&["voucher", "owner-cert"]).stdout).into_owned();
+    let cloud_owner = site.cloud.cli(&["voucher", "owner-cert"]);
+    let w = site.work.path();
+    // Both vouchers come from the one the manufacturer made: same GUID.
+    let make = |name: &str| {
+        let dev = make_device(w, name, site.gw.ep.fdo.unwrap());
+        let copy = w.join(format!("{name}-copy.cred"));
+        std::fs::copy(&dev.cred, &copy).unwrap();
+        let to_gw = extend_to(&dev, &gw_owner, "gw");
+        let to_cloud = extend_to(&dev, &cloud_owner, "cloud");
+        assert!(site
+            .gw
+            .cli(&["voucher", "import", s(&to_gw)])
+            .status
+            .success());
+        site.cloud.cli(&["voucher", "import", s(&to_cloud)]);
+        (dev, copy)
+    };
+    let at_gateway = |dev: &common::roles::Made, tag: &str| -> (String, PathBuf) {
+        let state = w.join(format!("{tag}-gw-state"));
+        let mut a = Agent::start(&dev.cred, &state, &["--onboard-only"]);
+        let o = a.expect("onboarded", Duration::from_secs(30));
+        (o["client_id"].as_str().unwrap().to_string(), state)
+    };
+    let at_cloud = |copy: &std::path::Path, tag: &str| -> (String, PathBuf) {
+        let state = w.join(format!("{tag}-cloud-state"));
+        (onboard_copy_at(site.cloud.fdo(), copy, &state), state)
+    };
+    let (x, x_copy) = make("dev-x");
+    let (y, y_copy) = make("dev-y");
+    // X: the gateway first. Y: the cloud first. (Registration times have 1 s resolution.)
+    let (x_gw, x_gw_state) = at_gateway(&x, "x");
+    std::thread::sleep(Duration::from_millis(1100));
+    let (x_cloud, x_cloud_state) = at_cloud(&x_copy, "x");
+    let (y_cloud, y_cloud_state) = at_cloud(&y_copy, "y");
+    std::thread::sleep(Duration::from_millis(1100));
+    let (y_gw, y_gw_state) = at_gateway(&y, "y");
+    // Before the link returns, the gateway accepts all four.
+    for (state, id) in [
+        (&x_gw_state, &x_gw),
+        (&x_cloud_state, &x_cloud),
+        (&y_cloud_state, &y_cloud),
+        (&y_gw_state, &y_gw),
+    ] {
+        assert!(
+            publish_with(&site.gw, state, id),
+            "{id} refused before sync"
+        );
+    }
+
+    site.proxy.set(Fault::Pass);
+    site.wait_online(true, Duration::from_secs(10));
+    wait_for(
+        "both registries know all four",
+        Duration::from_secs(20),
+        || {
+            let (g, c) = (site.gw_registry(), site.cloud_registry());
+            [&x_gw, &x_cloud, &y_gw, &y_cloud]
+                .iter()
+                .all(|id| find(&g, id).is_some() && find(&c, id).is_some())
+        },
+    );
+    let (g, c) = (site.gw_registry(), site.cloud_registry());
+    for reg in [&g, &c] {
+        assert!(
+            !superseded(reg, &x_gw) && superseded(reg, &x_cloud),
+            "X: {reg:?}"
+        );
+        assert!(
+            !superseded(reg, &y_cloud) && superseded(reg, &y_gw),
+            "Y: {reg:?}"
+        );
+    }
+    // The losers' certificates are refused by the gateway's broker; the winners' work.
+    wait_for("losers refused", Duration::from_secs(15), || {
+        !publish_with(&site.gw, &x_cloud_state, &x_cloud)
+            && !publish_with(&site.gw, &y_gw_state, &y_gw)
+    });
+    assert!(publish_with(&site.gw, &x_gw_state, &x_gw));
+    assert!(publish_with(&site.gw, &y_cloud_state, &y_cloud));
+    // And revoked by their issuers.
+    let revoked_in = |list: &str, id: &str| {
+        let v: Vec<serde_json::Value> = serde_json::from_str(list).unwrap();
+        v.iter()
+            .any(|c| c["device_id"] == id && !c["revoked_at"].is_null())
+    };
+    let cloud_list = site.cloud.cli(&["ca", "list", "--json"]);
+    assert!(revoked_in(&cloud_list, &x_cloud), "{cloud_list}");
+    assert!(!revoked_in(&cloud_list, &y_cloud), "{cloud_list}");
+    let gw_list =
+        String::from_utf8_lossy(&site.gw.cli(&["ca", "list", "--json"]).stdout).into_owned();
+    assert!(revoked_in(&gw_list, &y_gw), "{gw_list}");
+    assert!(!revoked_in(&gw_list, &x_gw), "{gw_list}");
+}
