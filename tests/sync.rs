@@ -448,3 +448,126 @@ fn partition_conflict_resolves_the_same_way_in_either_order() {
     assert!(revoked_in(&gw_list, &y_gw), "{gw_list}");
     assert!(!revoked_in(&gw_list, &x_gw), "{gw_list}");
 }
+
+/// `n` devices owned by the gateway (vouchers imported), made in-process; their credentials.
+fn many_devices(site: &Site, n: usize) -> Vec<outpost::fdo::DeviceCredential> {
+    use outpost::fdo::crypto::{self, Curve};
+    use outpost::fdo::manufacturer::{DeviceOptions, Manufacturer};
+    use outpost::fdo::types::{RendezvousInfo, RvDirective, RvProtocol};
+    use outpost::fdo::PublicKey;
+    let fdo = site.gw.ep.fdo.unwrap();
+    let mfg =
+        Manufacturer::open_or_create(&site.work.path().join("mfg-many"), Curve::P256).unwrap();
+    let owner_pem =
+        String::from_utf8_lossy(&site.gw.cli(&["voucher", "owner-cert"]).stdout).into_owned();
+    let (next_key, cert) = crypto::public_key_from_pem(&owner_pem).unwrap();
+    let rv = RendezvousInfo(vec![RvDirective::default()
+        .with_ip(fdo.ip())
+        .with_dev_port(fdo.port())
+        .with_protocol(RvProtocol::Http)
+        .with_delay_secs(1)]);
+    let mut creds = Vec::new();
+    for i in 0..n {
+        let (cred, v) = mfg
+            .init_device(&DeviceOptions {
+                device_info: format!("bulk-{i}"),
+                rv_info: rv.clone(),
+                curve: Curve::P256,
+            })
+            .unwrap();
+        let next = PublicKey::encoded_like(&v.header().mfg_pub_key, &next_key, cert.as_deref());
+        let v = v.extend(mfg.key(), &next).unwrap();
+        let path = site.work.path().join(format!("bulk-{i}.pem"));
+        std::fs::write(&path, v.to_pem()).unwrap();
+        assert!(site
+            .gw
+            .cli(&["voucher", "import", s(&path)])
+            .status
+            .success());
+        creds.push(cred);
+    }
+    creds
+}
+
+fn onboard_all(creds: Vec<outpost::fdo::DeviceCredential>) -> Vec<String> {
+    use outpost::fdo::client::{onboard_with_retry, DeviceOptions};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for c in creds {
+            set.spawn(async move {
+                onboard_with_retry(
+                    &c,
+                    &DeviceOptions {
+                        mqtt: false,
+                        ..Default::default()
+                    },
+                    Some(20),
+                )
+                .await
+                .map(|o| o.credential.guid.hex())
+            });
+        }
+        let mut ids = Vec::new();
+        while let Some(r) = set.join_next().await {
+            ids.push(r.unwrap().expect("onboarding"));
+        }
+        ids
+    })
+}
+
+/// SIGKILL of the gateway with the sync in flight, then of the cloud service while it
+/// applies: both resume and the cloud ends with every registration exactly once.
+#[test]
+fn sigkill_mid_sync_on_both_sides_loses_and_doubles_nothing() {
+    let mut site = Site::start();
+    site.proxy.set(Fault::Blackhole);
+    site.wait_online(false, Duration::from_secs(10));
+    let n = 40;
+    let creds = many_devices(&site, n);
+    let ids = onboard_all(creds);
+    assert_eq!(site.gw_registry().len(), n);
+
+    // The link returns and the gateway dies at once, its sync messages in flight.
+    site.proxy.set(Fault::Pass);
+    std::thread::sleep(Duration::from_millis(30));
+    site.gw.signal("KILL");
+    site.gw
+        .wait(Duration::from_secs(10))
+        .expect("gateway killed");
+    let at_kill = site.cloud_registry().len();
+    site.gw.spawn();
+    // Now the cloud service dies while registrations arrive.
+    wait_for(
+        "the cloud starts receiving",
+        Duration::from_secs(20),
+        || !site.cloud_registry().is_empty(),
+    );
+    site.cloud.kill();
+    let at_cloud_kill = registry_offline(&site.cloud.config_path).len();
+    site.cloud.start();
+    wait_for(
+        "the cloud has every registration",
+        Duration::from_secs(30),
+        || site.cloud_registry().len() >= n,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let reg = site.cloud_registry();
+    println!(
+        "cloud had {at_kill} at the gateway kill, {at_cloud_kill} at its own kill, {} at the end",
+        reg.len()
+    );
+    assert_eq!(reg.len(), n, "nothing doubled");
+    for id in &ids {
+        assert!(find(&reg, id).is_some(), "{id} lost");
+    }
+}
+
+/// The registry of a stopped cloud (straight from its store).
+fn registry_offline(config: &PathBuf) -> Vec<serde_json::Value> {
+    registry(config)
+}

@@ -106,6 +106,14 @@ impl Cloud {
         }
     }
 
+    /// SIGKILL (no clean shutdown).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn fdo(&self) -> SocketAddr {
         self.ep.as_ref().expect("cloud started").fdo
     }
