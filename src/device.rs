@@ -12,8 +12,12 @@
 //!    the next one at once; after a whole round of failures it backs off (exponential,
 //!    full jitter).
 //!
+//! 3. **Switching.** A message on `devices/{id}/commands/outpost/switch` with
+//!    `{"server": "<one of its servers>"}` (sent by a gateway in `cloud-first` mode once the
+//!    cloud is reachable again) makes it leave the current server for that one.
+//!
 //! Events go to stdout, one JSON object per line (`onboarded`, `connected`,
-//! `disconnected`, `message`, `published`); logs go to stderr.
+//! `disconnected`, `switching`, `message`, `published`); logs go to stderr.
 
 use crate::fdo::client::{self, DeviceOptions, MqttCredentials};
 use crate::fdo::service::parse_mqtt_url;
@@ -188,7 +192,14 @@ fn tls_config(dir: &Path) -> Result<Arc<rustls::ClientConfig>, DeviceError> {
 
 enum Ended {
     Shutdown,
-    Failed { connected: bool, reason: String },
+    Failed {
+        connected: bool,
+        reason: String,
+    },
+    /// The gateway told the device to use another server of its list.
+    Switch {
+        server: String,
+    },
 }
 
 /// One connection to one server, until it fails or shutdown.
@@ -253,6 +264,20 @@ async fn session(
                     let _ = client.try_subscribe(format!("devices/{id}/commands/#"), QoS::AtLeastOnce);
                     tick.reset_immediately();
                 }
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == crate::switching::topic(id) => {
+                    let server = serde_json::from_slice::<serde_json::Value>(&p.payload)
+                        .ok()
+                        .and_then(|v| v["server"].as_str().map(str::to_string));
+                    match server {
+                        Some(s) if s != url && st.servers.contains(&s) => {
+                            let _ = client.ack(&p).await;
+                            let _ = client.try_disconnect();
+                            return Ended::Switch { server: s };
+                        }
+                        Some(s) => tracing::info!(server = %s, "switch command ignored (current server, or not one of ours)"),
+                        None => tracing::warn!("unreadable switch command ignored"),
+                    }
+                }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     tracing::info!(topic = %p.topic, bytes = p.payload.len(), "message");
                     event(serde_json::json!({
@@ -291,6 +316,13 @@ pub async fn stay_connected(
         let url = &st.servers[idx];
         match session(url, st, &tls, opts, &mut seq, shutdown).await {
             Ended::Shutdown => return Ok(()),
+            Ended::Switch { server } => {
+                tracing::info!(from = %url, to = %server, "switching server on the gateway's advice");
+                event(serde_json::json!({"event": "switching", "from": url, "to": server}));
+                idx = st.servers.iter().position(|s| *s == server).unwrap_or(0);
+                failed_in_row = 0;
+                attempt = 0;
+            }
             Ended::Failed { connected, reason } => {
                 tracing::warn!(server = %url, error = %reason, "MQTT server failed");
                 if connected {

@@ -15,6 +15,7 @@ pub mod frontdoor;
 pub mod mdns;
 pub mod metrics;
 pub mod store;
+pub mod switching;
 pub mod sync;
 pub mod systemd;
 pub mod uplink;
@@ -282,6 +283,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                 tracing::error!(error = %e, "metrics server failed");
             }
         });
+    }
+    if config.uplink.enabled && config.fdo.mode == fdo::service::Mode::CloudFirst {
+        let primary = config
+            .fdo
+            .mqtt_servers
+            .first()
+            .cloned()
+            .unwrap_or_else(|| config.fdo.cloud_mqtt_server.clone());
+        tracker.spawn(switching::run(
+            primary,
+            config.fdo.switch_spread,
+            uplink.clone(),
+            shared.clone(),
+            shared.broker.clone(),
+            shutdown.clone(),
+        ));
     }
     tracker.spawn(admin::serve(
         admin_l,

@@ -57,6 +57,17 @@ pub struct FdoConfig {
     /// `mqtts://host:port`. Empty on a gateway: its own device listener at the first owner
     /// address. Required for `outpost cloud`.
     pub mqtt_servers: Vec<String>,
+    /// Where devices connect (seed 004's alternative server): `gateway-first` (this gateway's
+    /// broker first, the cloud broker as the alternative) or `cloud-first` (the cloud broker
+    /// first; this gateway is the fallback, and tells its devices to switch back once the
+    /// link has returned and the registry is synced). Ignored when `mqtt_servers` is set.
+    pub mode: Mode,
+    /// The cloud broker devices may use directly (`mqtts://host:port`); empty: none.
+    pub cloud_mqtt_server: String,
+    /// In `cloud-first`, the switch-back commands are spread over this long (against a
+    /// reconnect storm at the cloud).
+    #[serde(with = "humantime_serde")]
+    pub switch_spread: Duration,
     /// PEM files of further CA certificates sent to devices to verify their MQTT servers
     /// (e.g. a cloud sends the gateway CA when its devices use the gateway's broker).
     pub server_trust: Vec<PathBuf>,
@@ -88,6 +99,9 @@ impl Default for FdoConfig {
             to0_servers: Vec::new(),
             to0_wait: Duration::from_secs(24 * 3600),
             mqtt_servers: Vec::new(),
+            mode: Mode::GatewayFirst,
+            cloud_mqtt_server: String::new(),
+            switch_spread: Duration::from_secs(10),
             server_trust: Vec::new(),
             mdns_host: super::DEFAULT_RV_DNS.to_string(),
             max_connections: 1024,
@@ -97,6 +111,15 @@ impl Default for FdoConfig {
             max_registrations: 100_000,
         }
     }
+}
+
+/// Server order given to devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    #[default]
+    GatewayFirst,
+    CloudFirst,
 }
 
 /// A host as written in config: an IP address or a DNS name.
@@ -196,6 +219,21 @@ impl FdoConfig {
         }
         for u in &self.mqtt_servers {
             parse_mqtt_url(u).map_err(|e| ("fdo.mqtt_servers", e))?;
+        }
+        if !self.cloud_mqtt_server.is_empty() {
+            parse_mqtt_url(&self.cloud_mqtt_server).map_err(|e| ("fdo.cloud_mqtt_server", e))?;
+        }
+        if self.mode == Mode::CloudFirst
+            && self.cloud_mqtt_server.is_empty()
+            && self.mqtt_servers.is_empty()
+        {
+            return Err((
+                "fdo.cloud_mqtt_server",
+                "must be set for mode = \"cloud-first\"".into(),
+            ));
+        }
+        if self.switch_spread > Duration::from_secs(3600) {
+            return Err(("fdo.switch_spread", "must be at most 1h".into()));
         }
         for p in &self.server_trust {
             let pem = std::fs::read(p)
@@ -370,6 +408,14 @@ pub fn start(
                 Some(port) => {
                     let (host, _) = &owner_addrs[0];
                     mqtt_servers.push(format!("mqtts://{host}:{port}"));
+                    if !cfg.cloud_mqtt_server.is_empty() {
+                        match cfg.mode {
+                            Mode::GatewayFirst => mqtt_servers.push(cfg.cloud_mqtt_server.clone()),
+                            Mode::CloudFirst => {
+                                mqtt_servers.insert(0, cfg.cloud_mqtt_server.clone())
+                            }
+                        }
+                    }
                 }
                 None => {
                     return Err(ServiceError::Config(

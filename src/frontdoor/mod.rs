@@ -192,6 +192,16 @@ impl SessionRegistry {
         })
     }
 
+    /// Identities with a live session now.
+    pub fn live(&self) -> Vec<String> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .iter()
+            .filter(|(_, s)| s.lock.try_lock().is_err())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     /// Forget identities nobody holds or waits for (called when a session ends).
     pub fn release(&self, identity: &str) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());

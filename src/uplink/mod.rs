@@ -13,7 +13,7 @@ pub mod queue;
 
 use crate::broker::BrokerLink;
 use crate::store::Store;
-use detect::LinkState;
+pub use detect::LinkState;
 use mapping::{DownRule, Mapping, UpRule};
 use queue::{QueueHandle, WhenFull};
 use serde::{Deserialize, Serialize};

@@ -99,13 +99,19 @@ pub struct Cloud {
 
 impl Cloud {
     pub fn start(pki: &CloudPki) -> Cloud {
+        Cloud::start_with_cafile(pki, &pki.ca)
+    }
+
+    /// Client certificates are verified against `cafile` (e.g. a bundle with a gateway CA,
+    /// for devices that use the cloud broker directly).
+    pub fn start_with_cafile(pki: &CloudPki, cafile: &Path) -> Cloud {
         let port = free_port();
         let conf = pki.dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
                 "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\nallow_anonymous false\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 0\nlog_type error\nlog_dest stderr\n",
-                pki.ca.display(),
+                cafile.display(),
                 pki.server_cert.display(),
                 pki.server_key.display()
             ),
@@ -162,6 +168,11 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(target: SocketAddr) -> Proxy {
+        Proxy::start_on(0, target)
+    }
+
+    /// On a given loopback port (0: any), for addresses that must be known in advance.
+    pub fn start_on(port: u16, target: SocketAddr) -> Proxy {
         let rt = Arc::new(
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -171,7 +182,7 @@ impl Proxy {
         );
         let (tx, rx) = tokio::sync::watch::channel(Fault::Pass);
         let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
             .unwrap();
         let addr = listener.local_addr().unwrap();
         rt.spawn(async move {

@@ -593,11 +593,19 @@ impl Gateway {
     /// Start with a whole config file of the caller's making (`make` gets the data dir), for
     /// settings the base config fixes (e.g. `[mdns]`).
     pub fn start_custom(make: impl FnOnce(&Path) -> String) -> Gateway {
+        let mut gw = Gateway::prepare_custom(make);
+        gw.spawn();
+        gw
+    }
+
+    /// Write the config and create the data dir and CA (with `ca list`), without starting:
+    /// for set-ups that need the gateway CA before the gateway runs. Start with `spawn`.
+    pub fn prepare_custom(make: impl FnOnce(&Path) -> String) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = dir.path().join("data");
         let config_path = dir.path().join("outpost.toml");
         std::fs::write(&config_path, make(&data_dir)).expect("write config");
-        let mut gw = Gateway {
+        let gw = Gateway {
             dir,
             data_dir,
             config_path,
@@ -611,7 +619,12 @@ impl Gateway {
                 pid: 0,
             },
         };
-        gw.spawn();
+        let out = gw.cli(&["ca", "list"]);
+        assert!(
+            out.status.success(),
+            "ca list: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         gw
     }
 }

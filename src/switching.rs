@@ -1,0 +1,127 @@
+//! Switching devices back to their primary server (seed 004, S21–S22 and S52–S53).
+//!
+//! In `cloud-first` mode devices use the cloud broker and fall back to this gateway when the
+//! cloud fails them. When the uplink returns (Offline → Online) and the durable queue has
+//! drained (the registry sync and the devices' messages are up), the gateway tells every
+//! device connected to it to go back: a QoS 1 message on
+//! `devices/{id}/commands/outpost/switch` with `{"server": "<primary>", "reason": ...}`,
+//! each after a random delay within `fdo.switch_spread`, so that a thousand devices do not
+//! reconnect to the cloud in the same second.
+
+use crate::broker::BrokerLink;
+use crate::frontdoor::SessionRegistry;
+use crate::uplink::{LinkState, UplinkHandle};
+use rand::Rng;
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The command topic of one device.
+pub fn topic(device: &str) -> String {
+    format!("devices/{device}/commands/outpost/switch")
+}
+
+/// Client ids of the gateway's own local clients (never told to switch).
+const OWN: &[&str] = &["outpost-uplink", "outpost-switch"];
+
+fn local_client(core: &BrokerLink, shutdown: CancellationToken) -> AsyncClient {
+    let mut o = MqttOptions::new(
+        "outpost-switch",
+        core.addr.ip().to_string(),
+        core.addr.port(),
+    );
+    o.set_credentials("outpost-switch", core.secret.to_string());
+    o.set_keep_alive(Duration::from_secs(30));
+    let (client, mut el) = AsyncClient::new(o, 1024);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = el.poll() => if let Err(e) = r {
+                    tracing::debug!(error = %e, "switch: local core link lost; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                },
+            }
+        }
+    });
+    client
+}
+
+/// Run until shutdown: after every Offline → Online transition, once the queue is empty,
+/// tell the connected devices to use `primary`.
+pub async fn run(
+    primary: String,
+    spread: Duration,
+    uplink: UplinkHandle,
+    sessions: Arc<crate::frontdoor::Shared>,
+    core: BrokerLink,
+    shutdown: CancellationToken,
+) {
+    let client = local_client(&core, shutdown.clone());
+    let mut state = uplink.state.clone();
+    let mut was = *state.borrow_and_update();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = state.changed() => if r.is_err() { return },
+        }
+        let now = *state.borrow_and_update();
+        let recovered = was == LinkState::Offline && now == LinkState::Online;
+        was = now;
+        if !recovered {
+            continue;
+        }
+        // Wait for the drain: the registry sync and the devices' data go first.
+        let depth = &uplink.queue.stats().depth;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while depth.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            if *state.borrow() != LinkState::Online {
+                break;
+            }
+        }
+        if *state.borrow() != LinkState::Online {
+            continue;
+        }
+        let devices = live_devices(&sessions.sessions);
+        tracing::info!(devices = devices.len(), %primary, ?spread, "link back and queue drained: telling devices to switch to their primary server");
+        let body = serde_json::json!({
+            "server": primary,
+            "reason": "the cloud is reachable again and the registry is synced",
+        })
+        .to_string();
+        for d in devices {
+            let (client, body, s) = (client.clone(), body.clone(), shutdown.clone());
+            let delay = if spread.is_zero() {
+                Duration::ZERO
+            } else {
+                spread.mul_f64(rand::thread_rng().gen_range(0.0..1.0))
+            };
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = s.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                if let Err(e) = client
+                    .publish(topic(&d), QoS::AtLeastOnce, false, body)
+                    .await
+                {
+                    tracing::warn!(device = %d, error = %e, "switch command not sent");
+                }
+            });
+        }
+    }
+}
+
+fn live_devices(sessions: &SessionRegistry) -> Vec<String> {
+    sessions
+        .live()
+        .into_iter()
+        .filter(|id| !OWN.contains(&id.as_str()))
+        .collect()
+}

@@ -1,0 +1,164 @@
+//! Seed 004's story end to end (issue 5, acceptance 1), every part a real process on
+//! 127.0.0.1: Mosquitto as the cloud broker, `outpost cloud` as the cloud registry, the
+//! gateway (`outpost run`, cloud-first mode) behind the tests' fault-injecting proxy, and
+//! `outpost device`. The site's internet is cut (the gateway's uplink and the device's own
+//! path to the cloud broker); a brand-new device onboards on the gateway, gets its
+//! certificate and publishes through it; the link returns; the cloud registry has the device
+//! within 5 s; the gateway tells the device to switch back to the cloud broker, and it does.
+
+mod cloud;
+mod common;
+
+use cloud::{Cloud as Broker, CloudPki, Fault, Proxy};
+use common::roles::{extend_to, make_device, s, Agent, Cloud};
+use common::{base_config, Gateway};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn uplink_section(port: u16, ca: &Path, cert: &Path, key: &Path) -> String {
+    format!(
+        "[uplink]\nenabled = true\nhost = \"127.0.0.1\"\nport = {port}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        ca.display(),
+        cert.display(),
+        key.display()
+    )
+}
+
+fn registry(config: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new(common::BIN)
+        .args(["registry", "--json", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn offline_onboarding_sync_on_restore_and_switch_back_in_cloud_first_mode() {
+    common::require_mosquitto();
+    let work = tempfile::tempdir().unwrap();
+    let mut pki = CloudPki::new(&work.path().join("pki"));
+    let (gw_cert, gw_key) = pki.issue("gw-test", false);
+    let (cl_cert, cl_key) = pki.issue("cloud-test", false);
+
+    // The gateway's CA exists first: the cloud broker accepts the devices it certifies.
+    let uplink_proxy_port = cloud::free_port();
+    let device_proxy_port = cloud::free_port();
+    let cloud_url = format!("mqtts://127.0.0.1:{device_proxy_port}");
+    let mut gw = Gateway::prepare_custom(|data| {
+        let cfg = base_config(
+            data,
+            &uplink_section(uplink_proxy_port, &pki.ca, &gw_cert, &gw_key),
+        );
+        cfg.replace(
+            "[fdo]\nlisten = \"127.0.0.1:0\"\n",
+            &format!(
+                "[fdo]\nlisten = \"127.0.0.1:0\"\nmode = \"cloud-first\"\ncloud_mqtt_server = \"{cloud_url}\"\nserver_trust = [\"{}\"]\nswitch_spread = \"500ms\"\n",
+                pki.ca.display()
+            ),
+        )
+    });
+    let bundle = work.path().join("broker-clients.pem");
+    std::fs::write(
+        &bundle,
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&pki.ca).unwrap(),
+            std::fs::read_to_string(gw.data_dir.join("ca.crt")).unwrap()
+        ),
+    )
+    .unwrap();
+    let broker = Broker::start_with_cafile(&pki, &bundle);
+    let target = SocketAddr::from(([127, 0, 0, 1], broker.port));
+    let uplink_proxy = Proxy::start_on(uplink_proxy_port, target);
+    let device_proxy = Proxy::start_on(device_proxy_port, target);
+    let mut cloud = Cloud::prepare(&format!(
+        "mqtt_servers = [\"{cloud_url}\"]\n\n{}\n[sync]\ngateways = [\"gw-test\"]\n",
+        uplink_section(broker.port, &pki.ca, &cl_cert, &cl_key)
+    ));
+    cloud.start();
+    gw.spawn();
+    let online = |gw: &Gateway| gw.metric("outpost_uplink_online") == 1;
+    let wait = |what: &str, limit: Duration, f: &mut dyn FnMut() -> bool| {
+        let t0 = Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t0.elapsed()
+    };
+    wait("online", Duration::from_secs(20), &mut || online(&gw));
+
+    // The site loses the internet.
+    uplink_proxy.set(Fault::Blackhole);
+    device_proxy.set(Fault::Reset);
+    wait("offline", Duration::from_secs(10), &mut || !online(&gw));
+
+    // A brand-new device: its voucher comes with it and is imported at the gateway.
+    let dev = make_device(work.path(), "dev-story", gw.ep.fdo.unwrap());
+    let owner = gw.cli(&["voucher", "owner-cert"]);
+    let v = extend_to(&dev, &String::from_utf8_lossy(&owner.stdout), "gw");
+    assert!(gw.cli(&["voucher", "import", s(&v)]).status.success());
+    let mut agent = Agent::start(&dev.cred, &work.path().join("state"), &[]);
+    let o = agent.expect("onboarded", Duration::from_secs(30));
+    let id = o["client_id"].as_str().unwrap().to_string();
+    let gw_url = format!("mqtts://127.0.0.1:{}", gw.mqtts().port());
+    assert_eq!(
+        o["servers"],
+        serde_json::json!([cloud_url, gw_url]),
+        "cloud-first order"
+    );
+    // The cloud is unreachable for the device too: it falls back to the gateway.
+    let c = agent.expect("connected", Duration::from_secs(30));
+    assert_eq!(c["server"], gw_url.as_str());
+    let p = agent.expect("published", Duration::from_secs(10));
+    assert_eq!(p["server"], gw_url.as_str());
+    let serial = registry(&gw.config_path)
+        .into_iter()
+        .find(|e| e["guid"] == id.as_str())
+        .expect("gateway registry")["cert_serial"]
+        .clone();
+    assert!(registry(&cloud.config_path)
+        .iter()
+        .all(|e| e["guid"] != id.as_str()));
+
+    // The internet returns.
+    uplink_proxy.set(Fault::Pass);
+    device_proxy.set(Fault::Pass);
+    let restored = Instant::now();
+    wait(
+        "cloud registry has the device",
+        Duration::from_secs(15),
+        &mut || {
+            registry(&cloud.config_path)
+                .iter()
+                .any(|e| e["guid"] == id.as_str() && e["cert_serial"] == serial)
+        },
+    );
+    let synced = restored.elapsed();
+    assert!(
+        synced <= Duration::from_secs(5),
+        "restore -> cloud registry: {synced:?}"
+    );
+    // ... and the gateway tells the device to go back to the cloud broker, which it does.
+    let sw = agent.expect("switching", Duration::from_secs(30));
+    assert_eq!(sw["to"], cloud_url.as_str());
+    let c = agent.expect("connected", Duration::from_secs(15));
+    assert_eq!(c["server"], cloud_url.as_str());
+    let p = agent.expect("published", Duration::from_secs(10));
+    assert_eq!(p["server"], cloud_url.as_str());
+    println!(
+        "restore -> cloud registry {synced:?}; -> device on the cloud broker {:?}",
+        restored.elapsed()
+    );
+    drop(agent);
+    drop(cloud);
+    drop(broker);
+}
