@@ -82,7 +82,8 @@ pub struct FdoConfig {
     /// Empty: never forward.
     pub cloud_rendezvous: String,
     /// Time allowed for one forwarded TO1 exchange with the cloud rendezvous; after it, a
-    /// new session is answered locally. Less than `request_timeout`.
+    /// new session is answered locally. Less than `request_timeout` (checked when
+    /// `cloud_rendezvous` is set).
     #[serde(with = "humantime_serde")]
     pub forward_timeout: Duration,
 }
@@ -267,12 +268,13 @@ impl FdoConfig {
                     format!("{} is this gateway's own listener", self.cloud_rendezvous),
                 ));
             }
-        }
-        if self.forward_timeout.is_zero() || self.forward_timeout >= self.request_timeout {
-            return Err((
-                "fdo.forward_timeout",
-                "must be > 0 and less than fdo.request_timeout".into(),
-            ));
+            // The local fallback must still fit in the device's request.
+            if self.forward_timeout.is_zero() || self.forward_timeout >= self.request_timeout {
+                return Err((
+                    "fdo.forward_timeout",
+                    "must be > 0 and less than fdo.request_timeout".into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -746,6 +748,9 @@ mod tests {
         assert!(c.validate().is_ok());
         c.forward_timeout = c.request_timeout;
         assert_eq!(c.validate().unwrap_err().0, "fdo.forward_timeout");
+        c.cloud_rendezvous.clear();
+        assert!(c.validate().is_ok(), "only checked when forwarding");
+        c.cloud_rendezvous = "rv.example.com".into();
         c.forward_timeout = Duration::from_secs(3);
         c.rendezvous = false;
         assert_eq!(c.validate().unwrap_err().0, "fdo.cloud_rendezvous");
