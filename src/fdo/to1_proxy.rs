@@ -138,14 +138,6 @@ impl To1Proxy {
         matches!(msg, msg_type::TO1_HELLO_RV | msg_type::TO1_PROVE_TO_RV)
     }
 
-    /// The state in force, as logged: `online`, `offline` or `disabled`.
-    fn uplink_state(&self) -> &'static str {
-        match &self.uplink {
-            None => "disabled",
-            Some(rx) => rx.borrow().as_str(),
-        }
-    }
-
     /// Handle TO1.HelloRV (30) or TO1.ProveToRV (32).
     pub async fn handle(
         &self,
@@ -163,16 +155,18 @@ impl To1Proxy {
             Ok(h) => h.guid,
             Err(_) => return To1Answer::Local(local.handle(msg, token, body)),
         };
-        let state = self.uplink_state();
-        let cloud = match (&self.cloud, state) {
+        let link = self.uplink.as_ref().map(|rx| *rx.borrow());
+        // As logged: `online`, `offline` or `disabled`.
+        let state = link.map_or("disabled", LinkState::as_str);
+        let cloud = match (&self.cloud, link) {
             (None, _) => {
                 return self.local(local, guid, state, "no cloud rendezvous configured", body)
             }
-            (Some(_), "disabled") => {
-                return self.local(local, guid, state, "uplink disabled", body)
+            (Some(_), None) => return self.local(local, guid, state, "uplink disabled", body),
+            (Some(_), Some(LinkState::Offline)) => {
+                return self.local(local, guid, state, "uplink offline", body)
             }
-            (Some(_), "offline") => return self.local(local, guid, state, "uplink offline", body),
-            (Some(c), _) => c,
+            (Some(c), Some(LinkState::Online)) => c,
         };
         match self.forward(cloud, msg, None, body).await {
             Ok(r) if r.msg_type == Some(msg_type::TO1_HELLO_RV_ACK) => {
