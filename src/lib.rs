@@ -210,6 +210,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                 registered_by: format!("gateway {gateway_id}"),
                 subject: gateway_id.clone(),
                 mqtts_port: Some(endpoints.mqtts.port()),
+                uplink: config.uplink.enabled.then(|| uplink.state.clone()),
             };
             let svc = fdo::service::start(
                 &config.fdo,
@@ -273,9 +274,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     }
     if let Some(l) = metrics_l {
         let (m, u, s) = (metrics.clone(), uplink.clone(), shutdown.clone());
+        let to1 = fdo_svc.as_ref().and_then(|f| f.to1_stats.clone());
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
             let mut text = m.render();
             u.render_metrics(&mut text);
+            if let Some(t) = &to1 {
+                t.render(&mut text);
+            }
             text
         });
         tracker.spawn(async move {
@@ -467,6 +472,7 @@ pub async fn run_cloud(config: Config, shutdown: CancellationToken) -> Result<()
         registered_by: format!("cloud {id}"),
         subject: id.clone(),
         mqtts_port: None,
+        uplink: None,
     };
     let svc = fdo::service::start(
         &config.fdo,

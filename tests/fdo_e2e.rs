@@ -75,6 +75,7 @@ async fn env() -> Env {
         FdoServer {
             rendezvous: Some(rendezvous),
             owner: None,
+            to1: None,
         },
         std::future::pending(),
     ));
@@ -83,6 +84,7 @@ async fn env() -> Env {
         FdoServer {
             rendezvous: None,
             owner: Some(service),
+            to1: None,
         },
         std::future::pending(),
     ));
@@ -567,6 +569,7 @@ async fn gateway_store_backend_registers_the_device_and_its_certificate() {
                 None,
             ))),
             owner: Some(service),
+            to1: None,
         },
         std::future::pending(),
     ));

@@ -9,6 +9,7 @@
 use super::owner_service::OwnerService;
 use super::rendezvous::Rendezvous;
 use super::session::{bearer, ProtocolFailure, Reply};
+use super::to1_proxy::{To1Answer, To1Proxy};
 use super::types::ErrorMessage;
 use super::ErrorCode;
 use axum::body::Bytes;
@@ -34,6 +35,9 @@ pub const MAX_BODY: usize = super::encrypt::MAX_ENCRYPTED + 1024;
 pub struct FdoServer {
     pub rendezvous: Option<Arc<Rendezvous>>,
     pub owner: Option<Arc<OwnerService>>,
+    /// The determination unit: decides who answers TO1 (the local rendezvous or the cloud's).
+    /// Without it the local rendezvous answers every TO1.
+    pub to1: Option<Arc<To1Proxy>>,
 }
 
 /// The router: `POST /fdo/101/msg/:n`.
@@ -247,6 +251,27 @@ fn fail<E: ProtocolFailure>(prev: u8, peer: &Option<String>, e: E) -> Response {
     error_response(prev, code, e.to_string())
 }
 
+/// An answer of the cloud rendezvous, relayed unchanged: status, Message-Type, token, body.
+fn relayed(r: super::client::HttpReply) -> Response {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = (status, r.body).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/cbor"),
+    );
+    if let Some(t) = r.msg_type {
+        h.insert("message-type", HeaderValue::from(t as u16));
+    }
+    if let Some(v) = r
+        .token
+        .and_then(|t| HeaderValue::from_str(&format!("Bearer {t}")).ok())
+    {
+        h.insert(header::AUTHORIZATION, v);
+    }
+    resp
+}
+
 fn ok(r: Reply) -> Response {
     cbor_response(StatusCode::OK, r.msg_type, Some(&r.token), r.body)
 }
@@ -278,6 +303,14 @@ async fn handle(
             tracing::warn!(peer = peer.as_deref().unwrap_or("-"), error = %e, "FDO peer reported an error; session closed");
         }
         return cbor_response(StatusCode::OK, msg, None, Vec::new());
+    }
+    if let (true, Some(rv), Some(to1)) = (To1Proxy::handles(msg), &server.rendezvous, &server.to1) {
+        return match to1.handle(rv, msg, token, &body).await {
+            To1Answer::Relayed(r) => relayed(r),
+            To1Answer::Local(Ok(r)) => ok(r),
+            To1Answer::Local(Err(e)) => fail(msg, &peer, e),
+            To1Answer::Failed(code, message) => error_response(msg, code, message),
+        };
     }
     if let (true, Some(rv)) = (Rendezvous::handles(msg), &server.rendezvous) {
         return match rv.handle(msg, token, &body) {

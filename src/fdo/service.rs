@@ -17,6 +17,7 @@ use super::owner_service::{
 };
 use super::registry::StoreOwnerBackend;
 use super::rendezvous::{Rendezvous, RvConfig, StoreRvStore};
+use super::to1_proxy::{To1Proxy, To1Stats};
 use super::{crypto::Curve, owner, FdoError, Guid, OwnershipVoucher};
 use crate::ca::CaHandle;
 use crate::store::Store;
@@ -86,6 +87,16 @@ pub struct FdoConfig {
     pub max_sessions: usize,
     /// Registrations the rendezvous server keeps.
     pub max_registrations: usize,
+    /// The cloud rendezvous server (`host:port`, plain HTTP; port default 8041). While the
+    /// uplink is Online, devices' TO1 is forwarded there and its answer relayed (the
+    /// determination unit, `fdo/to1_proxy.rs`); Offline, the local rendezvous answers.
+    /// Empty: never forward.
+    pub cloud_rendezvous: String,
+    /// Time allowed for one forwarded TO1 exchange with the cloud rendezvous; after it, a
+    /// new session is answered locally. Less than `request_timeout` (checked when
+    /// `cloud_rendezvous` is set).
+    #[serde(with = "humantime_serde")]
+    pub forward_timeout: Duration,
 }
 
 impl Default for FdoConfig {
@@ -109,6 +120,8 @@ impl Default for FdoConfig {
             session_ttl: Duration::from_secs(120),
             max_sessions: 10_000,
             max_registrations: 100_000,
+            cloud_rendezvous: String::new(),
+            forward_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -277,6 +290,30 @@ impl FdoConfig {
         if self.max_registrations == 0 {
             return Err(("fdo.max_registrations", "must be at least 1".into()));
         }
+        if !self.cloud_rendezvous.is_empty() {
+            let (h, p) =
+                parse_host_port(&self.cloud_rendezvous).map_err(|e| ("fdo.cloud_rendezvous", e))?;
+            if !self.rendezvous {
+                return Err((
+                    "fdo.cloud_rendezvous",
+                    "needs fdo.rendezvous = true (the local answer when the uplink is down)".into(),
+                ));
+            }
+            let port = p.unwrap_or(super::DEFAULT_RV_PORT);
+            if h == Host::Ip(self.listen.ip()) && port == self.listen.port() {
+                return Err((
+                    "fdo.cloud_rendezvous",
+                    format!("{} is this gateway's own listener", self.cloud_rendezvous),
+                ));
+            }
+            // The local fallback must still fit in the device's request.
+            if self.forward_timeout.is_zero() || self.forward_timeout >= self.request_timeout {
+                return Err((
+                    "fdo.forward_timeout",
+                    "must be > 0 and less than fdo.request_timeout".into(),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -310,6 +347,9 @@ pub struct Role {
     pub subject: String,
     /// The gateway's device listener port (default MQTT server); `None` for the cloud.
     pub mqtts_port: Option<u16>,
+    /// The uplink state, when the uplink is enabled: TO1 is forwarded to
+    /// `fdo.cloud_rendezvous` only while it is Online. `None`: never forwarded.
+    pub uplink: Option<tokio::sync::watch::Receiver<crate::uplink::detect::LinkState>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -326,6 +366,17 @@ pub struct FdoService {
     /// Notify after a voucher import: the registrar registers it at once.
     pub vouchers_changed: Arc<Notify>,
     pub owner: Option<Arc<StoreOwnerBackend>>,
+    /// Counters of the TO1 determination unit (when the rendezvous server runs).
+    pub to1_stats: Option<Arc<To1Stats>>,
+}
+
+impl FdoService {
+    /// Prometheus lines of the FDO services.
+    pub fn render_metrics(&self, out: &mut String) {
+        if let Some(s) = &self.to1_stats {
+            s.render(out);
+        }
+    }
 }
 
 /// Appends the configured trust anchors to the CA certificate sent to devices.
@@ -389,6 +440,29 @@ pub fn start(
             None,
         ));
         server.rendezvous = Some(rv.clone());
+        let cloud = parse_host_port(&cfg.cloud_rendezvous)
+            .ok()
+            .filter(|_| !cfg.cloud_rendezvous.is_empty())
+            .map(|(h, p)| Endpoint {
+                host: h.to_string(),
+                port: p.unwrap_or(super::DEFAULT_RV_PORT),
+            });
+        match (&cloud, &role.uplink) {
+            (Some(c), Some(_)) => {
+                tracing::info!(cloud = %c, "TO1: forwarded to the cloud rendezvous while the uplink is Online")
+            }
+            (Some(c), None) => {
+                tracing::warn!(cloud = %c, "fdo.cloud_rendezvous is set but the uplink is disabled: TO1 is always answered locally")
+            }
+            _ => {}
+        }
+        server.to1 = Some(Arc::new(To1Proxy::new(
+            cloud,
+            role.uplink.clone(),
+            cfg.forward_timeout,
+            cfg.session_ttl,
+            cfg.max_sessions,
+        )));
         Some(rv)
     } else {
         None
@@ -455,6 +529,7 @@ pub fn start(
         request_timeout: cfg.request_timeout,
         ..HttpLimits::default()
     };
+    let server_stats = server.to1.as_ref().map(|p| p.stats.clone());
     tracker.spawn(http::serve_with(listener, server, limits, shutdown.clone()));
     if let Some(backend) = &owner_backend {
         let mut targets = Vec::new();
@@ -506,6 +581,7 @@ pub fn start(
         addr,
         vouchers_changed,
         owner: owner_backend,
+        to1_stats: server_stats,
     })
 }
 
@@ -710,7 +786,21 @@ mod tests {
         c.owner_addresses = vec!["::::".into()];
         assert_eq!(c.validate().unwrap_err().0, "fdo.owner_addresses");
         c.owner_addresses.clear();
+        c.cloud_rendezvous = "cloud example:1".into();
+        assert_eq!(c.validate().unwrap_err().0, "fdo.cloud_rendezvous");
+        c.cloud_rendezvous = "0.0.0.0:8041".into();
+        assert_eq!(c.validate().unwrap_err().0, "fdo.cloud_rendezvous");
+        c.cloud_rendezvous = "rv.example.com".into();
+        assert!(c.validate().is_ok());
+        c.forward_timeout = c.request_timeout;
+        assert_eq!(c.validate().unwrap_err().0, "fdo.forward_timeout");
+        c.cloud_rendezvous.clear();
+        assert!(c.validate().is_ok(), "only checked when forwarding");
+        c.cloud_rendezvous = "rv.example.com".into();
+        c.forward_timeout = Duration::from_secs(3);
         c.rendezvous = false;
+        assert_eq!(c.validate().unwrap_err().0, "fdo.cloud_rendezvous");
+        c.cloud_rendezvous.clear();
         c.owner = false;
         assert_eq!(c.validate().unwrap_err().0, "fdo.enabled");
         c.enabled = false;
