@@ -129,13 +129,24 @@ impl Log {
         Ok(())
     }
 
-    /// Remove records one by one and return the sizes of those that existed.
+    /// Remove records in one batch and return the sizes of those that existed (not flushed).
+    /// The caller must be the log's only writer (the sizes are read before the batch).
     pub fn take(&self, seqs: &[u64]) -> Result<Vec<u64>, StoreError> {
+        // A sequence number may be listed twice (acknowledged again after a resend).
+        let mut seqs = seqs.to_vec();
+        seqs.sort_unstable();
+        seqs.dedup();
         let mut sizes = Vec::with_capacity(seqs.len());
+        let mut batch = sled::Batch::default();
         for s in seqs {
-            if let Some(v) = self.tree.remove(s.to_be_bytes())? {
+            let key = s.to_be_bytes();
+            if let Some(v) = self.tree.get(key)? {
                 sizes.push(v.len() as u64);
+                batch.remove(&key);
             }
+        }
+        if !sizes.is_empty() {
+            self.tree.apply_batch(batch)?;
         }
         Ok(sizes)
     }
@@ -246,6 +257,9 @@ impl Store {
             match sled::Config::new()
                 .path(dir)
                 .mode(sled::Mode::HighThroughput)
+                // sled's own background flush (its default, stated because the uplink
+                // queue relies on it to bound how long a removal stays un-flushed).
+                .flush_every_ms(Some(500))
                 .open()
             {
                 Ok(db) => break db,
@@ -484,6 +498,22 @@ mod tests {
             (Some(2), Some(3))
         );
         assert_eq!(log.usage().unwrap(), (2, 5));
+    }
+
+    #[test]
+    fn log_take_removes_in_one_batch_and_counts_each_record_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let log = s.log("q").unwrap();
+        log.append(1, &[b"a".to_vec(), b"bb".to_vec(), b"ccc".to_vec()])
+            .unwrap();
+        // 3 twice (acknowledged again after a resend), 9 never existed.
+        let mut sizes = log.take(&[3, 9, 1, 3]).unwrap();
+        sizes.sort_unstable();
+        assert_eq!(sizes, vec![1, 3]);
+        assert_eq!(log.read_from(0, 10).unwrap(), vec![(2, b"bb".to_vec())]);
+        assert_eq!(log.take(&[1, 3]).unwrap(), Vec::<u64>::new());
+        assert_eq!(log.usage().unwrap(), (1, 2));
     }
 
     #[test]

@@ -268,10 +268,17 @@ impl Session {
         let mut unmapped: VecDeque<Slot> = VecDeque::new();
         let mut cursor = self.queue.first_seq().ok().flatten().unwrap_or(1);
         // Messages up to `previous_run_mark` may have been sent by an earlier run; in this run
-        // `max_sent` is exact. `reserved` is persisted before anything beyond it is sent.
+        // `max_sent` is exact. Nothing beyond the durable sent mark is ever sent. The mark is
+        // requested `reserve` messages ahead, renewed when half of that is used, and waited
+        // for (without blocking this loop) only when the drain catches up with it.
         let previous_run_mark = self.queue.sent_mark();
-        let mut reserved = previous_run_mark;
+        let mut sent_durable = self.queue.sent_durable();
+        let reserve = 4 * window as u64;
+        let mut mark_requested = previous_run_mark;
+        let mut mark_blocked: bool;
         let mut max_sent = 0u64;
+        // Data slots in `inflight` and `unmapped`.
+        let mut outstanding = 0usize;
         let mut evidence = false;
         // When the cloud broker last answered anything on the session.
         let mut last_evidence = Instant::now();
@@ -285,12 +292,16 @@ impl Session {
 
         loop {
             // Drain the queue into the window.
+            mark_blocked = false;
             if connected {
-                let outstanding = inflight
-                    .values()
-                    .chain(unmapped.iter())
-                    .filter(|s| matches!(s, Slot::Data { .. }))
-                    .count();
+                debug_assert_eq!(
+                    outstanding,
+                    inflight
+                        .values()
+                        .chain(unmapped.iter())
+                        .filter(|s| matches!(s, Slot::Data { .. }))
+                        .count()
+                );
                 if outstanding < window {
                     match self.queue.read_from(cursor, window - outstanding) {
                         Ok(batch) => {
@@ -315,9 +326,19 @@ impl Session {
                                     cursor = seq + 1;
                                     continue;
                                 };
-                                if seq > reserved {
-                                    reserved = seq + window as u64;
-                                    self.queue.reserve_sent(reserved).await;
+                                let durable_mark = *sent_durable.borrow_and_update();
+                                if seq > durable_mark {
+                                    if mark_requested < seq {
+                                        mark_requested = seq + reserve;
+                                        self.queue.request_sent_mark(mark_requested).await;
+                                    }
+                                    // Resume when the mark is on disk.
+                                    mark_blocked = true;
+                                    break;
+                                }
+                                if seq + reserve / 2 > mark_requested {
+                                    mark_requested = seq + reserve;
+                                    self.queue.request_sent_mark(mark_requested).await;
                                 }
                                 let Some(l) = link.as_ref() else { break };
                                 if l.client
@@ -332,6 +353,7 @@ impl Session {
                                     break;
                                 }
                                 unmapped.push_back(Slot::Data { seq });
+                                outstanding += 1;
                                 self.stats.published.fetch_add(1, Ordering::Relaxed);
                                 if seq <= max_sent || seq <= previous_run_mark {
                                     self.stats.resent.fetch_add(1, Ordering::Relaxed);
@@ -344,8 +366,9 @@ impl Session {
                     }
                 }
             }
-            // Removals are flushed by the queue owner; batching them bounds both the flush
-            // rate and what a crash can repeat (the window plus half a window).
+            // Acknowledgements go to the queue owner in batches of half a window (or at the
+            // next tick); it flushes them once a window's worth is pending. What a crash can
+            // repeat is bounded accordingly (see the queue module's docs: about 3 windows).
             if !acked.is_empty() && (acked.len() >= (window / 2).max(1) || flush_acks) {
                 self.queue.remove(std::mem::take(&mut acked), false).await;
             }
@@ -363,6 +386,7 @@ impl Session {
                     link = Some(Link::start(opts.clone(), self.cfg.connect_timeout, cap));
                 }
                 _ = durable.changed() => {}
+                Ok(()) = sent_durable.changed(), if mark_blocked => {}
                 // Something is waiting for an answer and the broker has said nothing for
                 // heartbeat_timeout: the link is dead even if TCP has not noticed.
                 _ = tokio::time::sleep_until(last_evidence + d.heartbeat_timeout),
@@ -384,6 +408,10 @@ impl Session {
                 }
                 _ = tick.tick() => {
                     flush_acks = true;
+                    if mark_blocked {
+                        // In case the flush that makes the mark durable failed: ask again.
+                        self.queue.request_sent_mark(mark_requested).await;
+                    }
                     if let (true, Some(l)) = (connected, link.as_ref()) {
                         if evidence {
                             // Round trips completed since the last tick: the link is alive,
@@ -428,6 +456,7 @@ impl Session {
                             // in order (possible duplicates are counted as resent).
                             inflight.clear();
                             unmapped.clear();
+                            outstanding = 0;
                             heartbeat = None;
                             cursor = self.queue.first_seq().ok().flatten().unwrap_or(cursor);
                             if !ack.session_present {
@@ -459,7 +488,10 @@ impl Session {
                         evidence = true;
                         last_evidence = Instant::now();
                         match inflight.remove(&ack.pkid) {
-                            Some(Slot::Data { seq }) => acked.push(seq),
+                            Some(Slot::Data { seq }) => {
+                                outstanding = outstanding.saturating_sub(1);
+                                acked.push(seq);
+                            }
                             Some(Slot::Heartbeat { sent }) => {
                                 if heartbeat == Some(sent) {
                                     heartbeat = None;

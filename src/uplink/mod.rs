@@ -256,7 +256,7 @@ impl UplinkHandle {
         m(
             "outpost_uplink_resent_total",
             "counter",
-            "Messages published again after a reconnect or restart (possible duplicates; after a crash an upper bound, exact within one window).",
+            "Messages published again after a reconnect or restart (possible duplicates; after a crash an upper bound that may include up to four windows never sent).",
             l(&s.resent),
         );
         m(
@@ -351,7 +351,12 @@ pub fn start(
     sync_down: Option<tokio::sync::mpsc::Sender<crate::sync::Delivery>>,
 ) -> Result<(UplinkHandle, std::thread::JoinHandle<()>), UplinkError> {
     let mapping = Arc::new(Mapping::new(gateway_id, &cfg.up, &cfg.down)?);
-    let (queue, queue_thread) = QueueHandle::spawn(store, cfg.queue_max_bytes, cfg.when_full)?;
+    let (queue, queue_thread) = QueueHandle::spawn(
+        store,
+        cfg.queue_max_bytes,
+        cfg.when_full,
+        u64::from(cfg.inflight),
+    )?;
     let tls = link::client_tls(cfg)?;
     let (state_tx, state_rx) = watch::channel(LinkState::Offline);
     let stats = Arc::new(UplinkStats::default());

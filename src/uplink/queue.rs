@@ -3,9 +3,22 @@
 //! One owner thread holds the queue. Appends from every connection are collected and made
 //! durable together (group commit: one flush for everything that arrived meanwhile) before
 //! any of their callers is answered. The forwarder reads in sequence order and acknowledges
-//! what the cloud has acknowledged; removals are flushed in batches by the same owner (a
-//! removal lost in a crash only means a message is sent again: at-least-once, and the
-//! forwarder batches at most half its window of them).
+//! what the cloud has acknowledged.
+//!
+//! Removals are not flushed on their own account for every batch: a removal lost in a crash
+//! only means a message is sent again (at-least-once). They become durable with the next
+//! flush of any kind (an append's group commit, a sent mark, sled's own background flush
+//! every 500 ms), and the owner flushes as soon as `removals_per_flush` of them (the
+//! forwarder passes its in-flight window) are not yet durable. So after a crash the cloud may
+//! see again at most: the in-flight window, the acknowledgements the forwarder had not yet
+//! handed over (under half a window), and the un-flushed removals (under one window plus the
+//! last batch of commands): about three windows in the worst case.
+//!
+//! The sent mark ([`QueueHandle::request_sent_mark`]) is the forwarder's reservation: nothing
+//! beyond the durable mark is ever sent, so after a crash every message up to it counts as a
+//! possible duplicate. The forwarder requests it ahead of use and does not wait for it unless
+//! it has caught up with it; the owner flushes whenever a mark is pending and then publishes
+//! it on [`QueueHandle::sent_durable`].
 
 use crate::store::{Log, Store, StoreError};
 use bytes::Bytes;
@@ -117,6 +130,8 @@ pub struct QueueStats {
     pub dropped: AtomicU64,
     pub expired: AtomicU64,
     pub group_commits: AtomicU64,
+    /// Removals applied but not yet flushed (an upper bound: sled also flushes by itself).
+    pub unflushed_removals: AtomicU64,
 }
 
 enum Command {
@@ -126,9 +141,9 @@ enum Command {
     },
     /// The cloud acknowledged these; `expired` ones were skipped for age.
     Remove { seqs: Vec<u64>, expired: bool },
-    /// Highest sequence number ever published to the cloud (to count resends after a crash).
-    /// Answered once durable.
-    SentMark(u64, oneshot::Sender<()>),
+    /// Messages up to this sequence number may be published to the cloud (to count resends
+    /// after a crash). Published on the `sent_durable` watch once flushed.
+    SentMark(u64),
     /// Flush and stop (shutdown); later commands are refused.
     Stop,
 }
@@ -144,14 +159,18 @@ pub struct QueueHandle {
     stats: Arc<QueueStats>,
     /// Highest sequence number made durable so far (0: none).
     durable: watch::Receiver<u64>,
+    /// Highest sent mark made durable so far.
+    sent_durable: watch::Receiver<u64>,
 }
 
 impl QueueHandle {
-    /// Open the queue in `store` and start its owner thread.
+    /// Open the queue in `store` and start its owner thread. At most `removals_per_flush`
+    /// removals are left un-flushed (the forwarder passes its in-flight window).
     pub fn spawn(
         store: Store,
         quota: u64,
         when_full: WhenFull,
+        removals_per_flush: u64,
     ) -> Result<(QueueHandle, std::thread::JoinHandle<()>), QueueError> {
         let log = store.log("uplink")?;
         let (depth, bytes) = log.usage()?;
@@ -160,6 +179,8 @@ impl QueueHandle {
         stats.depth.store(depth, Ordering::Relaxed);
         stats.bytes.store(bytes, Ordering::Relaxed);
         let (durable_tx, durable_rx) = watch::channel(last);
+        let mark = store.meta_u64(SENT_MARK_KEY)?.unwrap_or(0);
+        let (sent_tx, sent_rx) = watch::channel(mark);
         let (tx, mut rx) = mpsc::channel::<Command>(1024);
         let handle = QueueHandle {
             tx,
@@ -167,6 +188,7 @@ impl QueueHandle {
             log: log.clone(),
             stats: stats.clone(),
             durable: durable_rx,
+            sent_durable: sent_rx,
         };
         let join = std::thread::Builder::new()
             .name("outpost-queue".into())
@@ -178,6 +200,11 @@ impl QueueHandle {
                     next: last + 1,
                     quota,
                     when_full,
+                    removals_per_flush: removals_per_flush.max(1),
+                    unflushed_removals: 0,
+                    mark,
+                    mark_pending: None,
+                    sent_durable: sent_tx,
                 };
                 let mut batch = Vec::new();
                 let mut stop = false;
@@ -215,13 +242,16 @@ impl QueueHandle {
         rx.await.map_err(|_| QueueError::Stopped)?
     }
 
-    /// Record durably that messages up to `seq` may be sent; returns once on disk. After a
-    /// crash, the forwarder counts every message up to this mark as a possible duplicate.
-    pub async fn reserve_sent(&self, seq: u64) {
-        let (reply, rx) = oneshot::channel();
-        if self.tx.send(Command::SentMark(seq, reply)).await.is_ok() {
-            let _ = rx.await;
-        }
+    /// Ask for messages up to `seq` to be allowed out: the mark is recorded and flushed, then
+    /// published on [`Self::sent_durable`]. Nothing beyond the durable mark may be sent: after
+    /// a crash, the forwarder counts every message up to it as a possible duplicate.
+    pub async fn request_sent_mark(&self, seq: u64) {
+        let _ = self.tx.send(Command::SentMark(seq)).await;
+    }
+
+    /// Follows the highest durable sent mark.
+    pub fn sent_durable(&self) -> watch::Receiver<u64> {
+        self.sent_durable.clone()
     }
 
     /// The sent mark as persisted by the previous run.
@@ -296,6 +326,14 @@ struct Owner {
     next: u64,
     quota: u64,
     when_full: WhenFull,
+    /// Flush once this many removals are not yet durable.
+    removals_per_flush: u64,
+    unflushed_removals: u64,
+    /// The sent mark recorded (maybe not yet flushed).
+    mark: u64,
+    /// A sent mark recorded but not yet published as durable.
+    mark_pending: Option<u64>,
+    sent_durable: watch::Sender<u64>,
 }
 
 impl Owner {
@@ -303,9 +341,7 @@ impl Owner {
     fn handle(&mut self, cmds: Vec<Command>, durable: &watch::Sender<u64>) -> bool {
         let mut stop = false;
         let mut replies = Vec::new();
-        let mut mark_replies = Vec::new();
         let mut wrote = false;
-        let mut wrote_meta = false;
         for cmd in cmds {
             match cmd {
                 Command::Append { msgs, reply } => {
@@ -315,33 +351,30 @@ impl Owner {
                 }
                 Command::Remove { seqs, expired } => {
                     self.remove(&seqs, expired);
-                    wrote_meta = true;
+                    self.unflushed_removals += seqs.len() as u64;
                 }
                 Command::Stop => stop = true,
-                Command::SentMark(seq, reply) => {
-                    match self.store.set_meta_u64(SENT_MARK_KEY, seq) {
-                        Ok(()) => wrote_meta = true,
-                        Err(e) => tracing::warn!(error = %e, "cannot record the sent mark"),
-                    }
-                    mark_replies.push(reply);
+                // The mark only grows; a request at or below it is already satisfied
+                // (re-published in case it is a retry after a failed flush).
+                Command::SentMark(seq) if seq <= self.mark => {
+                    self.mark_pending = Some(self.mark);
                 }
+                Command::SentMark(seq) => match self.store.set_meta_u64(SENT_MARK_KEY, seq) {
+                    Ok(()) => {
+                        self.mark = seq;
+                        self.mark_pending = Some(seq);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot record the sent mark"),
+                },
             }
         }
-        if wrote_meta && !wrote {
-            if let Err(e) = self.store.flush() {
-                tracing::warn!(error = %e, "cannot flush the sent mark");
-            }
-        }
-        // A sent mark is answered once flushed (or dropped unanswered if the flush failed).
-        let answer_marks = move || {
-            for r in mark_replies {
-                let _ = r.send(());
-            }
-        };
-        if !wrote {
-            answer_marks();
-        } else {
-            // Group commit: one flush for every append of this batch.
+        // Appends and sent marks are flushed now; removals only once enough are pending (a
+        // lost removal is a resend, bounded by `removals_per_flush`).
+        let flush = wrote
+            || self.mark_pending.is_some()
+            || self.unflushed_removals >= self.removals_per_flush;
+        if flush {
+            // Group commit: one flush for every append of this batch (and everything else).
             if let Err(e) = self.store.flush() {
                 tracing::error!(error = %e, "uplink queue flush failed");
                 for (reply, _) in replies {
@@ -349,10 +382,22 @@ impl Owner {
                 }
                 return stop;
             }
-            self.stats.group_commits.fetch_add(1, Ordering::Relaxed);
-            answer_marks();
-            durable.send_replace(self.next - 1);
+            self.unflushed_removals = 0;
+            if let Some(mark) = self.mark_pending.take() {
+                self.sent_durable.send_if_modified(|m| {
+                    let newer = mark > *m;
+                    *m = (*m).max(mark);
+                    newer
+                });
+            }
+            if wrote {
+                self.stats.group_commits.fetch_add(1, Ordering::Relaxed);
+                durable.send_replace(self.next - 1);
+            }
         }
+        self.stats
+            .unflushed_removals
+            .store(self.unflushed_removals, Ordering::Relaxed);
         for (reply, r) in replies {
             let _ = reply.send(r);
         }
@@ -473,7 +518,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path()).unwrap();
-            let (q, join) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse).unwrap();
+            let (q, join) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse, 100).unwrap();
             q.append((0..5).map(|i| msg(i, 10)).collect())
                 .await
                 .unwrap();
@@ -483,7 +528,7 @@ mod tests {
             join.join().unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        let (q, _join) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse).unwrap();
+        let (q, _join) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse, 100).unwrap();
         let got: Vec<u64> = q
             .read_from(0, 100)
             .unwrap()
@@ -505,7 +550,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let one = msg(0, 100).encode().len() as u64;
-        let (q, _j) = QueueHandle::spawn(store, one * 3, WhenFull::Refuse).unwrap();
+        let (q, _j) = QueueHandle::spawn(store, one * 3, WhenFull::Refuse, 100).unwrap();
         q.append((0..3).map(|i| msg(i, 100)).collect())
             .await
             .unwrap();
@@ -522,7 +567,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let one = msg(0, 100).encode().len() as u64;
-        let (q, _j) = QueueHandle::spawn(store, one * 3, WhenFull::DropOldest).unwrap();
+        let (q, _j) = QueueHandle::spawn(store, one * 3, WhenFull::DropOldest, 100).unwrap();
         q.append((0..3).map(|i| msg(i, 100)).collect())
             .await
             .unwrap();
@@ -539,5 +584,82 @@ mod tests {
         q.remove(vec![1, 3], false).await;
         q.append(vec![msg(5, 1)]).await.unwrap();
         assert_eq!(q.stats().depth.load(Ordering::Relaxed), 3);
+    }
+
+    /// Waits until the owner has handled everything sent so far (commands are handled in
+    /// order; `acked` counts removals).
+    async fn settle(q: &QueueHandle, acked: u64) {
+        for _ in 0..500 {
+            if q.stats().acked.load(Ordering::Relaxed) >= acked {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        panic!("the owner did not handle the removals");
+    }
+
+    #[tokio::test]
+    async fn removals_are_flushed_once_per_window_and_never_pile_up() {
+        const WINDOW: u64 = 10;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (q, _j) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse, WINDOW).unwrap();
+        q.append((0..100).map(|i| msg(i, 10)).collect())
+            .await
+            .unwrap();
+        let unflushed = || q.stats().unflushed_removals.load(Ordering::Relaxed);
+        let mut seen_pending = false;
+        let mut seen_flush = false;
+        let mut prev = 0;
+        for first in (1..=60u64).step_by(3) {
+            q.remove((first..first + 3).collect(), false).await;
+            settle(&q, first + 2).await;
+            let now = unflushed();
+            assert!(
+                now < WINDOW,
+                "{now} removals left un-flushed (bound {WINDOW})"
+            );
+            seen_pending |= now > 0;
+            seen_flush |= now < prev;
+            prev = now;
+        }
+        assert!(
+            seen_pending,
+            "removals alone do not force a flush each time"
+        );
+        assert!(seen_flush, "removals are flushed");
+        // An append's group commit makes the pending removals durable too.
+        q.remove(vec![61], false).await;
+        settle(&q, 61).await;
+        assert!(unflushed() > 0);
+        q.append(vec![msg(100, 10)]).await.unwrap();
+        assert_eq!(unflushed(), 0);
+    }
+
+    #[tokio::test]
+    async fn sent_mark_is_published_once_durable_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let (q, join) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse, 100).unwrap();
+            let mut sent = q.sent_durable();
+            assert_eq!(*sent.borrow_and_update(), 0);
+            q.request_sent_mark(400).await;
+            q.request_sent_mark(200).await;
+            tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                sent.wait_for(|m| *m >= 400),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            assert_eq!(q.sent_mark(), 400, "the mark never goes back");
+            drop(q);
+            join.join().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let (q, _j) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse, 100).unwrap();
+        assert_eq!(q.sent_mark(), 400);
+        assert_eq!(*q.sent_durable().borrow(), 400);
     }
 }
