@@ -56,6 +56,12 @@ pub enum Request {
     },
     /// The device registry (every completed onboarding), oldest first.
     Registry,
+    /// Extend a voucher to a gateway's owner certificate and send it down with the sync.
+    Delegate {
+        gateway: String,
+        voucher_pem: String,
+        to_pem: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -79,6 +85,10 @@ pub enum Reply {
     },
     Registry {
         entries: Vec<RegistryEntry>,
+    },
+    Delegated {
+        guid: String,
+        gateway: String,
     },
     Error {
         message: String,
@@ -117,6 +127,8 @@ pub struct Services {
     pub data_dir: PathBuf,
     /// Woken after a voucher import (the FDO registrar registers it at once).
     pub vouchers_changed: Option<Arc<Notify>>,
+    /// Woken after a delegation (the cloud's sync sends it at once).
+    pub sync_wake: Option<Arc<Notify>>,
 }
 
 fn records(r: Result<Vec<CertRecord>, CaError>) -> Reply {
@@ -162,6 +174,34 @@ async fn handle(req: Request, svc: &Services) -> Reply {
                 }
                 Err(e) => Reply::Error {
                     message: format!("voucher import failed: {e}"),
+                },
+            }
+        }
+        Request::Delegate {
+            gateway,
+            voucher_pem,
+            to_pem,
+        } => {
+            let (store, dir, gw) = (svc.store.clone(), svc.data_dir.clone(), gateway.clone());
+            let r = tokio::task::spawn_blocking(move || {
+                crate::sync::delegate(&store, &dir, &gw, voucher_pem.as_bytes(), &to_pem)
+            })
+            .await;
+            match r {
+                Ok(Ok(guid)) => {
+                    if let Some(n) = &svc.sync_wake {
+                        n.notify_one();
+                    }
+                    Reply::Delegated {
+                        guid: guid.hex(),
+                        gateway,
+                    }
+                }
+                Ok(Err(e)) => Reply::Error {
+                    message: e.to_string(),
+                },
+                Err(e) => Reply::Error {
+                    message: format!("delegate: {e}"),
                 },
             }
         }

@@ -312,6 +312,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             store: admin_store,
             data_dir: data_dir.clone(),
             vouchers_changed: fdo_svc.as_ref().map(|f| f.vouchers_changed.clone()),
+            sync_wake: None,
         },
         tracker.clone(),
         shutdown.clone(),
@@ -485,6 +486,7 @@ pub async fn run_cloud(config: Config, shutdown: CancellationToken) -> Result<()
         shutdown.clone(),
     )?;
     metrics::log_bound("fdo (onboarding: rendezvous + owner, HTTP)", svc.addr);
+    let sync_wake = Arc::new(tokio::sync::Notify::new());
     if let (true, true, Some(owner)) = (config.sync.enabled, config.uplink.enabled, &svc.owner) {
         let applier = sync::Applier {
             me: role.registered_by.clone(),
@@ -504,6 +506,7 @@ pub async fn run_cloud(config: Config, shutdown: CancellationToken) -> Result<()
             client_id,
             config.sync.gateways.clone(),
             applier,
+            sync_wake.clone(),
             shutdown.clone(),
         ));
         tracing::info!(broker = %config.uplink.host, "registry sync with the gateways: on");
@@ -515,6 +518,7 @@ pub async fn run_cloud(config: Config, shutdown: CancellationToken) -> Result<()
             store: store.clone(),
             data_dir: data_dir.clone(),
             vouchers_changed: Some(svc.vouchers_changed.clone()),
+            sync_wake: Some(sync_wake),
         },
         tracker.clone(),
         shutdown.clone(),

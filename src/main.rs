@@ -158,6 +158,21 @@ enum VoucherCmd {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
+    /// Cloud: hand a voucher this owner holds to a gateway ahead of time, so that the gateway
+    /// can onboard the device while offline. Extends it to the gateway's owner certificate and
+    /// sends it down with the registry sync.
+    Delegate {
+        /// The voucher (PEM or CBOR), extended to this owner.
+        file: PathBuf,
+        /// The gateway's id (its uplink client id).
+        #[arg(long)]
+        gateway: String,
+        /// The gateway's owner certificate (`outpost voucher owner-cert` on the gateway).
+        #[arg(long)]
+        to: PathBuf,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
     /// Import a voucher (PEM or CBOR) extended to one of this gateway's owner keys.
     Import {
         file: PathBuf,
@@ -233,7 +248,10 @@ fn main() -> ExitCode {
                 CaCmd::IssueDevice { cfg, .. } | CaCmd::Revoke { cfg, .. } | CaCmd::List { cfg, .. },
         } => cfg.clone(),
         Cmd::Voucher {
-            cmd: VoucherCmd::OwnerCert { cfg, .. } | VoucherCmd::Import { cfg, .. },
+            cmd:
+                VoucherCmd::OwnerCert { cfg, .. }
+                | VoucherCmd::Import { cfg, .. }
+                | VoucherCmd::Delegate { cfg, .. },
         } => cfg.clone(),
         // The manufacturer's tools need no gateway configuration.
         Cmd::Voucher { .. } => ConfigArgs::default(),
@@ -484,7 +502,9 @@ fn offline(config: &Config, req: Request) -> anyhow::Result<Reply> {
         Request::List => Reply::Records {
             records: ca.list()?,
         },
-        Request::ImportVoucher { .. } | Request::Registry => bail!("not a CA request"),
+        Request::ImportVoucher { .. } | Request::Registry | Request::Delegate { .. } => {
+            bail!("not a CA request")
+        }
     })
 }
 
@@ -600,6 +620,30 @@ async fn voucher_command(cmd: VoucherCmd, config: Config) -> anyhow::Result<()> 
             outpost::prepare_data_dir(dir)?;
             let k = owner::current_or_create(dir, curve, &config.gateway_id())?;
             print!("{}", k.cert_pem);
+        }
+        VoucherCmd::Delegate {
+            file, gateway, to, ..
+        } => {
+            let v = read_voucher(&file)?;
+            let data_dir = config.gateway.data_dir.clone();
+            let to_pem = read_text(&to)?;
+            let req = Request::Delegate {
+                gateway: gateway.clone(),
+                voucher_pem: v.to_pem(),
+                to_pem: to_pem.clone(),
+            };
+            let guid = match admin::call(&data_dir, &req).await? {
+                Some(Reply::Delegated { guid, .. }) => guid,
+                Some(other) => bail!("unexpected answer: {other:?}"),
+                None => {
+                    outpost::prepare_data_dir(&data_dir)?;
+                    let store = outpost::store::Store::open(&data_dir.join("store"))?;
+                    outpost::sync::delegate(&store, &data_dir, &gateway, v.to_pem().as_bytes(), &to_pem)
+                        .context("delegating the voucher")?
+                        .hex()
+                }
+            };
+            println!("voucher {guid} delegated to gateway {gateway}; it is sent with the next sync");
         }
         VoucherCmd::Import { file, .. } => {
             let v = read_voucher(&file)?;

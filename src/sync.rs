@@ -417,6 +417,44 @@ async fn apply_down(
 // Cloud side
 
 const GATEWAYS: &str = "sync-gateways";
+/// Vouchers delegated to gateways: key `{gateway}/{guid}`, value the extended voucher (PEM).
+const DELEGATIONS: &str = "sync-delegations";
+
+/// Delegate a voucher this owner holds to a gateway (issue 5's "delegated ahead of time"):
+/// extend it with our owner key to the gateway's owner certificate `to_pem`, and queue it for
+/// that gateway's `sync/down`. Returns the GUID.
+pub fn delegate(
+    store: &Store,
+    data_dir: &std::path::Path,
+    gateway: &str,
+    voucher: &[u8],
+    to_pem: &str,
+) -> Result<crate::fdo::Guid, SyncError> {
+    use crate::fdo::{crypto, owner, OwnershipVoucher, PublicKey};
+    crate::acl::validate_identity(gateway)
+        .map_err(|e| SyncError::Message(format!("gateway {gateway:?}: {e}")))?;
+    let v = OwnershipVoucher::from_file_bytes(voucher)?;
+    let chain = v.verify_chain()?;
+    let ours = owner::find(data_dir, &chain.owner_key)?.ok_or_else(|| {
+        SyncError::Message(format!(
+            "the voucher's owner key {} is not one of ours: only the current owner can delegate",
+            chain.owner_key.fingerprint().unwrap_or_default()
+        ))
+    })?;
+    let (next_key, cert) = crypto::public_key_from_pem(to_pem)?;
+    let next = PublicKey::encoded_like(&v.header().mfg_pub_key, &next_key, cert.as_deref());
+    let extended = v.extend(&ours.key, &next)?;
+    let guid = extended.guid();
+    store
+        .table(DELEGATIONS)?
+        .put(format!("{gateway}/{}", guid.hex()).as_bytes(), extended.to_pem().as_bytes())?;
+    let known = store.table(GATEWAYS)?;
+    if !known.contains(gateway.as_bytes())? {
+        known.put(gateway.as_bytes(), b"")?;
+    }
+    tracing::info!(%guid, gateway, "voucher delegated; it goes down with the next sync");
+    Ok(guid)
+}
 const SENT_DOWN: &str = "sync-sent-down";
 
 /// What one in-flight publish to a gateway stands for (PUBACKs come in publish order).
@@ -434,6 +472,7 @@ pub async fn run_cloud(
     client_id: String,
     gateways: Vec<String>,
     a: Applier,
+    wake: Arc<Notify>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     use rumqttc::{
@@ -499,6 +538,7 @@ pub async fn run_cloud(
                 _ = shutdown.cancelled() => break true,
                 _ = changed.changed() => dirty = true,
                 _ = revocations.changed() => dirty = true,
+                _ = wake.notified() => dirty = true,
                 _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => dirty = true,
                 ev = events.recv() => match ev {
                     Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
@@ -605,6 +645,18 @@ async fn push_down(
             .into_iter()
             .filter(|r| r.revoked_at.is_some())
             .collect();
+    let delegations: Vec<(String, String)> = a
+        .store
+        .table(DELEGATIONS)?
+        .entries()?
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(&k).into_owned(),
+                String::from_utf8_lossy(&v).into_owned(),
+            )
+        })
+        .collect();
     let mut more = false;
     let mut budget = BATCH;
     for gw in gateways {
@@ -649,6 +701,28 @@ async fn push_down(
             if batch.len() == BATCH {
                 more = true;
             }
+        }
+        for (k, pem) in delegations.iter().filter(|(k, _)| k.starts_with(&format!("{gw}/"))) {
+            let key = format!("{gw}/vou/{}", &k[gw.len() + 1..]);
+            if sent.contains(key.as_bytes())? {
+                continue;
+            }
+            if budget == 0 {
+                return Ok(true);
+            }
+            let m = SyncMsg::Voucher {
+                voucher_pem: pem.clone(),
+            };
+            unmapped.push_back(Pending::Sent { key });
+            if client
+                .publish(topic.clone(), rumqttc::QoS::AtLeastOnce, false, m.encode())
+                .await
+                .is_err()
+            {
+                unmapped.pop_back();
+                return Ok(true);
+            }
+            budget -= 1;
         }
         for r in &revoked {
             let key = format!("{gw}/rev/{}", r.serial);
