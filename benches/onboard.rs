@@ -185,7 +185,7 @@ fn listen_drops() -> (u64, u64) {
 
 /// Raise the soft RLIMIT_NOFILE to the hard limit (1,000 devices hold up to 2,000 sockets
 /// at once in this process: both ends of every connection).
-fn raise_nofile() -> (u64, u64) {
+fn raise_nofile() -> (libc::rlim_t, libc::rlim_t) {
     // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
     unsafe {
         let mut r = libc::rlimit {
@@ -195,13 +195,13 @@ fn raise_nofile() -> (u64, u64) {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
             return (0, 0);
         }
-        let before = r.rlim_cur as u64;
+        let before = r.rlim_cur;
         if r.rlim_cur < r.rlim_max {
             r.rlim_cur = r.rlim_max;
             let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &r);
             libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
         }
-        (before, r.rlim_cur as u64)
+        (before, r.rlim_cur)
     }
 }
 
