@@ -82,6 +82,10 @@ pub enum Reply {
         entries: usize,
         owner_key_id: String,
         replaced: bool,
+        /// The voucher named this installer key; the gateway extended it to
+        /// `owner_key_id`.
+        #[serde(default)]
+        installer_key_id: Option<String>,
     },
     Registry {
         entries: Vec<RegistryEntry>,
@@ -114,6 +118,7 @@ impl From<Imported> for Reply {
             entries: i.entries,
             owner_key_id: i.owner_key_id,
             replaced: i.replaced,
+            installer_key_id: i.installer_key_id,
         }
     }
 }

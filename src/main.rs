@@ -8,8 +8,9 @@ use outpost::admin::{self, Reply, Request};
 use outpost::config::Config;
 use outpost::fdo::crypto::{self, Curve, SigningKey};
 use outpost::fdo::manufacturer::{self, DeviceOptions, Manufacturer};
+use outpost::fdo::owner::KeyKind;
 use outpost::fdo::types::{RvDirective, RvProtocol};
-use outpost::fdo::{owner, DeviceCredential, OwnershipVoucher, PublicKey, RendezvousInfo};
+use outpost::fdo::{owner, qr, DeviceCredential, OwnershipVoucher, PublicKey, RendezvousInfo};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -142,13 +143,30 @@ enum VoucherCmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Decode and verify a voucher, human readable.
+    /// Decode and verify a voucher, human readable. With --config or --data-dir, also say
+    /// what the key it names is to that gateway (current or retired owner key, installer
+    /// key, not ours).
     Show {
-        /// The voucher (PEM or CBOR).
+        /// The voucher (PEM, CBOR, or a PNG image of its QR code).
         file: PathBuf,
         /// The device credential: also check the header HMAC.
         #[arg(long)]
         cred: Option<PathBuf>,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// Print a voucher as a QR code (PNG) for the device's label: its CBOR in byte mode,
+    /// the smallest symbol that holds it (at most 2953 bytes: version 40-L).
+    Qr {
+        /// The voucher (PEM or CBOR).
+        #[arg(long)]
+        voucher: PathBuf,
+        /// Where to write the PNG.
+        #[arg(long)]
+        out: PathBuf,
+        /// Pixels per module (1-32).
+        #[arg(long, default_value_t = qr::DEFAULT_SCALE)]
+        scale: u32,
     },
     /// Print this gateway's owner certificate (PEM), creating the owner key if needed.
     OwnerCert {
@@ -173,9 +191,60 @@ enum VoucherCmd {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
-    /// Import a voucher (PEM or CBOR) extended to one of this gateway's owner keys.
+    /// Import a voucher (PEM, CBOR, or a PNG image of its QR code) extended to one of this
+    /// gateway's owner keys, or to an installer key it holds (then the gateway extends it
+    /// to its own owner key first).
     Import {
         file: PathBuf,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// The operator's installer key, shared by all of its gateways: install one (--import)
+    /// or make a new one (--create --out, to copy to the other gateways). The previous
+    /// installer key of the same curve is retired and still accepted.
+    InstallerKey {
+        /// The operator's installer private key (PEM), to install on this gateway.
+        #[arg(
+            long,
+            value_name = "KEY.pem",
+            conflicts_with = "create",
+            required_unless_present = "create"
+        )]
+        import: Option<PathBuf>,
+        /// Make a new installer key, install it here and write it to --out.
+        #[arg(long, requires = "out")]
+        create: bool,
+        /// Where to write the new private key (0600) for the operator's other gateways.
+        #[arg(long, value_name = "KEY.pem")]
+        out: Option<PathBuf>,
+        /// p256 or p384 (with --create).
+        #[arg(long, default_value = "p256")]
+        curve: Curve,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// Print this gateway's installer certificate (PEM), for sellers to extend vouchers to.
+    InstallerCert {
+        #[arg(long, default_value = "p256")]
+        curve: Curve,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// Make a new owner key: the current one is retired (kept: vouchers naming it still
+    /// onboard) and `owner-cert` prints the new one. A running gateway picks it up.
+    RotateOwnerKey {
+        #[arg(long, default_value = "p256")]
+        curve: Curve,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// Make a new installer key (the current one is retired and still accepted); --out
+    /// writes it for the operator's other gateways (`installer-key --import`).
+    RotateInstallerKey {
+        #[arg(long, default_value = "p256")]
+        curve: Curve,
+        #[arg(long, value_name = "KEY.pem")]
+        out: Option<PathBuf>,
         #[command(flatten)]
         cfg: ConfigArgs,
     },
@@ -251,7 +320,12 @@ fn main() -> ExitCode {
             cmd:
                 VoucherCmd::OwnerCert { cfg, .. }
                 | VoucherCmd::Import { cfg, .. }
-                | VoucherCmd::Delegate { cfg, .. },
+                | VoucherCmd::Delegate { cfg, .. }
+                | VoucherCmd::Show { cfg, .. }
+                | VoucherCmd::InstallerKey { cfg, .. }
+                | VoucherCmd::InstallerCert { cfg, .. }
+                | VoucherCmd::RotateOwnerKey { cfg, .. }
+                | VoucherCmd::RotateInstallerKey { cfg, .. },
         } => cfg.clone(),
         // The manufacturer's tools need no gateway configuration.
         Cmd::Voucher { .. } => ConfigArgs::default(),
@@ -508,17 +582,28 @@ fn offline(config: &Config, req: Request) -> anyhow::Result<Reply> {
     })
 }
 
-fn read_file(p: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
-}
-
 fn read_text(p: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
 }
 
+/// A voucher file: PEM, CBOR, or a PNG image of its QR code. Read only up to the largest
+/// accepted size.
 fn read_voucher(p: &Path) -> anyhow::Result<OwnershipVoucher> {
-    OwnershipVoucher::from_file_bytes(&read_file(p)?)
-        .with_context(|| format!("voucher {}", p.display()))
+    use std::io::Read;
+    let limit = qr::MAX_PNG_FILE.max(2 * outpost::fdo::voucher::MAX_VOUCHER) as u64;
+    let mut bytes = Vec::new();
+    std::fs::File::open(p)
+        .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("reading {}", p.display()))?;
+    if bytes.len() as u64 > limit {
+        bail!("{}: larger than {limit} bytes: not a voucher", p.display());
+    }
+    qr::voucher_from_file_bytes(&bytes).with_context(|| format!("voucher {}", p.display()))
+}
+
+fn write_key_out(path: &Path, key: &SigningKey) -> anyhow::Result<()> {
+    outpost::ca::write_file(path, key.to_pem().as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 async fn voucher_command(cmd: VoucherCmd, config: Config) -> anyhow::Result<()> {
@@ -602,7 +687,98 @@ async fn voucher_command(cmd: VoucherCmd, config: Config) -> anyhow::Result<()> 
                 out.display()
             );
         }
-        VoucherCmd::Show { file, cred } => {
+        VoucherCmd::Qr {
+            voucher,
+            out,
+            scale,
+        } => {
+            let v = read_voucher(&voucher)?;
+            let (png, info) = qr::voucher_png(&v, scale)
+                .with_context(|| format!("voucher {} as a QR code", voucher.display()))?;
+            outpost::ca::write_file(&out, &png, 0o644)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "voucher {} ({} bytes of CBOR) -> QR version {}-{} ({} modules) -> {}",
+                v.guid(),
+                info.bytes,
+                info.version,
+                info.ec,
+                info.modules,
+                out.display()
+            );
+        }
+        VoucherCmd::InstallerKey {
+            import, out, curve, ..
+        } => {
+            let dir = &config.gateway.data_dir;
+            outpost::prepare_data_dir(dir)?;
+            let key = match &import {
+                Some(p) => SigningKey::from_pem(&read_text(p)?)
+                    .with_context(|| format!("installer key {}", p.display()))?,
+                None => SigningKey::generate(curve)?,
+            };
+            if let Some(out) = &out {
+                write_key_out(out, &key)?;
+            }
+            let (k, retired) = owner::install(dir, KeyKind::Installer, key, &config.gateway_id())?;
+            println!(
+                "installer key {} ({}) {}{}",
+                k.key_id,
+                k.key.curve(),
+                if import.is_some() {
+                    "installed".to_string()
+                } else {
+                    format!(
+                        "created and installed; copy {} to the operator's other gateways (`outpost voucher installer-key --import`)",
+                        out.as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_default()
+                    )
+                },
+                retired
+                    .map(|r| format!("; retired installer key {r} (still accepted)"))
+                    .unwrap_or_default()
+            );
+        }
+        VoucherCmd::InstallerCert { curve, .. } => {
+            let dir = &config.gateway.data_dir;
+            match owner::current(dir, KeyKind::Installer, curve)? {
+                Some(k) => print!("{}", k.cert_pem),
+                None => bail!(
+                    "no {curve} installer key in {}: install the operator's with `outpost voucher installer-key --import KEY.pem` (or make one with --create)",
+                    dir.display()
+                ),
+            }
+        }
+        VoucherCmd::RotateOwnerKey { curve, .. } => {
+            let dir = &config.gateway.data_dir;
+            outpost::prepare_data_dir(dir)?;
+            let (k, retired) = owner::rotate(dir, KeyKind::Owner, curve, &config.gateway_id())?;
+            println!(
+                "new owner key {} ({curve}){}; vouchers extended to the old key still onboard",
+                k.key_id,
+                retired
+                    .map(|r| format!(", retired {r}"))
+                    .unwrap_or_default()
+            );
+        }
+        VoucherCmd::RotateInstallerKey { curve, out, .. } => {
+            let dir = &config.gateway.data_dir;
+            outpost::prepare_data_dir(dir)?;
+            let key = SigningKey::generate(curve)?;
+            if let Some(out) = &out {
+                write_key_out(out, &key)?;
+            }
+            let (k, retired) = owner::install(dir, KeyKind::Installer, key, &config.gateway_id())?;
+            println!(
+                "new installer key {} ({curve}){}{}",
+                k.key_id,
+                retired
+                    .map(|r| format!(", retired {r} (still accepted)"))
+                    .unwrap_or_default(),
+                out.map(|o| format!("; copy {} to the operator's other gateways", o.display()))
+                    .unwrap_or_default()
+            );
+        }
+        VoucherCmd::Show { file, cred, cfg } => {
             let v = read_voucher(&file)?;
             let cred = match cred {
                 Some(p) => Some(
@@ -611,7 +787,10 @@ async fn voucher_command(cmd: VoucherCmd, config: Config) -> anyhow::Result<()> 
                 ),
                 None => None,
             };
-            let (text, result) = outpost::fdo::report::voucher_report(&v, cred.as_ref());
+            // Only a gateway named on the command line is asked about the key.
+            let gateway = (cfg.config.is_some() || cfg.data_dir.is_some())
+                .then_some(config.gateway.data_dir.as_path());
+            let (text, result) = outpost::fdo::report::voucher_report(&v, cred.as_ref(), gateway);
             print!("{text}");
             result.with_context(|| format!("voucher {} does not verify", file.display()))?;
         }
@@ -669,9 +848,13 @@ async fn voucher_command(cmd: VoucherCmd, config: Config) -> anyhow::Result<()> 
                     entries,
                     owner_key_id,
                     replaced,
+                    installer_key_id,
                 } => println!(
-                    "imported voucher {guid} ({device_info}, {entries} {}) owned by key {owner_key_id}{}",
+                    "imported voucher {guid} ({device_info}, {entries} {}) owned by key {owner_key_id}{}{}",
                     if entries == 1 { "entry" } else { "entries" },
+                    installer_key_id
+                        .map(|i| format!(" (extended from installer key {i})"))
+                        .unwrap_or_default(),
                     if replaced { ", replacing the stored one" } else { "" }
                 ),
                 other => bail!("unexpected answer: {other:?}"),

@@ -10,7 +10,8 @@
 //! - [`voucher`]: the ownership voucher: create, extend, verify, PEM armour;
 //! - [`credential`]: the device credential file (the result of DI, done offline);
 //! - [`manufacturer`]: the manufacturer's keys and `init-device`;
-//! - [`owner`]: the owner keys of a gateway or cloud and voucher import;
+//! - [`owner`]: the owner and installer keys of a gateway or cloud, rotation, voucher import;
+//! - [`qr`]: vouchers in QR codes (PNG images): decode for import, encode for printing;
 //! - [`report`]: the human-readable `outpost voucher show`.
 //!
 //! The protocol (TO0, TO1, TO2, HTTP binding) on top of it:
@@ -44,6 +45,7 @@ pub mod manufacturer;
 pub mod msg;
 pub mod owner;
 pub mod owner_service;
+pub mod qr;
 pub mod registry;
 pub mod rendezvous;
 pub mod report;
@@ -126,7 +128,7 @@ pub enum FdoError {
     KeyTypeMismatch(String),
     #[error("the voucher's manufacturer key is not the one this device credential trusts (DCPubKeyHash)")]
     UnknownManufacturer,
-    #[error("the voucher's owner key {fingerprint} is not one of this gateway's owner keys (extend the voucher to `outpost voucher owner-cert`)")]
+    #[error("the voucher's owner key {fingerprint} is not one of this gateway's owner keys nor an installer key it holds (extend the voucher to `outpost voucher owner-cert`, or install the operator's installer key with `outpost voucher installer-key --import`)")]
     NotOurs { fingerprint: String },
     #[error("{what}: signature does not verify")]
     BadSignature { what: &'static str },

@@ -167,16 +167,21 @@ pub fn superseded(entries: &[RegistryEntry]) -> std::collections::HashSet<String
     out
 }
 
+type Keys = Vec<(Arc<SigningKey>, String)>;
+
 /// [`OwnerBackend`] on the store and the owner keys of a data directory.
 pub struct StoreOwnerBackend {
     store: Store,
-    keys: Vec<(Arc<SigningKey>, String)>,
+    data_dir: std::path::PathBuf,
+    /// The owner keys, re-read from `data_dir` when a lookup misses (a key created or
+    /// rotated while the gateway runs). Never held across an await.
+    keys: Mutex<Keys>,
     registry: Arc<Registry>,
     registered_by: String,
 }
 
 impl StoreOwnerBackend {
-    /// Owner keys are read from `data_dir` once (restart to pick up new ones).
+    /// Owner keys are read from `data_dir` now, and again when a lookup misses.
     pub fn open(store: Store, data_dir: &Path, registered_by: &str) -> Result<Self, FdoError> {
         let registry = Arc::new(Registry::open(&store)?);
         Self::with_registry(store, data_dir, registered_by, registry)
@@ -189,13 +194,11 @@ impl StoreOwnerBackend {
         registered_by: &str,
         registry: Arc<Registry>,
     ) -> Result<Self, FdoError> {
-        let keys = owner::all(data_dir)?
-            .into_iter()
-            .map(|OwnerKey { key, key_id, .. }| (Arc::new(key), key_id))
-            .collect();
+        let keys = read_keys(data_dir)?;
         Ok(StoreOwnerBackend {
             store,
-            keys,
+            data_dir: data_dir.to_path_buf(),
+            keys: Mutex::new(keys),
             registry,
             registered_by: registered_by.to_string(),
         })
@@ -209,6 +212,19 @@ impl StoreOwnerBackend {
     pub fn shared_registry(&self) -> &Arc<Registry> {
         &self.registry
     }
+}
+
+fn read_keys(data_dir: &Path) -> Result<Keys, FdoError> {
+    Ok(owner::all(data_dir)?
+        .into_iter()
+        .map(|OwnerKey { key, key_id, .. }| (Arc::new(key), key_id))
+        .collect())
+}
+
+fn find_key(keys: &Keys, key: &PublicKey) -> Option<Arc<SigningKey>> {
+    keys.iter()
+        .find(|(k, _)| k.public_key().same_key(key))
+        .map(|(k, _)| k.clone())
 }
 
 /// The registry of `store`, oldest first.
@@ -249,10 +265,23 @@ impl OwnerBackend for StoreOwnerBackend {
     }
 
     fn owner_key(&self, key: &PublicKey) -> Option<Arc<SigningKey>> {
-        self.keys
-            .iter()
-            .find(|(k, _)| k.public_key().same_key(key))
-            .map(|(k, _)| k.clone())
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = find_key(&keys, key) {
+            return Some(k);
+        }
+        // A miss: the key may have been created or rotated since (by `outpost voucher
+        // rotate-owner-key` or an installer import). Stored vouchers name only keys that
+        // were ours at import, so misses are rare and re-reading a few files is cheap.
+        match read_keys(&self.data_dir) {
+            Ok(fresh) => {
+                if fresh.len() != keys.len() {
+                    tracing::info!(keys = fresh.len(), "owner keys reloaded");
+                }
+                *keys = fresh;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reload the owner keys"),
+        }
+        find_key(&keys, key)
     }
 
     fn onboarded(
@@ -336,6 +365,24 @@ mod tests {
             let v: Vec<RegistryEntry> = perm.iter().map(|&i| all[i].clone()).collect();
             assert_eq!(superseded(&v), want, "{perm:?}");
         }
+    }
+
+    #[test]
+    fn keys_created_or_rotated_later_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("owner");
+        let old = owner::current_or_create(&data, Curve::P256, "test").unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let b = StoreOwnerBackend::open(store, &data, "gateway gw1").unwrap();
+        let (new, retired) =
+            owner::rotate(&data, owner::KeyKind::Owner, Curve::P256, "test").unwrap();
+        assert_eq!(retired.as_deref(), Some(old.key_id.as_str()));
+        let p384 = owner::current_or_create(&data, Curve::P384, "test").unwrap();
+        for k in [&old, &new, &p384] {
+            assert!(b.owner_key(&k.public_key()).is_some(), "{}", k.key_id);
+        }
+        let stranger = SigningKey::generate(Curve::P256).unwrap();
+        assert!(b.owner_key(&stranger.public_key()).is_none());
     }
 
     #[test]

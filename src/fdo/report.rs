@@ -1,16 +1,19 @@
 //! Human-readable description of a voucher with its verification (`outpost voucher show`).
 
 use super::credential::DeviceCredential;
+use super::owner;
 use super::voucher::{OwnershipVoucher, VerifiedChain};
 use super::FdoError;
 use std::fmt::Write;
 
 /// Describe `v` and verify it: the chain always, the header HMAC when the device's
 /// credential is given. The text says what passed and what failed; the result is the
-/// verification's.
+/// verification's. With a gateway's data directory it also says what the key the voucher
+/// names is to that gateway (current or retired owner key, installer key, not ours).
 pub fn voucher_report(
     v: &OwnershipVoucher,
     cred: Option<&DeviceCredential>,
+    data_dir: Option<&std::path::Path>,
 ) -> (String, Result<VerifiedChain, FdoError>) {
     let h = v.header();
     let mut t = String::new();
@@ -77,6 +80,22 @@ pub fn voucher_report(
             ""
         }
     );
+    let key_id = v
+        .owner_key()
+        .key_id()
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    match data_dir {
+        None => {
+            let _ = writeln!(t, "  Owner key:        {key_id}");
+        }
+        Some(dir) => {
+            let role = match owner::classify(dir, v.owner_key()) {
+                Ok(r) => r.to_string(),
+                Err(e) => format!("cannot tell: {e}"),
+            };
+            let _ = writeln!(t, "  Owner key:        {key_id} ({role})");
+        }
+    }
     let chain = v.verify_chain();
     match &chain {
         Ok(_) => {
