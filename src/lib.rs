@@ -112,9 +112,22 @@ pub fn open_ca(config: &Config) -> Result<Ca, RunError> {
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|cause| RunError::Bind { what, addr, cause })
+    listen(addr).map_err(|cause| RunError::Bind { what, addr, cause })
+}
+
+/// Listen backlog of every TCP listener: a thousand devices returning at once must not
+/// overflow the kernel's queue (tokio's default is 128; the kernel caps it at somaxconn).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Bind a TCP listener with [`LISTEN_BACKLOG`] (and SO_REUSEADDR, as tokio's `bind` does).
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 fn local(l: &TcpListener, what: &'static str, addr: SocketAddr) -> Result<SocketAddr, RunError> {

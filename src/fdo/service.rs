@@ -405,7 +405,7 @@ pub async fn bind(cfg: &FdoConfig) -> std::io::Result<Option<TcpListener>> {
     if !cfg.enabled {
         return Ok(None);
     }
-    TcpListener::bind(cfg.listen).await.map(Some)
+    crate::listen(cfg.listen).map(Some)
 }
 
 /// Start the HTTP server and the registrar on a bound listener.
