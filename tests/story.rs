@@ -1,10 +1,15 @@
 //! Seed 004's story end to end (issue 5, acceptance 1), every part a real process on
-//! 127.0.0.1: Mosquitto as the cloud broker, `outpost cloud` as the cloud registry, the
-//! gateway (`outpost run`, cloud-first mode) behind the tests' fault-injecting proxy, and
-//! `outpost device`. The site's internet is cut (the gateway's uplink and the device's own
-//! path to the cloud broker); a brand-new device onboards on the gateway, gets its
-//! certificate and publishes through it; the link returns; the cloud registry has the device
-//! within 5 s; the gateway tells the device to switch back to the cloud broker, and it does.
+//! 127.0.0.1: Mosquitto as the cloud broker, `outpost cloud` as the cloud rendezvous, owner
+//! and registry, the gateway (`outpost run`, cloud-first mode) behind the tests'
+//! fault-injecting proxies, and `outpost device`.
+//!
+//! 1. Online: a device made with the gateway as its rendezvous server onboards with the
+//!    cloud owner, its TO1 forwarded by the gateway (the determination unit).
+//! 2. The site's internet is cut (the gateway's uplink and the devices' own path to the
+//!    cloud broker). A brand-new device, whose voucher is imported from a QR code PNG,
+//!    onboards on the gateway, gets its certificate and publishes through it.
+//! 3. The link returns: the cloud registry has the device and its certificate serial within
+//!    5 s; the gateway tells the device to switch back to the cloud broker, and it does.
 
 mod cloud;
 mod common;
@@ -41,14 +46,15 @@ fn registry(config: &Path) -> Vec<serde_json::Value> {
 }
 
 #[test]
-fn offline_onboarding_sync_on_restore_and_switch_back_in_cloud_first_mode() {
+fn seed_story_online_forward_then_offline_qr_onboarding_sync_within_5s_and_switch_back() {
     common::require_mosquitto();
     let work = tempfile::tempdir().unwrap();
     let mut pki = CloudPki::new(&work.path().join("pki"));
     let (gw_cert, gw_key) = pki.issue("gw-test", false);
     let (cl_cert, cl_key) = pki.issue("cloud-test", false);
 
-    // The gateway's CA exists first: the cloud broker accepts the devices it certifies.
+    // The cloud's and the gateway's CAs exist first: the cloud broker accepts the devices
+    // either certifies.
     let uplink_proxy_port = cloud::free_port();
     let device_proxy_port = cloud::free_port();
     let cloud_url = format!("mqtts://127.0.0.1:{device_proxy_port}");
@@ -65,13 +71,15 @@ fn offline_onboarding_sync_on_restore_and_switch_back_in_cloud_first_mode() {
             ),
         )
     });
+    let mut cloud = Cloud::prepare("");
     let bundle = work.path().join("broker-clients.pem");
     std::fs::write(
         &bundle,
         format!(
-            "{}{}",
+            "{}{}{}",
             std::fs::read_to_string(&pki.ca).unwrap(),
-            std::fs::read_to_string(gw.data_dir.join("ca.crt")).unwrap()
+            std::fs::read_to_string(gw.data_dir.join("ca.crt")).unwrap(),
+            std::fs::read_to_string(cloud.ca_cert()).unwrap()
         ),
     )
     .unwrap();
@@ -79,11 +87,27 @@ fn offline_onboarding_sync_on_restore_and_switch_back_in_cloud_first_mode() {
     let target = SocketAddr::from(([127, 0, 0, 1], broker.port));
     let uplink_proxy = Proxy::start_on(uplink_proxy_port, target);
     let device_proxy = Proxy::start_on(device_proxy_port, target);
-    let mut cloud = Cloud::prepare(&format!(
-        "mqtt_servers = [\"{cloud_url}\"]\n\n{}\n[sync]\ngateways = [\"gw-test\"]\n",
-        uplink_section(broker.port, &pki.ca, &cl_cert, &cl_key)
-    ));
+    let text = std::fs::read_to_string(&cloud.config_path)
+        .unwrap()
+        .replace(
+            "[fdo]\n",
+            &format!(
+                "[fdo]\nmqtt_servers = [\"{cloud_url}\"]\nserver_trust = [\"{}\"]\n",
+                pki.ca.display()
+            ),
+        )
+        + &format!(
+            "\n{}\n[sync]\ngateways = [\"gw-test\"]\n",
+            uplink_section(broker.port, &pki.ca, &cl_cert, &cl_key)
+        );
+    std::fs::write(&cloud.config_path, text).unwrap();
     cloud.start();
+    // The gateway forwards TO1 to the cloud rendezvous while online.
+    let text = std::fs::read_to_string(&gw.config_path).unwrap().replace(
+        "[fdo]\n",
+        &format!("[fdo]\ncloud_rendezvous = \"{}\"\n", cloud.fdo()),
+    );
+    std::fs::write(&gw.config_path, text).unwrap();
     gw.spawn();
     let online = |gw: &Gateway| gw.metric("outpost_uplink_online") == 1;
     let wait = |what: &str, limit: Duration, f: &mut dyn FnMut() -> bool| {
@@ -96,16 +120,43 @@ fn offline_onboarding_sync_on_restore_and_switch_back_in_cloud_first_mode() {
     };
     wait("online", Duration::from_secs(20), &mut || online(&gw));
 
-    // The site loses the internet.
+    // 1. Online onboarding through the gateway's rendezvous proxy, to the cloud owner.
+    let first = make_device(work.path(), "dev-online", gw.ep.fdo.unwrap());
+    let v = extend_to(&first, &cloud.cli(&["voucher", "owner-cert"]), "cloud");
+    cloud.cli(&["voucher", "import", s(&v)]);
+    let mut online_agent = Agent::start(&first.cred, &work.path().join("online-state"), &[]);
+    let o = online_agent.expect("onboarded", Duration::from_secs(30));
+    let online_id = o["client_id"].as_str().unwrap().to_string();
+    assert_eq!(o["servers"], serde_json::json!([cloud_url]));
+    let c = online_agent.expect("connected", Duration::from_secs(15));
+    assert_eq!(c["server"], cloud_url.as_str());
+    let e = registry(&cloud.config_path)
+        .into_iter()
+        .find(|e| e["guid"] == online_id.as_str())
+        .expect("cloud registry");
+    assert_eq!(e["registered_by"], "cloud cloud-test");
+    assert_eq!(gw.metric("outpost_fdo_to1_forwarded_total"), 1);
+    drop(online_agent);
+
+    // 2. The site loses the internet.
     uplink_proxy.set(Fault::Blackhole);
     device_proxy.set(Fault::Reset);
     wait("offline", Duration::from_secs(10), &mut || !online(&gw));
 
-    // A brand-new device: its voucher comes with it and is imported at the gateway.
+    // A brand-new device: its voucher comes with it as a QR code label, read at the gateway.
     let dev = make_device(work.path(), "dev-story", gw.ep.fdo.unwrap());
     let owner = gw.cli(&["voucher", "owner-cert"]);
     let v = extend_to(&dev, &String::from_utf8_lossy(&owner.stdout), "gw");
-    assert!(gw.cli(&["voucher", "import", s(&v)]).status.success());
+    let png = work.path().join("dev-story.png");
+    common::roles::run_ok(&["voucher", "qr", "--voucher", s(&v), "--out", s(&png)]);
+    std::fs::remove_file(&v).unwrap();
+    let out = gw.cli(&["voucher", "import", s(&png)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(gw.metric("outpost_fdo_to1_local_total"), 0);
     let mut agent = Agent::start(&dev.cred, &work.path().join("state"), &[]);
     let o = agent.expect("onboarded", Duration::from_secs(30));
     let id = o["client_id"].as_str().unwrap().to_string();
@@ -118,6 +169,11 @@ fn offline_onboarding_sync_on_restore_and_switch_back_in_cloud_first_mode() {
     // The cloud is unreachable for the device too: it falls back to the gateway.
     let c = agent.expect("connected", Duration::from_secs(30));
     assert_eq!(c["server"], gw_url.as_str());
+    assert_eq!(
+        gw.metric("outpost_fdo_to1_local_total"),
+        1,
+        "answered locally while offline"
+    );
     let p = agent.expect("published", Duration::from_secs(10));
     assert_eq!(p["server"], gw_url.as_str());
     let serial = registry(&gw.config_path)
@@ -129,7 +185,7 @@ fn offline_onboarding_sync_on_restore_and_switch_back_in_cloud_first_mode() {
         .iter()
         .all(|e| e["guid"] != id.as_str()));
 
-    // The internet returns.
+    // 3. The internet returns.
     uplink_proxy.set(Fault::Pass);
     device_proxy.set(Fault::Pass);
     let restored = Instant::now();
