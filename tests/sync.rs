@@ -571,3 +571,50 @@ fn sigkill_mid_sync_on_both_sides_loses_and_doubles_nothing() {
 fn registry_offline(config: &PathBuf) -> Vec<serde_json::Value> {
     registry(config)
 }
+
+/// Delegation ahead of time (issue 5, voucher source b): while online, the cloud hands the
+/// gateway the voucher of a device assigned to its site, extended to the gateway's key; the
+/// device then onboards on the gateway during an outage, and the cloud learns of it after.
+#[test]
+fn delegated_voucher_lets_the_gateway_onboard_offline() {
+    let site = Site::start();
+    let w = site.work.path();
+    let dev = make_device(w, "dev-delegated", site.gw.ep.fdo.unwrap());
+    let to_cloud = extend_to(&dev, &site.cloud.cli(&["voucher", "owner-cert"]), "cloud");
+    site.cloud.cli(&["voucher", "import", s(&to_cloud)]);
+    let gw_owner = w.join("gw-owner.crt");
+    std::fs::write(&gw_owner, site.gw.cli(&["voucher", "owner-cert"]).stdout).unwrap();
+    let out = site.cloud.cli(&[
+        "voucher",
+        "delegate",
+        s(&to_cloud),
+        "--gateway",
+        "gw-test",
+        "--to",
+        s(&gw_owner),
+    ]);
+    assert!(out.contains("delegated to gateway gw-test"), "{out}");
+    wait_for(
+        "the gateway has the delegated voucher",
+        Duration::from_secs(20),
+        || site.gw.log().contains("sync: delegated voucher imported"),
+    );
+
+    site.proxy.set(Fault::Blackhole);
+    site.wait_online(false, Duration::from_secs(10));
+    let mut agent = Agent::start(&dev.cred, &w.join("delegated-state"), &["--onboard-only"]);
+    let o = agent.expect("onboarded", Duration::from_secs(30));
+    let id = o["client_id"].as_str().unwrap().to_string();
+    let mine = find(&site.gw_registry(), &id)
+        .expect("gateway registry")
+        .clone();
+    assert_eq!(mine["registered_by"], "gateway gw-test");
+    assert_eq!(mine["old_guid"], dev.guid.as_str());
+
+    site.proxy.set(Fault::Pass);
+    wait_for(
+        "cloud registry has the device",
+        Duration::from_secs(15),
+        || find(&site.cloud_registry(), &id).is_some(),
+    );
+}
