@@ -30,7 +30,7 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub gateway: GatewayConfig,
@@ -150,7 +150,7 @@ pub struct CaConfig {
     pub crl_validity: Duration,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// Additional CA certificates (PEM files) whose device certificates are accepted,
@@ -181,26 +181,6 @@ pub struct ShutdownConfig {
     /// How long connections may take to drain after SIGTERM before they are cut.
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            gateway: GatewayConfig::default(),
-            listeners: ListenersConfig::default(),
-            limits: LimitsConfig::default(),
-            broker: BrokerConfig::default(),
-            acl: AclConfig::default(),
-            ca: CaConfig::default(),
-            tls: TlsConfig::default(),
-            metrics: MetricsConfig::default(),
-            mdns: MdnsConfig::default(),
-            shutdown: ShutdownConfig::default(),
-            uplink: crate::uplink::UplinkConfig::default(),
-            fdo: crate::fdo::service::FdoConfig::default(),
-            sync: crate::sync::SyncConfig::default(),
-        }
-    }
 }
 
 impl Default for GatewayConfig {
@@ -265,14 +245,6 @@ impl Default for CaConfig {
             server_validity: Duration::from_secs(2 * 365 * DAY),
             server_names: Vec::new(),
             crl_validity: Duration::from_secs(7 * DAY),
-        }
-    }
-}
-
-impl Default for TlsConfig {
-    fn default() -> Self {
-        TlsConfig {
-            extra_client_cas: Vec::new(),
         }
     }
 }

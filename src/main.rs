@@ -443,8 +443,8 @@ async fn registry(config: Config, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<32} {:<20} {:<34} {:<20} {:<24} {:<10} {}",
-        "GUID", "DEVICE INFO", "CERT SERIAL", "ONBOARDED (UTC)", "BY", "STATUS", "OWNER KEY"
+        "{:<32} {:<20} {:<34} {:<20} {:<24} {:<10} OWNER KEY",
+        "GUID", "DEVICE INFO", "CERT SERIAL", "ONBOARDED (UTC)", "BY", "STATUS"
     );
     for e in entries {
         let status = if superseded.contains(&e.guid) {
@@ -535,8 +535,8 @@ async fn ca_command(cmd: CaCmd, config: Config) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&records)?);
             } else {
                 println!(
-                    "{:<34} {:<24} {:<10} {:<20} {}",
-                    "SERIAL", "DEVICE", "STATUS", "NOT AFTER", "KEY"
+                    "{:<34} {:<24} {:<10} {:<20} KEY",
+                    "SERIAL", "DEVICE", "STATUS", "NOT AFTER"
                 );
                 for r in records {
                     let status = if r.revoked_at.is_some() {
@@ -817,12 +817,20 @@ async fn voucher_command(cmd: VoucherCmd, config: Config) -> anyhow::Result<()> 
                 None => {
                     outpost::prepare_data_dir(&data_dir)?;
                     let store = outpost::store::Store::open(&data_dir.join("store"))?;
-                    outpost::sync::delegate(&store, &data_dir, &gateway, v.to_pem().as_bytes(), &to_pem)
-                        .context("delegating the voucher")?
-                        .hex()
+                    outpost::sync::delegate(
+                        &store,
+                        &data_dir,
+                        &gateway,
+                        v.to_pem().as_bytes(),
+                        &to_pem,
+                    )
+                    .context("delegating the voucher")?
+                    .hex()
                 }
             };
-            println!("voucher {guid} delegated to gateway {gateway}; it is sent with the next sync");
+            println!(
+                "voucher {guid} delegated to gateway {gateway}; it is sent with the next sync"
+            );
         }
         VoucherCmd::Import { file, .. } => {
             let v = read_voucher(&file)?;

@@ -177,6 +177,9 @@ impl Log {
     }
 }
 
+/// A (key, value) pair of a [`Table`].
+pub type TableEntry = (Vec<u8>, Vec<u8>);
+
 /// A named key-value table of opaque records (e.g. the rendezvous registrations).
 #[derive(Clone)]
 pub struct Table {
@@ -220,7 +223,7 @@ impl Table {
     }
 
     /// Every entry, in key order.
-    pub fn entries(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn entries(&self) -> Result<Vec<TableEntry>, StoreError> {
         let mut out = Vec::new();
         for item in self.tree.iter() {
             let (k, v) = item?;

@@ -445,9 +445,10 @@ pub fn delegate(
     let next = PublicKey::encoded_like(&v.header().mfg_pub_key, &next_key, cert.as_deref());
     let extended = v.extend(&ours.key, &next)?;
     let guid = extended.guid();
-    store
-        .table(DELEGATIONS)?
-        .put(format!("{gateway}/{}", guid.hex()).as_bytes(), extended.to_pem().as_bytes())?;
+    store.table(DELEGATIONS)?.put(
+        format!("{gateway}/{}", guid.hex()).as_bytes(),
+        extended.to_pem().as_bytes(),
+    )?;
     let known = store.table(GATEWAYS)?;
     if !known.contains(gateway.as_bytes())? {
         known.put(gateway.as_bytes(), b"")?;
@@ -702,7 +703,10 @@ async fn push_down(
                 more = true;
             }
         }
-        for (k, pem) in delegations.iter().filter(|(k, _)| k.starts_with(&format!("{gw}/"))) {
+        for (k, pem) in delegations
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{gw}/")))
+        {
             let key = format!("{gw}/vou/{}", &k[gw.len() + 1..]);
             if sent.contains(key.as_bytes())? {
                 continue;

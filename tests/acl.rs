@@ -190,7 +190,9 @@ async fn suback_codes_keep_their_positions_whichever_filter_is_refused() {
     let gw = Gateway::start();
     let a = gw.issue("dev-a");
     let mut dev = sec::device(gw.mqtts(), &a).await;
-    let cases: [(&[(&str, u8)], &[u8]); 4] = [
+    // (filters with QoS, expected SUBACK return codes)
+    type Case<'a> = (&'a [(&'a str, u8)], &'a [u8]);
+    let cases: [Case; 4] = [
         (&[("#", 0), ("devices/dev-a/1", 1)], &[0x80, 1]),
         (
             &[("devices/dev-a/2", 2), ("devices/dev-b/2", 1)],

@@ -44,7 +44,6 @@ fn burst_of_denied_publishes_is_fully_acknowledged() {
 }
 
 #[path = "cloud/mod.rs"]
-#[allow(dead_code)]
 mod cloud;
 
 /// SIGTERM drains: a device that just published gets its PUBACK and then a clean TLS close

@@ -813,13 +813,13 @@ impl Gen {
             }
             5 => {
                 let mut g = b"GET /".to_vec();
-                g.extend(std::iter::repeat(b'A').take(self.rng.gen_range(1000..70_000)));
+                g.extend(std::iter::repeat_n(b'A', self.rng.gen_range(1000..70_000)));
                 g.extend(b" HTTP/1.1\r\n\r\n");
                 ("request-long-path".into(), g)
             }
             6 => {
                 let mut g = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
-                g.extend(std::iter::repeat(b'B').take(self.rng.gen_range(1000..70_000)));
+                g.extend(std::iter::repeat_n(b'B', self.rng.gen_range(1000..70_000)));
                 g.extend(b"\r\n\r\n");
                 ("request-huge-header".into(), g)
             }

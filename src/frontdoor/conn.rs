@@ -253,7 +253,7 @@ where
 async fn connected_session<R, W>(
     mut crd: &mut R,
     cwr: W,
-    mut buf: &mut BytesMut,
+    buf: &mut BytesMut,
     _peer: &Peer,
     shared: &Arc<Shared>,
     cancel: &CancellationToken,
@@ -319,7 +319,7 @@ where
     // Packets the client sent right behind CONNECT (it need not wait for CONNACK) may have
     // arrived in the same read: handle them now, not only after the next read.
     if !buf.is_empty() {
-        match upstream_state.process(&mut buf).await {
+        match upstream_state.process(buf).await {
             Ok(out) if !out.is_empty() => {
                 if let Err(e) = bwr.write_all(&out).await {
                     return End::Io(e);
@@ -369,13 +369,13 @@ where
                 return End::Expired;
             }
             end = &mut downstream.0 => return end.unwrap_or(End::CoreClosed),
-            r = read_more(&mut crd, &mut buf) => {
+            r = read_more(&mut crd, buf) => {
                 match r {
                     Ok(0) => { let _ = bwr.shutdown().await; return End::ClientClosed; }
                     Ok(n) => shared.metrics.add(|m| &m.bytes_in, n as u64),
                     Err(e) => return End::Io(e),
                 }
-                let out = match upstream_state.process(&mut buf).await {
+                let out = match upstream_state.process(buf).await {
                     Ok(out) => out,
                     Err(end) => return end,
                 };

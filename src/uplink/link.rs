@@ -492,12 +492,10 @@ impl Session {
                                 outstanding = outstanding.saturating_sub(1);
                                 acked.push(seq);
                             }
-                            Some(Slot::Heartbeat { sent }) => {
-                                if heartbeat == Some(sent) {
-                                    heartbeat = None;
-                                }
+                            Some(Slot::Heartbeat { sent }) if heartbeat == Some(sent) => {
+                                heartbeat = None;
                             }
-                            None => {}
+                            Some(Slot::Heartbeat { .. }) | None => {}
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) if self.sync_down.is_some() && p.topic == self.mapping.sync_down() => {

@@ -55,6 +55,9 @@ pub enum QueueError {
     Corrupt { seq: u64, reason: String },
 }
 
+/// A record read back from the queue: (sequence, the message or why it is unreadable, bytes).
+pub type QueuedRecord = (u64, Result<Message, String>, usize);
+
 /// One device message on its way to the cloud.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
@@ -275,11 +278,7 @@ impl QueueHandle {
     }
 
     /// Up to `limit` durable messages from `from` on.
-    pub fn read_from(
-        &self,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Result<Message, String>, usize)>, QueueError> {
+    pub fn read_from(&self, from: u64, limit: usize) -> Result<Vec<QueuedRecord>, QueueError> {
         let durable = *self.durable.borrow();
         Ok(self
             .log

@@ -291,11 +291,9 @@ async fn pump(
             match wait_not_blackhole(&mut rx).await {
                 Fault::Reset => return rst(&r, &w),
                 Fault::Delay(d) => tokio::time::sleep(d).await,
-                Fault::Loss(p) => {
-                    if lost(p) {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    }
+                Fault::Loss(p) if lost(p) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
                 }
                 _ => {}
             }

@@ -431,6 +431,7 @@ pub fn rumqtt_device(
 
 /// Drive a rumqttc event loop until an incoming packet matches `pick`; panic after `limit`
 /// or on a connection error.
+#[allow(clippy::result_large_err)] // rumqttc's ConnectionError, as the event loop returns it
 pub async fn rumqtt_until<T>(
     el: &mut rumqttc::EventLoop,
     limit: Duration,
