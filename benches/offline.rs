@@ -626,13 +626,19 @@ fn restore_phase(p: &Params) {
     let mut last_poll = Instant::now() - p.poll;
     let mut polls = 0;
     while all_reg.is_none() || all_apply.is_none() || online.is_none() {
-        assert!(
-            t0.elapsed() < p.timeout,
-            "not consistent after {:?}: applied {}, \n{}",
-            p.timeout,
-            tail.count,
-            site.cloud.log()
-        );
+        if t0.elapsed() > p.timeout {
+            let at_broker = seen.lock().unwrap().msgs[base_msgs..]
+                .iter()
+                .filter(|m| m.3.is_some())
+                .count();
+            panic!(
+                "not consistent after {:?}: {at_broker} registration messages at the broker, gateway queue depth {}, {} applied by the cloud\n{}",
+                p.timeout,
+                site.gw.metric("outpost_uplink_queue_depth"),
+                tail.count,
+                site.cloud.log()
+            );
+        }
         let now = t0.elapsed();
         if online.is_none() && site.online() {
             online = Some(now);
