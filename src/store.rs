@@ -222,6 +222,16 @@ impl Table {
         self.tree.is_empty()
     }
 
+    /// The entries whose key starts with `prefix`, in key order.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<TableEntry>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(prefix) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Every entry, in key order.
     pub fn entries(&self) -> Result<Vec<TableEntry>, StoreError> {
         let mut out = Vec::new();

@@ -181,9 +181,9 @@ impl Applier {
         let e = entry.clone();
         let (appended, others) = tokio::task::spawn_blocking(move || {
             let others: Vec<RegistryEntry> = reg
-                .entries()?
+                .same_voucher(&e.old_guid)?
                 .into_iter()
-                .filter(|o| o.old_guid == e.old_guid && o.guid != e.guid)
+                .filter(|o| o.guid != e.guid)
                 .collect();
             let a = reg.append(&e)?;
             Ok::<_, crate::fdo::FdoError>((a, others))
@@ -511,12 +511,15 @@ pub async fn run_cloud(
         let mut net = rumqttc::NetworkOptions::new();
         net.set_connection_timeout(cfg.connect_timeout.as_secs().max(1));
         el.set_network_options(net);
-        let (ev_tx, mut events) = tokio::sync::mpsc::channel(1024);
+        // Unbounded on purpose: the pump must never stop polling, or the loop below, waiting
+        // in `ack`/`publish` for room in the client's request queue (which only polling
+        // drains), would wait forever. What piles up is bounded by what the broker delivers.
+        let (ev_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
         let pump = tokio::spawn(async move {
             loop {
                 let ev = el.poll().await;
                 let failed = ev.is_err();
-                if ev_tx.send(ev).await.is_err() || failed {
+                if ev_tx.send(ev).is_err() || failed {
                     return;
                 }
             }

@@ -38,6 +38,12 @@ pub struct RegistryEntry {
 
 /// Name of the store table indexing the registry by GUID.
 pub const REGISTRY_INDEX: &str = "fdo-registry-index";
+/// Name of the store table indexing the registry by voucher GUID (`old_guid/guid` → seq).
+pub const REGISTRY_BY_VOUCHER: &str = "fdo-registry-by-voucher";
+
+fn voucher_key(e: &RegistryEntry) -> Vec<u8> {
+    format!("{}/{}", e.old_guid, e.guid).into_bytes()
+}
 
 /// What [`Registry::append`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +62,7 @@ pub struct Registry {
     store: Store,
     log: Log,
     index: crate::store::Table,
+    by_voucher: crate::store::Table,
     next_seq: Mutex<u64>,
     changed: tokio::sync::watch::Sender<u64>,
 }
@@ -64,12 +71,17 @@ impl Registry {
     pub fn open(store: &Store) -> Result<Registry, FdoError> {
         let log = store.log(REGISTRY_LOG)?;
         let index = store.table(REGISTRY_INDEX)?;
+        let by_voucher = store.table(REGISTRY_BY_VOUCHER)?;
         let next = log.last_seq()?.map(|s| s + 1).unwrap_or(0);
-        // The index may lag the log after a crash between the two writes: catch up.
-        if index.len() as u64 != log.usage()?.0 {
+        // The indexes may lag the log after a crash between the writes: catch up.
+        let n = log.usage()?.0;
+        if index.len() as u64 != n || by_voucher.len() as u64 != n {
             for (seq, e) in read_log_seq(&log)? {
                 if !index.contains(e.guid.as_bytes())? {
                     index.put(e.guid.as_bytes(), &seq.to_be_bytes())?;
+                }
+                if !by_voucher.contains(&voucher_key(&e))? {
+                    by_voucher.put(&voucher_key(&e), &seq.to_be_bytes())?;
                 }
             }
         }
@@ -78,6 +90,7 @@ impl Registry {
             store: store.clone(),
             log,
             index,
+            by_voucher,
             next_seq: Mutex::new(next),
             changed,
         })
@@ -95,6 +108,7 @@ impl Registry {
         self.log.append(n, &[json])?;
         self.store.flush()?;
         self.index.put(entry.guid.as_bytes(), &n.to_be_bytes())?;
+        self.by_voucher.put(&voucher_key(entry), &n.to_be_bytes())?;
         *seq += 1;
         drop(seq);
         self.changed.send_replace(n + 1);
@@ -120,6 +134,26 @@ impl Registry {
     /// Every entry, oldest first.
     pub fn entries(&self) -> Result<Vec<RegistryEntry>, FdoError> {
         read_log(&self.log)
+    }
+
+    /// Every registration of the voucher GUID `old_guid` (more than one: a conflict).
+    pub fn same_voucher(&self, old_guid: &str) -> Result<Vec<RegistryEntry>, FdoError> {
+        let mut out = Vec::new();
+        for (_, v) in self
+            .by_voucher
+            .scan_prefix(format!("{old_guid}/").as_bytes())?
+        {
+            let Ok(seq) = <[u8; 8]>::try_from(v.as_slice()).map(u64::from_be_bytes) else {
+                continue;
+            };
+            out.extend(
+                self.read_from(seq, 1)?
+                    .into_iter()
+                    .filter(|(s, _)| *s == seq)
+                    .map(|(_, e)| e),
+            );
+        }
+        Ok(out)
     }
 
     pub fn contains(&self, guid: &str) -> Result<bool, FdoError> {
@@ -425,5 +459,12 @@ mod tests {
             b.shared_registry().append(&reg[0]).unwrap(),
             Appended::Duplicate
         );
+        // Both registrations of the one voucher are found through the voucher index.
+        let same = b
+            .shared_registry()
+            .same_voucher(&Guid([1; 16]).hex())
+            .unwrap();
+        assert_eq!(same.len(), 2);
+        assert!(b.shared_registry().same_voucher("ff").unwrap().is_empty());
     }
 }
