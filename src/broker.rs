@@ -32,6 +32,35 @@ pub struct BrokerLink {
 /// Headroom for the CONNECT rewrite (user name + secret) over the client's packet limit.
 const CONNECT_HEADROOM: usize = 1024;
 
+/// An in-process MQTT client of the routing core (the gateway's own publishers: the uplink,
+/// the switch-back advice), authenticated with the per-start secret. Its event loop runs in
+/// a task until `shutdown`, reconnecting after 200 ms if the core link drops.
+pub fn local_client(
+    core: &BrokerLink,
+    client_id: &str,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> rumqttc::AsyncClient {
+    let mut o = rumqttc::MqttOptions::new(client_id, core.addr.ip().to_string(), core.addr.port());
+    o.set_credentials(client_id, core.secret.to_string());
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_clean_session(true);
+    o.set_max_packet_size(16 << 20, 16 << 20);
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 1024);
+    let id = client_id.to_string();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = el.poll() => if let Err(e) = r {
+                    tracing::debug!(client = %id, error = %e, "local core link lost; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                },
+            }
+        }
+    });
+    client
+}
+
 pub fn start(cfg: &Config) -> Result<BrokerLink, BrokerError> {
     let mut raw = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut raw);

@@ -368,17 +368,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 
     shutdown.cancelled().await;
     tracing::info!(grace = ?config.shutdown.grace, "shutting down: no new connections, draining");
-    systemd::stopping();
-    tracker.close();
-    if tokio::time::timeout(config.shutdown.grace, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open = tracker.len(),
-            "grace period over: remaining tasks abandoned"
-        );
-    }
+    drain(&tracker, config.shutdown.grace).await;
     if let Some(a) = advert {
         let _ = tokio::task::spawn_blocking(move || a.stop()).await;
     }
@@ -400,6 +390,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     join_store_owner(ca_thread).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Tell systemd we are stopping, then wait up to `grace` for every task to finish.
+async fn drain(tracker: &TaskTracker, grace: Duration) {
+    systemd::stopping();
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            open = tracker.len(),
+            "grace period over: remaining tasks abandoned"
+        );
+    }
 }
 
 /// Re-sign the CRL well before it expires.
@@ -549,17 +551,7 @@ pub async fn run_cloud(config: Config, shutdown: CancellationToken) -> Result<()
     tracing::info!(cloud = %id, "cloud ready");
 
     shutdown.cancelled().await;
-    systemd::stopping();
-    tracker.close();
-    if tokio::time::timeout(config.shutdown.grace, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open = tracker.len(),
-            "grace period over: remaining tasks abandoned"
-        );
-    }
+    drain(&tracker, config.shutdown.grace).await;
     let _ = std::fs::remove_file(data_dir.join(admin::SOCKET));
     let _ = std::fs::remove_file(data_dir.join(ENDPOINTS_FILE));
     drop(svc);

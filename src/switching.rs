@@ -12,7 +12,7 @@ use crate::broker::BrokerLink;
 use crate::frontdoor::SessionRegistry;
 use crate::uplink::{LinkState, UplinkHandle};
 use rand::Rng;
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rumqttc::QoS;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,29 +26,6 @@ pub fn topic(device: &str) -> String {
 /// Client ids of the gateway's own local clients (never told to switch).
 const OWN: &[&str] = &["outpost-uplink", "outpost-switch"];
 
-fn local_client(core: &BrokerLink, shutdown: CancellationToken) -> AsyncClient {
-    let mut o = MqttOptions::new(
-        "outpost-switch",
-        core.addr.ip().to_string(),
-        core.addr.port(),
-    );
-    o.set_credentials("outpost-switch", core.secret.to_string());
-    o.set_keep_alive(Duration::from_secs(30));
-    let (client, mut el) = AsyncClient::new(o, 1024);
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = el.poll() => if let Err(e) = r {
-                    tracing::debug!(error = %e, "switch: local core link lost; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                },
-            }
-        }
-    });
-    client
-}
-
 /// Run until shutdown: after every Offline → Online transition, once the queue is empty,
 /// tell the connected devices to use `primary`.
 pub async fn run(
@@ -59,7 +36,7 @@ pub async fn run(
     core: BrokerLink,
     shutdown: CancellationToken,
 ) {
-    let client = local_client(&core, shutdown.clone());
+    let client = crate::broker::local_client(&core, "outpost-switch", shutdown.clone());
     let mut state = uplink.state.clone();
     let mut was = *state.borrow_and_update();
     loop {

@@ -100,6 +100,17 @@ impl SyncMsg {
     }
 }
 
+/// How an issuer announces the revocation of a certificate it issued.
+fn issuer_revocation(r: &crate::store::CertRecord, me: &str) -> ForeignRevocation {
+    ForeignRevocation {
+        serial: r.serial.clone(),
+        device_id: r.device_id.clone(),
+        issuer: me.to_string(),
+        reason: "revoked by its issuer".into(),
+        revoked_at: r.revoked_at.unwrap_or(0),
+    }
+}
+
 /// Largest sync message accepted.
 pub const MAX_MESSAGE: usize = 512 * 1024;
 
@@ -302,10 +313,13 @@ async fn push_up(
 ) {
     let mut changed = a.registry.changed();
     let mut revocations = a.ca.revocations();
+    // The CA's records are scanned only when the revocations changed (and once at start),
+    // not on every new registration.
+    let mut scan_revocations = true;
     loop {
-        match push_round(&a, &queue).await {
+        match push_round(&a, &queue, scan_revocations).await {
             Ok(true) => continue,
-            Ok(false) => {}
+            Ok(false) => scan_revocations = false,
             Err(e) => {
                 tracing::warn!(error = %e, "sync: cannot queue for the cloud; retrying");
                 tokio::select! {
@@ -318,8 +332,8 @@ async fn push_up(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = changed.changed() => {}
-            _ = revocations.changed() => {}
-            _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+            _ = revocations.changed() => scan_revocations = true,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => scan_revocations = true,
         }
     }
 }
@@ -328,6 +342,7 @@ async fn push_up(
 async fn push_round(
     a: &Applier,
     queue: &crate::uplink::queue::QueueHandle,
+    scan_revocations: bool,
 ) -> Result<bool, SyncError> {
     let cursor = a.store.meta_u64(UP_CURSOR)?.unwrap_or(0);
     let reg = a.registry.clone();
@@ -352,18 +367,15 @@ async fn push_round(
         }
         return Ok(batch.len() == 256);
     }
+    if !scan_revocations {
+        return Ok(false);
+    }
     // Revocations this gateway's CA made (an operator's `ca revoke`, a conflict it lost).
     let sent = a.store.table(SENT_REVOCATIONS)?;
     let mut fresh = Vec::new();
     for r in a.ca.list().await? {
-        if let (Some(at), false) = (r.revoked_at, sent.contains(r.serial.as_bytes())?) {
-            fresh.push(ForeignRevocation {
-                serial: r.serial.clone(),
-                device_id: r.device_id.clone(),
-                issuer: a.me.clone(),
-                reason: "revoked by its issuer".into(),
-                revoked_at: at,
-            });
+        if r.revoked_at.is_some() && !sent.contains(r.serial.as_bytes())? {
+            fresh.push(issuer_revocation(&r, &a.me));
         }
     }
     if !fresh.is_empty() {
@@ -680,18 +692,13 @@ async fn push_down(
             if e.registered_by == them {
                 continue;
             }
-            let payload = SyncMsg::Registration { entry: e.clone() }.encode();
             published += 1;
-            unmapped.push_back(Pending::Registration {
+            let msg = SyncMsg::Registration { entry: e.clone() };
+            let pending = Pending::Registration {
                 gateway: gw.clone(),
                 seq: *seq,
-            });
-            if client
-                .publish(topic.clone(), rumqttc::QoS::AtLeastOnce, false, payload)
-                .await
-                .is_err()
-            {
-                unmapped.pop_back();
+            };
+            if !send(client, &topic, &msg, pending, unmapped).await {
                 return Ok(true);
             }
             budget -= 1;
@@ -717,16 +724,10 @@ async fn push_down(
             if budget == 0 {
                 return Ok(true);
             }
-            let m = SyncMsg::Voucher {
+            let msg = SyncMsg::Voucher {
                 voucher_pem: pem.clone(),
             };
-            unmapped.push_back(Pending::Sent { key });
-            if client
-                .publish(topic.clone(), rumqttc::QoS::AtLeastOnce, false, m.encode())
-                .await
-                .is_err()
-            {
-                unmapped.pop_back();
+            if !send(client, &topic, &msg, Pending::Sent { key }, unmapped).await {
                 return Ok(true);
             }
             budget -= 1;
@@ -739,26 +740,34 @@ async fn push_down(
             if budget == 0 {
                 return Ok(true);
             }
-            let m = SyncMsg::Revocation {
-                rev: ForeignRevocation {
-                    serial: r.serial.clone(),
-                    device_id: r.device_id.clone(),
-                    issuer: a.me.clone(),
-                    reason: "revoked by its issuer".into(),
-                    revoked_at: r.revoked_at.unwrap_or(0),
-                },
+            let msg = SyncMsg::Revocation {
+                rev: issuer_revocation(r, &a.me),
             };
-            unmapped.push_back(Pending::Sent { key });
-            if client
-                .publish(topic.clone(), rumqttc::QoS::AtLeastOnce, false, m.encode())
-                .await
-                .is_err()
-            {
-                unmapped.pop_back();
+            if !send(client, &topic, &msg, Pending::Sent { key }, unmapped).await {
                 return Ok(true);
             }
             budget -= 1;
         }
     }
     Ok(more)
+}
+
+/// Publish one message to a gateway, remembering what its PUBACK will stand for. `false`: the
+/// client is gone (the rest waits for the next connection).
+async fn send(
+    client: &rumqttc::AsyncClient,
+    topic: &str,
+    msg: &SyncMsg,
+    pending: Pending,
+    unmapped: &mut std::collections::VecDeque<Pending>,
+) -> bool {
+    unmapped.push_back(pending);
+    let sent = client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, false, msg.encode())
+        .await
+        .is_ok();
+    if !sent {
+        unmapped.pop_back();
+    }
+    sent
 }

@@ -7,17 +7,10 @@
 
 mod common;
 
-use common::roles::{extend_to, make_device, s, Agent, Cloud};
+use common::roles::{extend_to, make_device, registry, s, Agent, Cloud};
 use common::{base_config, expect_publish, mqtt_subscribe, plain_session, tls_args, Gateway};
 use std::process::Command;
 use std::time::Duration;
-
-fn registry(args_config: &[&str]) -> Vec<serde_json::Value> {
-    let mut args = vec!["registry", "--json"];
-    args.extend_from_slice(args_config);
-    let text = common::roles::run_ok(&args);
-    serde_json::from_str(&text).expect("registry JSON")
-}
 
 /// The device's heartbeat arrives at a local subscriber of the gateway, and a real MQTT
 /// client (mosquitto_pub) with the device's files is accepted by the gateway's mTLS
@@ -167,7 +160,7 @@ fn device_onboards_against_the_cloud_and_publishes_through_the_gateway() {
 
     // The cloud recorded it, the certificate serial is one its CA issued, and the device
     // key never left the device (the CA's record says it came from a CSR).
-    let reg = registry(&["--config", s(&cloud.config_path)]);
+    let reg = registry(&cloud.config_path);
     let e = check_entry(&reg, &dev.guid, &client_id, "cloud cloud-test");
     let certs: Vec<serde_json::Value> =
         serde_json::from_str(&cloud.cli(&["ca", "list", "--json"])).unwrap();
@@ -216,7 +209,7 @@ fn device_onboards_against_the_gateway_as_rendezvous_and_owner() {
     assert_eq!(connected["server"], primary.as_str());
     check_publishes_through_gateway(&gw, &agent, &client_id);
 
-    let reg = registry(&["--config", s(&gw.config_path)]);
+    let reg = registry(&gw.config_path);
     let e = check_entry(&reg, &dev.guid, &client_id, "gateway gw-test");
     let list = gw.cli(&["ca", "list", "--json"]);
     let certs: Vec<serde_json::Value> = serde_json::from_slice(&list.stdout).unwrap();
@@ -241,7 +234,7 @@ fn device_onboards_against_the_gateway_as_rendezvous_and_owner() {
         "{:?}",
         again.seen
     );
-    assert_eq!(registry(&["--config", s(&gw.config_path)]).len(), 1);
+    assert_eq!(registry(&gw.config_path).len(), 1);
 }
 
 /// The FDO listener is bounded: stalled clients hold a connection slot for at most the

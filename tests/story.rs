@@ -15,35 +15,10 @@ mod cloud;
 mod common;
 
 use cloud::{Cloud as Broker, CloudPki, Fault, Proxy};
-use common::roles::{extend_to, make_device, s, Agent, Cloud};
+use common::roles::{extend_to, make_device, registry, s, uplink_section, Agent, Cloud};
 use common::{base_config, Gateway};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn uplink_section(port: u16, ca: &Path, cert: &Path, key: &Path) -> String {
-    format!(
-        "[uplink]\nenabled = true\nhost = \"127.0.0.1\"\nport = {port}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-        ca.display(),
-        cert.display(),
-        key.display()
-    )
-}
-
-fn registry(config: &Path) -> Vec<serde_json::Value> {
-    let out = Command::new(common::BIN)
-        .args(["registry", "--json", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 #[test]
 fn seed_story_online_forward_then_offline_qr_onboarding_sync_within_5s_and_switch_back() {

@@ -6,7 +6,7 @@ mod cloud;
 mod common;
 
 use cloud::{Cloud as Broker, CloudPki, Fault, Proxy};
-use common::roles::{extend_to, make_device, s, Agent, Cloud};
+use common::roles::{extend_to, make_device, registry, s, uplink_section, Agent, Cloud};
 use common::{base_config, tls_args, Gateway};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,20 +20,6 @@ struct Site {
     cloud: Cloud,
     gw: Gateway,
     work: tempfile::TempDir,
-}
-
-fn uplink_section(
-    port: u16,
-    ca: &std::path::Path,
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> String {
-    format!(
-        "[uplink]\nenabled = true\nhost = \"127.0.0.1\"\nport = {port}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-        ca.display(),
-        cert.display(),
-        key.display()
-    )
 }
 
 impl Site {
@@ -138,20 +124,6 @@ impl Site {
         let id = o["client_id"].as_str().unwrap().to_string();
         (agent, id)
     }
-}
-
-fn registry(config: &PathBuf) -> Vec<serde_json::Value> {
-    let out = Command::new(common::BIN)
-        .args(["registry", "--json", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn find<'a>(reg: &'a [serde_json::Value], guid: &str) -> Option<&'a serde_json::Value> {
@@ -548,7 +520,7 @@ fn sigkill_mid_sync_on_both_sides_loses_and_doubles_nothing() {
         || !site.cloud_registry().is_empty(),
     );
     site.cloud.kill();
-    let at_cloud_kill = registry_offline(&site.cloud.config_path).len();
+    let at_cloud_kill = registry(&site.cloud.config_path).len();
     site.cloud.start();
     wait_for(
         "the cloud has every registration",
@@ -565,11 +537,6 @@ fn sigkill_mid_sync_on_both_sides_loses_and_doubles_nothing() {
     for id in &ids {
         assert!(find(&reg, id).is_some(), "{id} lost");
     }
-}
-
-/// The registry of a stopped cloud (straight from its store).
-fn registry_offline(config: &PathBuf) -> Vec<serde_json::Value> {
-    registry(config)
 }
 
 /// Delegation ahead of time (issue 5, voucher source b): while online, the cloud hands the

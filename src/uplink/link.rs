@@ -169,31 +169,6 @@ impl Session {
         }
     }
 
-    fn local_client(&self, shutdown: CancellationToken) -> AsyncClient {
-        let mut o = MqttOptions::new(
-            "outpost-uplink",
-            self.core.addr.ip().to_string(),
-            self.core.addr.port(),
-        );
-        o.set_credentials("outpost-uplink", self.core.secret.to_string());
-        o.set_keep_alive(Duration::from_secs(30));
-        o.set_clean_session(true);
-        o.set_max_packet_size(16 << 20, 16 << 20);
-        let (client, mut el) = AsyncClient::new(o, 1024);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    r = el.poll() => if let Err(e) = r {
-                        tracing::debug!(error = %e, "local core link lost; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    },
-                }
-            }
-        });
-        client
-    }
-
     fn publish_state(&self, local: &AsyncClient, state: LinkState, reason: &str) {
         let body = serde_json::json!({
             "state": state.as_str(),
@@ -224,7 +199,7 @@ impl Session {
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
-        let local = self.local_client(shutdown.clone());
+        let local = crate::broker::local_client(&self.core, "outpost-uplink", shutdown.clone());
         self.publish_state(&local, LinkState::Offline, "starting");
         if !self.cfg.enabled {
             self.publish_state(&local, LinkState::Offline, "uplink disabled");

@@ -25,6 +25,22 @@ pub fn assert_ok(out: &Output, what: &[&str]) {
     );
 }
 
+/// The `[uplink]` section of a gateway (or of `outpost cloud`'s own broker connection).
+pub fn uplink_section(port: u16, ca: &Path, cert: &Path, key: &Path) -> String {
+    format!(
+        "[uplink]\nenabled = true\nhost = \"127.0.0.1\"\nport = {port}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        ca.display(),
+        cert.display(),
+        key.display()
+    )
+}
+
+/// `outpost registry --json` of the gateway or cloud that `config` configures.
+pub fn registry(config: &Path) -> Vec<serde_json::Value> {
+    let text = run_ok(&["registry", "--json", "--config", s(config)]);
+    serde_json::from_str(&text).expect("registry JSON")
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
