@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::roles::{fails, ok};
 use common::{Gateway, BIN};
 use std::path::Path;
 use std::process::{Command, Output};
@@ -12,29 +13,6 @@ use std::time::Duration;
 
 fn run(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().expect("run outpost")
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails(out: Output) -> String {
-    assert!(
-        !out.status.success(),
-        "unexpected success: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn s(p: &Path) -> &str {

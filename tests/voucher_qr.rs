@@ -6,33 +6,9 @@
 
 mod common;
 
-use common::roles::{extend_to, make_device, s, Agent};
+use common::roles::{extend_to, fails, make_device, ok, s, Agent};
 use common::Gateway;
-use std::process::Output;
 use std::time::Duration;
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails(out: Output) -> String {
-    assert!(
-        !out.status.success(),
-        "unexpected success: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn onboard(cred: &std::path::Path, state: &std::path::Path) -> serde_json::Value {
     let mut agent = Agent::start(cred, state, &["--onboard-only"]);
