@@ -184,11 +184,11 @@ fn online_stays_online_under_30_percent_loss_while_traffic_flows() {
     );
     rig.proxy.set(Fault::Pass);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while sub.count() < sent {
+    while sub.unique() < sent {
         assert!(
             Instant::now() < deadline,
             "cloud got {} of {sent}",
-            sub.count()
+            sub.unique()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -269,7 +269,7 @@ fn ten_thousand_messages_survive_blackhole_and_two_sigkills() {
     // Restore, over a slower link so that the drain takes a few seconds; kill 2 mid-drain.
     rig.proxy.set(Fault::Delay(Duration::from_millis(15)));
     let t_restore = Instant::now();
-    while sub.count() < 1500 {
+    while sub.unique() < 1500 {
         assert!(
             t_restore.elapsed() < Duration::from_secs(60),
             "drain did not start: {}",
@@ -357,11 +357,11 @@ when_full = \"refuse\"\n",
     let reconnects = p.join().unwrap();
     assert!(reconnects > 0, "the device was refused at least once");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while sub.count() < 3000 {
+    while sub.unique() < 3000 {
         assert!(
             Instant::now() < deadline,
             "cloud got {} of 3000",
-            sub.count()
+            sub.unique()
         );
         std::thread::sleep(Duration::from_millis(50));
     }

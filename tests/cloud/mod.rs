@@ -565,6 +565,16 @@ impl CloudSubscriber {
         self.received.lock().unwrap().len()
     }
 
+    /// Distinct messages received (duplicates from resends counted once): what "everything
+    /// arrived" must be judged on, since duplicates can make `count` reach the total first.
+    pub fn unique(&self) -> usize {
+        let r = self.received.lock().unwrap();
+        r.iter()
+            .map(|(_, payload)| payload.as_str())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    }
+
     /// Publish from the cloud side (e.g. a command to a device).
     pub fn publish(&self, topic: &str, payload: &str) {
         let c = self.client.clone();
