@@ -11,20 +11,23 @@
 //!   Offline (queue only) and Online (queue + forwarding to the cloud at the same time). Each
 //!   run also has an unloaded pass (one connection, one message in flight): the latency a
 //!   group commit adds without queueing.
-//! * **Drain rate.** A backlog of `BENCH_BACKLOG` messages is loaded through the plain
-//!   listener while the cloud (Mosquitto with TLS + client certificates, behind the
-//!   fault-injecting proxy of `tests/cloud`) is blackholed; then the link is restored and the
-//!   rate at which the messages arrive at a cloud subscriber is measured until the queue is
-//!   empty. It is compared with Mosquitto's own ingest rate for the same message size and
-//!   topic length from a direct QoS 1 publisher over TLS with the same in-flight window as the
-//!   uplink (`BENCH_INFLIGHT`), measured by the same subscriber, once before and once after the
-//!   drain (the machine's load changes: the ratio uses their mean), and once more through the
-//!   proxy, to show the proxy's share. During the drain a local client publishes (QoS 1) on a
-//!   non-uplink topic every `BENCH_PROBE_MS` ms to a local subscriber (plain listener): its
-//!   publish -> receive latency during the drain against idle shows whether live local traffic
-//!   is starved.
-//! * **Detection.** `BENCH_OUTAGES` blackhole/restore cycles at random phases; the times to
-//!   `outpost_uplink_online` 0 and back to 1, polled on the metrics endpoint every 10 ms.
+//! * **Drain rate.** The gateway's uplink goes straight to the cloud (Mosquitto with TLS +
+//!   client certificates), as in production. A backlog of `BENCH_BACKLOG` messages is loaded
+//!   through the plain listener while Mosquitto is frozen (SIGSTOP: its connections stay open
+//!   and nothing answers, so the gateway sees a blackhole and goes Offline); then it is thawed
+//!   (SIGCONT) and the rate at which the messages arrive at a cloud subscriber is measured
+//!   until the queue is empty. (The fault-injecting proxy of `tests/cloud` is not in this
+//!   path: it would take its own share of the machine's two cores.) It is compared with
+//!   Mosquitto's own ingest rate for the same message size and topic length from a direct
+//!   QoS 1 publisher over TLS with the same in-flight window as the uplink
+//!   (`BENCH_INFLIGHT`), measured by the same subscriber, once before the outage and once
+//!   after the drain (the machine's load changes: the ratio uses their mean). During the
+//!   drain a local client publishes (QoS 1) on a non-uplink topic every `BENCH_PROBE_MS` ms to
+//!   a local subscriber (plain listener): its publish -> receive latency during the drain
+//!   against idle shows whether live local traffic is starved.
+//! * **Detection.** Through the proxy: `BENCH_OUTAGES` blackhole/restore cycles at random
+//!   phases; the times to `outpost_uplink_online` 0 and back to 1, polled on the metrics
+//!   endpoint every 10 ms.
 //!
 //! The gateway is the release `outpost` binary cargo builds for this bench (target/release),
 //! started with its own default log filter (not the test harness's `RUST_LOG`).
@@ -296,12 +299,18 @@ struct Rig {
     pki: CloudPki,
     cloud: Cloud,
     proxy: Proxy,
+    /// The gateway's uplink goes through `proxy` (else straight to Mosquitto).
+    via_proxy: bool,
     gw: Gateway,
     mosq_pid: Option<u32>,
 }
 
 impl Rig {
-    fn start(p: &Params) -> Rig {
+    /// `via_proxy`: the uplink goes through the fault-injecting proxy and outages are its
+    /// blackhole; otherwise it goes straight to Mosquitto (the production path) and an outage
+    /// freezes Mosquitto (SIGSTOP: connections stay open and nothing answers, as in a
+    /// blackhole) until SIGCONT.
+    fn start(p: &Params, via_proxy: bool) -> Rig {
         common::require_mosquitto();
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut pki = CloudPki::new(&tmp.path().join("cloud"));
@@ -315,7 +324,7 @@ impl Rig {
             ((p.backlog.max(p.ingest * 4) as u64) * (p.size as u64 + 100) * 2).max(256 << 20);
         let cfg = format!(
             "[uplink]\nenabled = true\nhost = \"127.0.0.1\"\nport = {}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\ninflight = {}\nqueue_max_bytes = {quota}\n",
-            proxy.addr.port(),
+            if via_proxy { proxy.addr.port() } else { cloud.port },
             pki.ca.display(),
             gw_cert.display(),
             gw_key.display(),
@@ -327,9 +336,26 @@ impl Rig {
             pki,
             cloud,
             proxy,
+            via_proxy,
             gw,
             mosq_pid,
         }
+    }
+
+    /// Start (`true`) or end an outage of the cloud link.
+    fn outage(&self, on: bool) {
+        if self.via_proxy {
+            self.proxy
+                .set(if on { Fault::Blackhole } else { Fault::Pass });
+            return;
+        }
+        let pid = self.mosq_pid.expect("mosquitto pid (needed to freeze it)");
+        let sig = if on { "-STOP" } else { "-CONT" };
+        let st = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(st.success(), "kill {sig} {pid}");
     }
 
     fn cloud_tls(&self, cn: &str) -> Arc<rustls::ClientConfig> {
@@ -935,7 +961,7 @@ struct IngestRows {
 fn ingest_phase(rt: &tokio::runtime::Runtime, p: &Params) {
     println!();
     println!("== 1. Durable ingest ==");
-    let rig = Rig::start(p);
+    let rig = Rig::start(p, true);
     rig.must_be_online(true);
     let ids: Vec<String> = (0..p.devices).map(|i| format!("dev-{i}")).collect();
     let tls: Vec<Arc<rustls::ClientConfig>> = ids
@@ -1147,7 +1173,40 @@ fn drain_phase(rt: &tokio::runtime::Runtime, p: &Params, rig: &Rig) {
         filter,
         tallies.clone(),
     ));
-    rig.proxy.set(Fault::Blackhole);
+    // Mosquitto's own ingest: a direct QoS 1 publisher with the uplink's window.
+    let direct_topic = "outpost/gw-test/devices/drct-0/telemetry/bench".to_string();
+    let direct_run = |tag: u8, addr: SocketAddr| {
+        let c0 = rig.cpu();
+        let r = rt.block_on(async {
+            let c = open(
+                &Target::Tls(addr, rig.cloud_tls("cloud-direct")),
+                "cloud-direct",
+            )
+            .await;
+            run_load(
+                vec![(c, direct_topic.clone())],
+                tag,
+                0,
+                p.direct,
+                p.inflight,
+                p.size,
+                p.timeout,
+            )
+            .await
+        });
+        let ok = wait_tally(&tallies, tag, p.direct as u64, Duration::from_secs(60));
+        let c1 = rig.cpu();
+        (r, ok, cpu_use(c0, c1))
+    };
+    // Before the outage and again after the drain, so that a change in the machine's load
+    // shows.
+    let (db_pub, db_ok, db_cpu) = direct_run(
+        TAG_DIRECT,
+        SocketAddr::from(([127, 0, 0, 1], rig.cloud.port)),
+    );
+    let direct_before = tally_summary(&tallies, TAG_DIRECT);
+
+    rig.outage(true);
     rig.must_be_online(false);
 
     // Backlog through the plain listener.
@@ -1193,39 +1252,6 @@ fn drain_phase(rt: &tokio::runtime::Runtime, p: &Params, rig: &Rig) {
         "messages went through the blackhole"
     );
 
-    // Mosquitto's own ingest: a direct QoS 1 publisher with the uplink's window.
-    let direct_topic = "outpost/gw-test/devices/drct-0/telemetry/bench".to_string();
-    let direct_run = |tag: u8, addr: SocketAddr| {
-        let c0 = rig.cpu();
-        let r = rt.block_on(async {
-            let c = open(
-                &Target::Tls(addr, rig.cloud_tls("cloud-direct")),
-                "cloud-direct",
-            )
-            .await;
-            run_load(
-                vec![(c, direct_topic.clone())],
-                tag,
-                0,
-                p.direct,
-                p.inflight,
-                p.size,
-                p.timeout,
-            )
-            .await
-        });
-        let ok = wait_tally(&tallies, tag, p.direct as u64, Duration::from_secs(60));
-        let c1 = rig.cpu();
-        (r, ok, cpu_use(c0, c1))
-    };
-    // Before the drain (link still blackholed: Mosquitto is idle) and again after it, so
-    // that a change in the machine's load shows.
-    let (db_pub, db_ok, db_cpu) = direct_run(
-        TAG_DIRECT,
-        SocketAddr::from(([127, 0, 0, 1], rig.cloud.port)),
-    );
-    let direct_before = tally_summary(&tallies, TAG_DIRECT);
-
     // Idle local latency, then restore and drain with the prober still running.
     let mut prober = rt.block_on(start_prober(rig.gw.plain(), p.probe));
     std::thread::sleep(Duration::from_millis(300));
@@ -1237,7 +1263,7 @@ fn drain_phase(rt: &tokio::runtime::Runtime, p: &Params, rig: &Rig) {
     let perf = perf_start(rig.gw_pid(), "drain");
     let t_restore = Instant::now();
     let restore_ns = now_ns();
-    rig.proxy.set(Fault::Pass);
+    rig.outage(false);
     let online_after = rig.wait_online(true, Duration::from_secs(30));
     let done = wait_tally(&tallies, TAG_DRAIN, total as u64, p.timeout);
     let drained_in = t_restore.elapsed();
@@ -1268,14 +1294,31 @@ fn drain_phase(rt: &tokio::runtime::Runtime, p: &Params, rig: &Rig) {
         SocketAddr::from(([127, 0, 0, 1], rig.cloud.port)),
     );
     let direct_after = tally_summary(&tallies, TAG_DIRECT_AFTER);
-    let (dp_pub, dp_ok, dp_cpu) = direct_run(TAG_DIRECT_PROXY, rig.proxy.addr);
+    // The same publisher through the proxy, when the drain went through it.
+    let (dp_pub, dp_ok, dp_cpu) = if rig.via_proxy {
+        let (r, ok, c) = direct_run(TAG_DIRECT_PROXY, rig.proxy.addr);
+        (Some(r), ok, Some(c))
+    } else {
+        (None, false, None)
+    };
     let direct_proxy = tally_summary(&tallies, TAG_DIRECT_PROXY);
 
     println!();
     println!(
-        "Drain rate: {total} queued messages of {} B, uplink window {} (rumqttc, TLS via the proxy), \
-         cloud subscriber QoS 1 (TLS, straight to Mosquitto)",
-        p.size, p.inflight
+        "Drain rate: {total} queued messages of {} B, uplink window {} (rumqttc, TLS {}), \
+         cloud subscriber QoS 1 (TLS, straight to Mosquitto); outage: {}",
+        p.size,
+        p.inflight,
+        if rig.via_proxy {
+            "via the test proxy"
+        } else {
+            "straight to Mosquitto"
+        },
+        if rig.via_proxy {
+            "proxy blackhole"
+        } else {
+            "Mosquitto frozen (SIGSTOP/SIGCONT)"
+        }
     );
     if let Some(d) = online_after {
         println!(
@@ -1314,11 +1357,13 @@ fn drain_phase(rt: &tokio::runtime::Runtime, p: &Params, rig: &Rig) {
         &direct_after,
         &note(da_ok, &da_pub),
     );
-    row(
-        "direct publisher -> proxy -> Mosquitto",
-        &direct_proxy,
-        &note(dp_ok, &dp_pub),
-    );
+    if let Some(dp_pub) = &dp_pub {
+        row(
+            "direct publisher -> proxy -> Mosquitto",
+            &direct_proxy,
+            &note(dp_ok, dp_pub),
+        );
+    }
     if let (Some(d), Some(b), Some(a)) = (&drain, &direct_before, &direct_after) {
         let direct = (b.0 + a.0) / 2.0;
         let ratio = d.0 / direct * 100.0;
@@ -1338,14 +1383,16 @@ fn drain_phase(rt: &tokio::runtime::Runtime, p: &Params, rig: &Rig) {
     println!("  during the drain: {drain_cpu}; load avg {la0} -> {la1}");
     println!("  direct before:    {db_cpu}");
     println!("  direct after:     {da_cpu}");
-    println!("  direct via proxy: {dp_cpu}");
+    if let Some(dp_cpu) = dp_cpu {
+        println!("  direct via proxy: {dp_cpu}");
+    }
     println!();
     println!(
         "Local traffic during the drain (plain listener, QoS 1 publish every {} ms on {PROBE_TOPIC} -> local QoS 0 subscriber):",
         p.probe.as_millis()
     );
     for (name, (n, p50, p99, max)) in [
-        ("idle (backlog queued, link blackholed)", idle_lat),
+        ("idle (backlog queued, link down)", idle_lat),
         ("during the drain", drain_lat),
     ] {
         println!(
@@ -1502,15 +1549,16 @@ fn main() {
     if p.phase("ingest") {
         ingest_phase(&rt, &p);
     }
-    if p.phase("drain") || p.phase("detect") {
-        let rig = Rig::start(&p);
+    if p.phase("drain") {
+        // The production path: the gateway straight to the cloud broker.
+        let rig = Rig::start(&p, false);
         rig.must_be_online(true);
-        if p.phase("drain") {
-            drain_phase(&rt, &p, &rig);
-        }
-        if p.phase("detect") && p.outages > 0 {
-            detect_phase(&p, &rig);
-        }
+        drain_phase(&rt, &p, &rig);
+    }
+    if p.phase("detect") && p.outages > 0 {
+        let rig = Rig::start(&p, true);
+        rig.must_be_online(true);
+        detect_phase(&p, &rig);
     }
     println!();
     println!("load avg at the end: {}", loadavg());

@@ -129,26 +129,39 @@ impl Log {
         Ok(())
     }
 
-    /// Remove records in one batch and return the sizes of those that existed (not flushed).
-    /// The caller must be the log's only writer (the sizes are read before the batch).
-    pub fn take(&self, seqs: &[u64]) -> Result<Vec<u64>, StoreError> {
-        // A sequence number may be listed twice (acknowledged again after a resend).
-        let mut seqs = seqs.to_vec();
-        seqs.sort_unstable();
-        seqs.dedup();
-        let mut sizes = Vec::with_capacity(seqs.len());
-        let mut batch = sled::Batch::default();
-        for s in seqs {
-            let key = s.to_be_bytes();
-            if let Some(v) = self.tree.get(key)? {
-                sizes.push(v.len() as u64);
-                batch.remove(&key);
+    /// Insert one record under `seq` (not flushed).
+    pub fn insert(&self, seq: u64, record: &[u8]) -> Result<(), StoreError> {
+        self.tree.insert(seq.to_be_bytes(), record)?;
+        Ok(())
+    }
+
+    /// The record with the highest sequence number at or below `seq`.
+    pub fn record_at_or_before(&self, seq: u64) -> Result<Option<(u64, Record)>, StoreError> {
+        match self.tree.range(..=seq.to_be_bytes()).next_back() {
+            Some(item) => {
+                let (k, v) = item?;
+                Ok(Some((seq_of(&k)?, Record(v))))
             }
+            None => Ok(None),
         }
-        if !sizes.is_empty() {
-            self.tree.apply_batch(batch)?;
+    }
+
+    /// The record with the highest sequence number.
+    pub fn last_record(&self) -> Result<Option<(u64, Record)>, StoreError> {
+        match self.tree.last()? {
+            Some((k, v)) => Ok(Some((seq_of(&k)?, Record(v)))),
+            None => Ok(None),
         }
-        Ok(sizes)
+    }
+
+    /// Like [`Self::read_from`], but the records are shared with the store's cache (no copy).
+    pub fn read_records(&self, from: u64, limit: usize) -> Result<Vec<(u64, Record)>, StoreError> {
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for item in self.tree.range(from.to_be_bytes()..).take(limit) {
+            let (k, v) = item?;
+            out.push((seq_of(&k)?, Record(v)));
+        }
+        Ok(out)
     }
 
     pub fn first_seq(&self) -> Result<Option<u64>, StoreError> {
@@ -174,6 +187,17 @@ impl Log {
             bytes += v.len() as u64;
         }
         Ok((n, bytes))
+    }
+}
+
+/// A record of a [`Log`] as read, shared with the store's cache.
+#[derive(Clone)]
+pub struct Record(sled::IVec);
+
+impl std::ops::Deref for Record {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -514,19 +538,28 @@ mod tests {
     }
 
     #[test]
-    fn log_take_removes_in_one_batch_and_counts_each_record_once() {
+    fn log_finds_the_record_covering_a_sequence_number() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         let log = s.log("q").unwrap();
-        log.append(1, &[b"a".to_vec(), b"bb".to_vec(), b"ccc".to_vec()])
-            .unwrap();
-        // 3 twice (acknowledged again after a resend), 9 never existed.
-        let mut sizes = log.take(&[3, 9, 1, 3]).unwrap();
-        sizes.sort_unstable();
-        assert_eq!(sizes, vec![1, 3]);
-        assert_eq!(log.read_from(0, 10).unwrap(), vec![(2, b"bb".to_vec())]);
-        assert_eq!(log.take(&[1, 3]).unwrap(), Vec::<u64>::new());
-        assert_eq!(log.usage().unwrap(), (1, 2));
+        assert!(log.record_at_or_before(5).unwrap().is_none());
+        assert!(log.last_record().unwrap().is_none());
+        log.insert(10, b"ten").unwrap();
+        log.insert(20, b"twenty").unwrap();
+        let at = |q: u64| {
+            log.record_at_or_before(q)
+                .unwrap()
+                .map(|(k, r)| (k, r.to_vec()))
+        };
+        assert_eq!(at(9), None);
+        assert_eq!(at(10), Some((10, b"ten".to_vec())));
+        assert_eq!(at(19), Some((10, b"ten".to_vec())));
+        assert_eq!(at(u64::MAX), Some((20, b"twenty".to_vec())));
+        let shared = log.read_records(11, 10).unwrap();
+        assert_eq!((shared[0].0, &*shared[0].1), (20, &b"twenty"[..]));
+        assert_eq!(log.last_record().unwrap().map(|(k, _)| k), Some(20));
+        log.remove(&[10]).unwrap();
+        assert_eq!(at(19), None);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use super::detect::{tls_probe, Hysteresis, LinkState};
 use super::mapping::Mapping;
-use super::queue::{now_ms, QueueHandle};
+use super::queue::{now_ms, MessageRef, QueueHandle};
 use super::{UplinkConfig, UplinkError, UplinkStats, STATE_TOPIC};
 use crate::broker::BrokerLink;
 use rand::Rng;
@@ -127,7 +127,7 @@ impl Link {
 /// What an in-flight cloud publish stands for.
 #[derive(Debug, Clone, Copy)]
 enum Slot {
-    Data { seq: u64 },
+    Data { seq: u64, size: usize },
     Heartbeat { sent: Instant },
 }
 
@@ -250,6 +250,7 @@ impl Session {
         let mut sent_durable = self.queue.sent_durable();
         let reserve = 4 * window as u64;
         let mut mark_requested = previous_run_mark;
+        let mut urgent_requested = previous_run_mark;
         let mut mark_blocked: bool;
         let mut max_sent = 0u64;
         // Data slots in `inflight` and `unmapped`.
@@ -260,9 +261,10 @@ impl Session {
         let mut heartbeat: Option<Instant> = None;
         let mut probe: Option<tokio::task::JoinHandle<Result<Duration, String>>> = None;
         let mut durable = self.queue.durable();
-        let mut acked: Vec<u64> = Vec::new();
+        let mut acked: Vec<(u64, usize)> = Vec::new();
         let mut flush_acks = false;
-        let mut expired: Vec<u64> = Vec::new();
+        let mut expired: Vec<(u64, usize)> = Vec::new();
+        let mut events: Vec<Result<Event, rumqttc::ConnectionError>> = Vec::with_capacity(256);
         let ttl_ms = self.cfg.message_ttl.as_millis() as u64;
 
         loop {
@@ -280,54 +282,62 @@ impl Session {
                 if outstanding < window {
                     match self.queue.read_from(cursor, window - outstanding) {
                         Ok(batch) => {
-                            for (seq, msg, _) in batch {
+                            for (seq, rec) in batch {
+                                // The record's bytes are its size in the queue's accounting
+                                // (unknown, 0, for one that cannot be read at all).
+                                let (size, msg) = match &rec {
+                                    Ok((chunk, range)) => {
+                                        (range.len(), MessageRef::decode(&chunk[range.clone()]))
+                                    }
+                                    Err(e) => (0, Err(e.clone())),
+                                };
                                 let msg = match msg {
                                     Ok(m) => m,
                                     Err(e) => {
                                         tracing::error!(seq, error = %e, "corrupt queue record skipped");
-                                        expired.push(seq);
+                                        expired.push((seq, size));
                                         cursor = seq + 1;
                                         continue;
                                     }
                                 };
                                 if ttl_ms > 0 && now_ms().saturating_sub(msg.enqueued_ms) > ttl_ms {
-                                    expired.push(seq);
+                                    expired.push((seq, size));
                                     cursor = seq + 1;
                                     continue;
                                 }
-                                let Some(remote) = self.mapping.up_queued(&msg.topic) else {
+                                let Some(remote) = self.mapping.up_queued(msg.topic) else {
                                     tracing::warn!(topic = %msg.topic, "queued message matches no uplink rule any more; dropped");
-                                    expired.push(seq);
+                                    expired.push((seq, size));
                                     cursor = seq + 1;
                                     continue;
                                 };
                                 let durable_mark = *sent_durable.borrow_and_update();
                                 if seq > durable_mark {
+                                    // Caught up with the reservation: ask for it to be flushed
+                                    // now, and resume when it is on disk.
                                     if mark_requested < seq {
                                         mark_requested = seq + reserve;
-                                        self.queue.request_sent_mark(mark_requested).await;
                                     }
-                                    // Resume when the mark is on disk.
+                                    if urgent_requested < mark_requested {
+                                        urgent_requested = mark_requested;
+                                        self.queue.request_sent_mark(mark_requested, true).await;
+                                    }
                                     mark_blocked = true;
                                     break;
                                 }
                                 if seq + reserve / 2 > mark_requested {
+                                    // Renewed early: flushed with the removals a window later.
                                     mark_requested = seq + reserve;
-                                    self.queue.request_sent_mark(mark_requested).await;
+                                    self.queue.request_sent_mark(mark_requested, false).await;
                                 }
                                 let Some(l) = link.as_ref() else { break };
                                 if l.client
-                                    .try_publish(
-                                        remote,
-                                        QoS::AtLeastOnce,
-                                        false,
-                                        msg.payload.to_vec(),
-                                    )
+                                    .try_publish(remote, QoS::AtLeastOnce, false, msg.payload)
                                     .is_err()
                                 {
                                     break;
                                 }
-                                unmapped.push_back(Slot::Data { seq });
+                                unmapped.push_back(Slot::Data { seq, size });
                                 outstanding += 1;
                                 self.stats.published.fetch_add(1, Ordering::Relaxed);
                                 if seq <= max_sent || seq <= previous_run_mark {
@@ -385,7 +395,7 @@ impl Session {
                     flush_acks = true;
                     if mark_blocked {
                         // In case the flush that makes the mark durable failed: ask again.
-                        self.queue.request_sent_mark(mark_requested).await;
+                        self.queue.request_sent_mark(mark_requested, true).await;
                     }
                     if let (true, Some(l)) = (connected, link.as_ref()) {
                         if evidence {
@@ -407,14 +417,22 @@ impl Session {
                         probe = Some(tokio::spawn(async move { tls_probe(&host, port, tls, t).await }));
                     }
                 }
-                ev = async { link.as_mut().expect("guarded").events.recv().await }, if link.is_some() => match ev {
-                    // The event loop ended without an error event (should not happen).
-                    None => {
+                n = async { link.as_mut().expect("guarded").events.recv_many(&mut events, 256).await }, if link.is_some() => {
+                    if n == 0 {
+                        // The event loop ended without an error event (should not happen).
                         link = None;
                         connected = false;
                         next_attempt = Some(Instant::now() + backoff.next());
                     }
-                    Some(ev) => match ev {
+                }
+            }
+            // Everything the event loop reported since the last turn, in order.
+            for ev in events.drain(..) {
+                if link.is_none() {
+                    // The connection these came from is gone.
+                    break;
+                }
+                match ev {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         if ack.code != ConnectReturnCode::Success {
                             tracing::warn!(code = ?ack.code, "cloud broker refused the uplink");
@@ -426,7 +444,10 @@ impl Session {
                             connected = true;
                             backoff.reset();
                             self.stats.connects.fetch_add(1, Ordering::Relaxed);
-                            tracing::info!(session_present = ack.session_present, "uplink connected");
+                            tracing::info!(
+                                session_present = ack.session_present,
+                                "uplink connected"
+                            );
                             // A fresh client: everything unacknowledged goes again from the queue,
                             // in order (possible duplicates are counted as resent).
                             inflight.clear();
@@ -437,19 +458,23 @@ impl Session {
                             if !ack.session_present {
                                 if let Some(l) = link.as_ref() {
                                     for f in self.mapping.down_filters() {
-                                        if let Err(e) = l.client.try_subscribe(f, QoS::AtLeastOnce) {
+                                        if let Err(e) = l.client.try_subscribe(f, QoS::AtLeastOnce)
+                                        {
                                             tracing::error!(filter = f, error = %e, "cannot subscribe for cloud-to-device messages");
                                         }
                                     }
                                     if self.sync_down.is_some() {
-                                        if let Err(e) = l.client.try_subscribe(self.mapping.sync_down(), QoS::AtLeastOnce) {
+                                        if let Err(e) = l.client.try_subscribe(
+                                            self.mapping.sync_down(),
+                                            QoS::AtLeastOnce,
+                                        ) {
                                             tracing::error!(error = %e, "cannot subscribe for registry sync");
                                         }
                                     }
                                 }
                             }
                             evidence = true;
-                        last_evidence = Instant::now();
+                            last_evidence = Instant::now();
                         }
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
@@ -463,9 +488,9 @@ impl Session {
                         evidence = true;
                         last_evidence = Instant::now();
                         match inflight.remove(&ack.pkid) {
-                            Some(Slot::Data { seq }) => {
+                            Some(Slot::Data { seq, size }) => {
                                 outstanding = outstanding.saturating_sub(1);
-                                acked.push(seq);
+                                acked.push((seq, size));
                             }
                             Some(Slot::Heartbeat { sent }) if heartbeat == Some(sent) => {
                                 heartbeat = None;
@@ -473,13 +498,20 @@ impl Session {
                             Some(Slot::Heartbeat { .. }) | None => {}
                         }
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) if self.sync_down.is_some() && p.topic == self.mapping.sync_down() => {
+                    Ok(Event::Incoming(Packet::Publish(p)))
+                        if self.sync_down.is_some() && p.topic == self.mapping.sync_down() =>
+                    {
                         // Acknowledged by the sync once applied; if its queue is full the
                         // message stays unacknowledged and comes again after a reconnect.
                         if let (Some(tx), Some(l)) = (&self.sync_down, link.as_ref()) {
-                            let d = crate::sync::Delivery { publish: p, client: l.client.clone() };
+                            let d = crate::sync::Delivery {
+                                publish: p,
+                                client: l.client.clone(),
+                            };
                             if tx.try_send(d).is_err() {
-                                tracing::warn!("sync: too many messages waiting; one left for redelivery");
+                                tracing::warn!(
+                                    "sync: too many messages waiting; one left for redelivery"
+                                );
                             }
                         }
                         evidence = true;
@@ -489,13 +521,22 @@ impl Session {
                         let topic = p.topic.clone();
                         match self.mapping.down(&topic) {
                             Some(local_topic) => {
-                                let qos = if p.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-                                match local.publish(local_topic.clone(), qos, false, p.payload.to_vec()).await {
+                                let qos = if p.qos == QoS::AtMostOnce {
+                                    QoS::AtMostOnce
+                                } else {
+                                    QoS::AtLeastOnce
+                                };
+                                match local
+                                    .publish(local_topic.clone(), qos, false, p.payload.to_vec())
+                                    .await
+                                {
                                     Ok(()) => {
                                         self.stats.commands_down.fetch_add(1, Ordering::Relaxed);
                                         tracing::debug!(%topic, %local_topic, "cloud message delivered locally");
                                     }
-                                    Err(e) => tracing::error!(error = %e, "cannot deliver cloud message locally"),
+                                    Err(e) => {
+                                        tracing::error!(error = %e, "cannot deliver cloud message locally")
+                                    }
                                 }
                             }
                             None => {
@@ -526,8 +567,7 @@ impl Session {
                         next_attempt = Some(Instant::now() + backoff.next());
                         verdict = Some((false, "uplink connection failed"));
                     }
-                    },
-                },
+                }
             }
             if let Some((ok, reason)) = verdict {
                 if !ok {
