@@ -266,6 +266,8 @@ impl Session {
         let mut expired: Vec<(u64, usize)> = Vec::new();
         let mut events: Vec<Result<Event, rumqttc::ConnectionError>> = Vec::with_capacity(256);
         let ttl_ms = self.cfg.message_ttl.as_millis() as u64;
+        let mut read_cache = super::queue::ReadCache::default();
+        let refill_min = (window / 4).max(1);
 
         loop {
             // Drain the queue into the window.
@@ -279,8 +281,13 @@ impl Session {
                         .filter(|s| matches!(s, Slot::Data { .. }))
                         .count()
                 );
-                if outstanding < window {
-                    match self.queue.read_from(cursor, window - outstanding) {
+                // Refilled a quarter window at a time (or when empty), so that each refill is
+                // one read of the queue and one write to the cloud for many messages.
+                if outstanding == 0 || window - outstanding >= refill_min {
+                    match self
+                        .queue
+                        .read_cached(&mut read_cache, cursor, window - outstanding)
+                    {
                         Ok(batch) => {
                             for (seq, rec) in batch {
                                 // The record's bytes are its size in the queue's accounting

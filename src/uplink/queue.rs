@@ -215,6 +215,13 @@ fn chunk_entries(chunk: &[u8]) -> (u64, Vec<Range<usize>>) {
     (u64::from(count.max(1)), out)
 }
 
+/// What a reader keeps between reads (see [`QueueHandle::read_cached`]).
+#[derive(Default)]
+pub struct ReadCache {
+    /// The last chunk read: its key, bytes, message count and where its messages are.
+    chunk: Option<(u64, Record, u64, Vec<Range<usize>>)>,
+}
+
 /// An append's answer, held until the group commit.
 type Reply = (
     oneshot::Sender<Result<(), QueueError>>,
@@ -400,6 +407,18 @@ impl QueueHandle {
     /// Up to `limit` durable messages from `from` on, in order (messages already known to be
     /// gone below `from` are skipped).
     pub fn read_from(&self, from: u64, limit: usize) -> Result<Vec<QueuedRecord>, QueueError> {
+        self.read_cached(&mut ReadCache::default(), from, limit)
+    }
+
+    /// [`Self::read_from`] for a reader that goes on where it stopped: `cache` keeps the last
+    /// chunk read and where its messages are, so that reading a chunk a window at a time does
+    /// not look it up and parse it again each time.
+    pub fn read_cached(
+        &self,
+        cache: &mut ReadCache,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<QueuedRecord>, QueueError> {
         let durable = *self.durable.borrow();
         let from = from.max(self.stats.acked_through.load(Ordering::Acquire) + 1);
         let mut out = Vec::with_capacity(limit.min(1024));
@@ -408,13 +427,30 @@ impl QueueHandle {
         }
         // The chunk that holds `from`, if any, then the ones after it.
         let mut chunks = Vec::new();
-        if let Some(c) = self.log.record_at_or_before(from)? {
-            chunks.push(c);
+        match &cache.chunk {
+            // A chunk stays as it was written until it is deleted, and then everything in it
+            // is gone: reading from the cached copy is reading the store.
+            Some((key, chunk, count, _)) if *key <= from && from < key + count => {
+                chunks.push((*key, chunk.clone()));
+            }
+            _ => {
+                if let Some(c) = self.log.record_at_or_before(from)? {
+                    chunks.push(c);
+                }
+            }
         }
         let mut next_key = from;
         'outer: loop {
             for (key, chunk) in chunks.drain(..) {
-                let (count, entries) = chunk_entries(&chunk);
+                let (count, entries) = match cache.chunk.take() {
+                    Some((k, _, count, entries)) if k == key => (count, entries),
+                    _ => chunk_entries(&chunk),
+                };
+                cache.chunk = Some((key, chunk.clone(), count, entries));
+                let Some((_, _, count, entries)) = cache.chunk.as_ref() else {
+                    break 'outer;
+                };
+                let count = *count;
                 next_key = next_key.max(key + count);
                 for i in 0..count {
                     let seq = key + i;
@@ -1025,6 +1061,44 @@ mod tests {
         assert_eq!(q.stats().depth.load(Ordering::Relaxed), 0);
         assert_eq!(q.stats().bytes.load(Ordering::Relaxed), 0);
         assert!(log.read_records(0, 10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cached_reader_reads_what_an_uncached_one_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (q, _j) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse, 100).unwrap();
+        q.append((0..50).map(|i| msg(i, 10)).collect())
+            .await
+            .unwrap();
+        q.append((50..100).map(|i| msg(i, 10)).collect())
+            .await
+            .unwrap();
+        let mut cache = ReadCache::default();
+        let mut got = Vec::new();
+        let mut cursor = 1;
+        loop {
+            let batch = q.read_cached(&mut cache, cursor, 7).unwrap();
+            let Some((last, _)) = batch.last() else { break };
+            cursor = last + 1;
+            for (seq, r) in batch {
+                let (chunk, range) = r.unwrap();
+                let m = Message::decode(&chunk[range]).unwrap();
+                got.push((seq, m.topic));
+            }
+        }
+        let want: Vec<(u64, String)> = (0..100).map(|i| (i as u64 + 1, msg(i, 10).topic)).collect();
+        assert_eq!(got, want);
+        // The cached chunk is deleted and more is appended: the reader follows the store.
+        q.remove(items(&q, &(1..=100).collect::<Vec<_>>()), false)
+            .await;
+        q.append(vec![msg(100, 10)]).await.unwrap();
+        assert!(q
+            .read_cached(&mut cache, 1, 7)
+            .unwrap()
+            .iter()
+            .all(|(s, _)| *s == 101));
+        assert_eq!(q.read_cached(&mut cache, 101, 7).unwrap().len(), 1);
     }
 
     #[tokio::test]
