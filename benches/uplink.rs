@@ -38,7 +38,8 @@
 //! BENCH_INGEST (40000 messages per measured row), BENCH_RUNS (3), BENCH_PING (1000),
 //! BENCH_BACKLOG (1000000), BENCH_DIRECT (BENCH_BACKLOG / 2, for each direct run),
 //! BENCH_INFLIGHT (100), BENCH_PROBE_MS (5), BENCH_IDLE_S (3), BENCH_OUTAGES (20),
-//! BENCH_TIMEOUT_S (900), BENCH_PHASES (`ingest,drain,detect`); profiling: BENCH_PERF (a
+//! BENCH_TIMEOUT_S (900), BENCH_PHASES (`ingest,drain,detect`), BENCH_DRAIN_VIA_PROXY (0; 1:
+//! the drain goes through the proxy, outage = its blackhole); profiling: BENCH_PERF (a
 //! directory: `perf record` of the gateway per phase), BENCH_PERF_ARGS (`record -F 499 -g`).
 //!
 //! Does nothing unless run by `cargo bench` (`--bench`), and nothing for `--list`.
@@ -91,6 +92,8 @@ struct Params {
     outages: usize,
     timeout: Duration,
     phases: String,
+    /// Drain through the test proxy (outage: its blackhole) instead of straight to Mosquitto.
+    drain_via_proxy: bool,
 }
 
 /// Payload header: tag (1), id (4), send time in ns since BASE (8).
@@ -114,6 +117,7 @@ impl Params {
             outages: env_or("BENCH_OUTAGES", 20usize),
             timeout: Duration::from_secs(env_or("BENCH_TIMEOUT_S", 900u64)),
             phases: env_or("BENCH_PHASES", "ingest,drain,detect".to_string()),
+            drain_via_proxy: env_or("BENCH_DRAIN_VIA_PROXY", 0u8) == 1,
         };
         assert!(
             p.size >= HEADER,
@@ -1550,8 +1554,8 @@ fn main() {
         ingest_phase(&rt, &p);
     }
     if p.phase("drain") {
-        // The production path: the gateway straight to the cloud broker.
-        let rig = Rig::start(&p, false);
+        // The production path (the gateway straight to the cloud broker) unless asked.
+        let rig = Rig::start(&p, p.drain_via_proxy);
         rig.must_be_online(true);
         drain_phase(&rt, &p, &rig);
     }

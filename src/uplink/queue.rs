@@ -917,6 +917,16 @@ mod tests {
         }
     }
 
+    fn open_queue(dir: &std::path::Path) -> (QueueHandle, std::thread::JoinHandle<()>) {
+        let store = Store::open(dir).unwrap();
+        QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse, 100).unwrap()
+    }
+
+    /// Appends messages `range` (10-byte payloads) in one command.
+    async fn fill(q: &QueueHandle, range: std::ops::Range<usize>) {
+        q.append(range.map(|i| msg(i, 10)).collect()).await.unwrap();
+    }
+
     /// Removal items for `seqs`, with the sizes read from the queue.
     fn items(q: &QueueHandle, seqs: &[u64]) -> Vec<(u64, usize)> {
         let all = q.read_from(0, 100_000).unwrap();
@@ -984,18 +994,14 @@ mod tests {
     async fn appended_messages_are_durable_and_ordered_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path()).unwrap();
-            let (q, join) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse, 100).unwrap();
-            q.append((0..5).map(|i| msg(i, 10)).collect())
-                .await
-                .unwrap();
+            let (q, join) = open_queue(dir.path());
+            fill(&q, 0..5).await;
             q.append(vec![msg(5, 10)]).await.unwrap();
             q.remove(items(&q, &[1, 2]), false).await;
             drop(q);
             join.join().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
-        let (q, _join) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse, 100).unwrap();
+        let (q, _join) = open_queue(dir.path());
         assert_eq!(seqs(&q, 0, 100), vec![3, 4, 5, 6]);
         assert_eq!(q.first_seq().unwrap(), Some(3));
         assert_eq!(q.stats().depth.load(Ordering::Relaxed), 4);
@@ -1012,12 +1018,8 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let log = store.log("uplink").unwrap();
         let (q, _j) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse, 100).unwrap();
-        q.append((0..10).map(|i| msg(i, 10)).collect())
-            .await
-            .unwrap();
-        q.append((10..20).map(|i| msg(i, 10)).collect())
-            .await
-            .unwrap();
+        fill(&q, 0..10).await;
+        fill(&q, 10..20).await;
         assert_eq!(q.stats().chunks.load(Ordering::Relaxed), 2);
         assert_eq!(log.read_records(0, 10).unwrap().len(), 2);
         // Out of order: the first chunk loses all but message 1, and 12 of the second.
@@ -1066,14 +1068,9 @@ mod tests {
     #[tokio::test]
     async fn a_cached_reader_reads_what_an_uncached_one_does() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let (q, _j) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse, 100).unwrap();
-        q.append((0..50).map(|i| msg(i, 10)).collect())
-            .await
-            .unwrap();
-        q.append((50..100).map(|i| msg(i, 10)).collect())
-            .await
-            .unwrap();
+        let (q, _j) = open_queue(dir.path());
+        fill(&q, 0..50).await;
+        fill(&q, 50..100).await;
         let mut cache = ReadCache::default();
         let mut got = Vec::new();
         let mut cursor = 1;
@@ -1106,11 +1103,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let size;
         {
-            let store = Store::open(dir.path()).unwrap();
-            let (q, join) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse, 100).unwrap();
-            q.append((0..100).map(|i| msg(i, 10)).collect())
-                .await
-                .unwrap();
+            let (q, join) = open_queue(dir.path());
+            fill(&q, 0..100).await;
             size = items(&q, &(51..=100).collect::<Vec<_>>())
                 .iter()
                 .map(|(_, n)| n)
@@ -1121,8 +1115,7 @@ mod tests {
             drop(q);
             join.join().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
-        let (q, _j) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse, 100).unwrap();
+        let (q, _j) = open_queue(dir.path());
         assert_eq!(q.first_seq().unwrap(), Some(51));
         assert_eq!(seqs(&q, 0, 1000), (51..=100).collect::<Vec<_>>());
         assert_eq!(q.stats().depth.load(Ordering::Relaxed), 50);
@@ -1141,8 +1134,7 @@ mod tests {
             }
             store.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
-        let (q, _j) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse, 100).unwrap();
+        let (q, _j) = open_queue(dir.path());
         assert_eq!(q.first_seq().unwrap(), Some(4));
         assert_eq!(seqs(&q, 0, 10), vec![4, 5, 7, 8]);
         assert_eq!(q.stats().depth.load(Ordering::Relaxed), 4);
@@ -1201,9 +1193,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let (q, _j) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse, WINDOW).unwrap();
-        q.append((0..100).map(|i| msg(i, 10)).collect())
-            .await
-            .unwrap();
+        fill(&q, 0..100).await;
         let unflushed = || q.stats().unflushed_removals.load(Ordering::Relaxed);
         let mut seen_pending = false;
         let mut seen_flush = false;
@@ -1237,8 +1227,7 @@ mod tests {
     #[tokio::test]
     async fn early_sent_mark_rides_on_the_next_flush_and_urgent_one_is_flushed_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let (q, _j) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse, 100).unwrap();
+        let (q, _j) = open_queue(dir.path());
         let mut sent = q.sent_durable();
         sent.borrow_and_update();
         // Not awaited: recorded, but no flush of its own.
@@ -1263,8 +1252,7 @@ mod tests {
     async fn sent_mark_is_published_once_durable_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path()).unwrap();
-            let (q, join) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse, 100).unwrap();
+            let (q, join) = open_queue(dir.path());
             let mut sent = q.sent_durable();
             assert_eq!(*sent.borrow_and_update(), 0);
             q.request_sent_mark(400, true).await;
@@ -1280,8 +1268,7 @@ mod tests {
             drop(q);
             join.join().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
-        let (q, _j) = QueueHandle::spawn(store, 1 << 20, WhenFull::Refuse, 100).unwrap();
+        let (q, _j) = open_queue(dir.path());
         assert_eq!(q.sent_mark(), 400);
         assert_eq!(*q.sent_durable().borrow(), 400);
     }
