@@ -26,6 +26,8 @@
 //! BENCH_OUTPOST_TOML (extra TOML appended to the gateway's config, e.g. "[broker]\n...";
 //! not the sections the bench writes: gateway, listeners, metrics, mdns, acl).
 
+mod support;
+
 use bytes::Bytes;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, EventLoop, Incoming, MqttOptions, NetworkOptions,
@@ -37,9 +39,9 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+use support::{cpu_model, env_or};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
@@ -52,16 +54,6 @@ static BASE: OnceLock<Instant> = OnceLock::new();
 
 fn now_ns() -> u64 {
     BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
-}
-
-fn env_or<T: FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
-        Err(_) => default,
-    }
 }
 
 #[derive(Clone)]
@@ -848,18 +840,6 @@ fn fmt_num(v: f64, decimals: usize) -> String {
 /// kB (as /proc reports, i.e. KiB) as decimal megabytes.
 fn mb(kb: u64) -> String {
     format!("{:.1} MB", kb as f64 * 1024.0 / 1e6)
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 fn stripped_size(bin: &Path, dir: &Path) -> Option<u64> {

@@ -39,29 +39,24 @@ mod cloud;
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+mod support;
+
 use cloud::{CloudPki, Fault, Proxy};
 use common::roles::Cloud as CloudService;
 use common::Gateway;
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::{
+    cmd_out, env_or, loadavg, machine_ticks, pid_with_cmdline, proc_ticks, raise_nofile,
+    TICKS_PER_S,
+};
 
 // ------------------------------------------------------------------------------------------
 // Parameters and machine facts
-
-fn env_or<T: FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
-        Err(_) => default,
-    }
-}
 
 #[derive(Debug, Clone)]
 struct Params {
@@ -95,37 +90,6 @@ impl Params {
     }
 }
 
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-fn cmd_out(cmd: &str, args: &[&str]) -> String {
-    std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-/// utime + stime (clock ticks) of a process.
-fn proc_ticks(pid: u32) -> u64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    let Some((_, rest)) = s.rsplit_once(')') else {
-        return 0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let g = |i: usize| {
-        f.get(i - 3)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    g(14) + g(15)
-}
-
 /// A `/proc/PID/status` field in kB (VmRSS, VmHWM).
 fn proc_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -138,37 +102,6 @@ fn proc_kb(pid: u32, field: &str) -> u64 {
         })
         .unwrap_or(0)
 }
-
-/// (busy, steal) ticks of the whole machine.
-fn machine_ticks() -> (u64, u64) {
-    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<u64> = s
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let f = |i: usize| v.get(i).copied().unwrap_or(0);
-    (f(0) + f(1) + f(2) + f(5) + f(6), f(7))
-}
-
-fn pid_with_cmdline(needle: &str) -> Option<u32> {
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
-            if String::from_utf8_lossy(&c).contains(needle) {
-                return Some(pid);
-            }
-        }
-    }
-    None
-}
-
-const TICKS_PER_S: f64 = 100.0;
 
 /// CPU use of named processes, this process, the rest of the machine, and steal, between
 /// two snapshots.
@@ -214,26 +147,6 @@ impl CpuWatch {
             "CPU over {secs:.1} s (100% = one core): {}",
             parts.join(", ")
         )
-    }
-}
-
-fn raise_nofile() -> (libc::rlim_t, libc::rlim_t) {
-    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
-    unsafe {
-        let mut r = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return (0, 0);
-        }
-        let before = r.rlim_cur;
-        if r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
-        }
-        (before, r.rlim_cur)
     }
 }
 

@@ -47,6 +47,8 @@
 //!
 //! Does nothing unless run by `cargo bench` (`--bench`), and nothing for `--list`.
 
+mod support;
+
 use outpost::ca::{Ca, CaHandle, CA_CERT, CA_KEY};
 use outpost::config::CaConfig;
 use outpost::fdo::client::{self, DeviceOptions, Endpoint};
@@ -68,23 +70,13 @@ use outpost::fdo::types::{Guid, PublicKey, RendezvousInfo, RvDirective, RvProtoc
 use outpost::fdo::{owner, DeviceCredential, OwnershipVoucher};
 use outpost::store::Store;
 use std::collections::{HashMap, HashSet};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::{cmd_out, cpu_model, env_or, loadavg, raise_nofile};
 
 // ------------------------------------------------------------------------------------------
 // Parameters
-
-fn env_or<T: FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
-        Err(_) => default,
-    }
-}
 
 #[derive(Clone, Debug)]
 struct Params {
@@ -123,32 +115,6 @@ fn pct_ms(sorted: &[Duration], p: f64) -> f64 {
     sorted[i.clamp(1, sorted.len()) - 1].as_secs_f64() * 1000.0
 }
 
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-fn cmd_out(cmd: &str, args: &[&str]) -> String {
-    std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
 /// Busy and total jiffies of the whole machine (first line of /proc/stat).
 fn machine_jiffies() -> (u64, u64) {
     let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -181,28 +147,6 @@ fn listen_drops() -> (u64, u64) {
         m.get("ListenOverflows").copied().unwrap_or(0),
         m.get("ListenDrops").copied().unwrap_or(0),
     )
-}
-
-/// Raise the soft RLIMIT_NOFILE to the hard limit (1,000 devices hold up to 2,000 sockets
-/// at once in this process: both ends of every connection).
-fn raise_nofile() -> (libc::rlim_t, libc::rlim_t) {
-    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
-    unsafe {
-        let mut r = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return (0, 0);
-        }
-        let before = r.rlim_cur;
-        if r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
-        }
-        (before, r.rlim_cur)
-    }
 }
 
 // ------------------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ mod cloud;
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+mod support;
+
 use bytes::{Buf, BytesMut};
 use cloud::{Cloud, CloudPki, Fault, Proxy};
 use common::Gateway;
@@ -57,24 +59,16 @@ use rand::Rng;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use support::{
+    cmd_out, cpu_model, env_or, loadavg, machine_ticks, pid_with_cmdline, proc_ticks, TICKS_PER_S,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 // ------------------------------------------------------------------------------------------
 // Parameters
-
-fn env_or<T: FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
-        Err(_) => default,
-    }
-}
 
 #[derive(Clone, Debug)]
 struct Params {
@@ -163,82 +157,6 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-fn cmd_out(cmd: &str, args: &[&str]) -> String {
-    std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-/// utime + stime (clock ticks) of a process.
-fn proc_ticks(stat_path: &str) -> u64 {
-    let Ok(s) = std::fs::read_to_string(stat_path) else {
-        return 0;
-    };
-    let Some((_, rest)) = s.rsplit_once(')') else {
-        return 0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After the command: state is field 3; utime and stime are fields 14 and 15.
-    let g = |i: usize| {
-        f.get(i - 3)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    g(14) + g(15)
-}
-
-/// (busy, steal) ticks of the whole machine (busy excludes idle, iowait and steal).
-fn machine_ticks() -> (u64, u64) {
-    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(l) = s.lines().next() else {
-        return (0, 0);
-    };
-    let v: Vec<u64> = l
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let f = |i: usize| v.get(i).copied().unwrap_or(0);
-    // user nice system idle iowait irq softirq steal
-    (f(0) + f(1) + f(2) + f(5) + f(6), f(7))
-}
-
-/// The pid of the process whose command line contains `needle` (our own Mosquitto: its
-/// config file lives in our temp dir).
-fn pid_with_cmdline(needle: &str) -> Option<u32> {
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
-            if String::from_utf8_lossy(&c).contains(needle) {
-                return Some(pid);
-            }
-        }
-    }
-    None
-}
-
 #[derive(Clone, Copy)]
 struct CpuSnap {
     at: Instant,
@@ -248,8 +166,6 @@ struct CpuSnap {
     busy: u64,
     steal: u64,
 }
-
-const TICKS_PER_S: f64 = 100.0;
 
 struct CpuUse {
     outpost: f64,
@@ -418,16 +334,14 @@ impl Rig {
 
     fn cpu(&self) -> CpuSnap {
         let gw_pid = self.gw.child.as_ref().map(|c| c.id()).unwrap_or(0);
+        let (busy, steal) = machine_ticks();
         CpuSnap {
             at: Instant::now(),
-            outpost: proc_ticks(&format!("/proc/{gw_pid}/stat")),
-            mosquitto: self
-                .mosq_pid
-                .map(|p| proc_ticks(&format!("/proc/{p}/stat")))
-                .unwrap_or(0),
-            me: proc_ticks("/proc/self/stat"),
-            busy: machine_ticks().0,
-            steal: machine_ticks().1,
+            outpost: proc_ticks(gw_pid),
+            mosquitto: self.mosq_pid.map(proc_ticks).unwrap_or(0),
+            me: proc_ticks("self"),
+            busy,
+            steal,
         }
     }
 }
