@@ -171,40 +171,8 @@ fn runtime(threads: usize) -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn tls_from_pem(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut &ca_pem[..]) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let chain = rustls_pemfile::certs(&mut &cert_pem[..])
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = rustls_pemfile::private_key(&mut &key_pem[..])
-        .unwrap()
-        .unwrap();
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap(),
-    )
-}
-
 // ------------------------------------------------------------------------------------------
 // Phase 1: restore -> registry consistency
-
-fn uplink_section(port: u16, ca: &Path, cert: &Path, key: &Path) -> String {
-    format!(
-        "[uplink]\nenabled = true\nhost = \"127.0.0.1\"\nport = {port}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-        ca.display(),
-        cert.display(),
-        key.display()
-    )
-}
 
 /// What our own subscriber on the cloud broker saw.
 #[derive(Default)]
@@ -374,7 +342,7 @@ fn restore_phase(p: &Params) {
     // The gateway: a fixed FDO port (the devices' rendezvous info names it), prepared but not
     // started, so that the vouchers go straight into its store.
     let fdo_port = common::free_port();
-    let up = uplink_section(proxy.addr.port(), &pki.ca, &gw_cert, &gw_key);
+    let up = common::roles::uplink_section(proxy.addr.port(), &pki.ca, &gw_cert, &gw_key);
     let mut gw = Gateway::prepare_custom(|data| {
         common::base_config(data, &up).replace(
             "[fdo]\nlisten = \"127.0.0.1:0\"",
@@ -386,7 +354,7 @@ fn restore_phase(p: &Params) {
         "mqtt_servers = [\"mqtts://127.0.0.1:{}\"]\nserver_trust = [\"{}\"]\n\n{}\n[sync]\ngateways = [\"gw-test\"]\n",
         fdo_port,
         gw.data_dir.join("ca.crt").display(),
-        uplink_section(broker.port, &pki.ca, &cl_cert, &cl_key)
+        common::roles::uplink_section(broker.port, &pki.ca, &cl_cert, &cl_key)
     ));
     cloud_svc.start();
     let t_make = Instant::now();
@@ -472,29 +440,7 @@ fn restore_phase(p: &Params) {
     site.proxy.set(Fault::Blackhole);
     site.wait_online(false, Duration::from_secs(30));
     let t_on = Instant::now();
-    let ids: Vec<String> = rt.block_on(async {
-        use outpost::fdo::client::{onboard_with_retry, DeviceOptions};
-        let mut set = tokio::task::JoinSet::new();
-        for c in creds {
-            set.spawn(async move {
-                onboard_with_retry(
-                    &c,
-                    &DeviceOptions {
-                        mqtt: true,
-                        ..Default::default()
-                    },
-                    Some(20),
-                )
-                .await
-                .map(|o| o.credential.guid.hex())
-            });
-        }
-        let mut ids = Vec::new();
-        while let Some(r) = set.join_next().await {
-            ids.push(r.unwrap().expect("onboarding"));
-        }
-        ids
-    });
+    let ids: Vec<String> = rt.block_on(common::roles::onboard_all(creds, true));
     println!(
         "offline onboarding: {n} devices (TO1 + TO2 with outpost:mqtt) at once in {:.1} s ({:.0}/s)",
         t_on.elapsed().as_secs_f64(),
@@ -1065,7 +1011,7 @@ fn storm_phase(p: &Params) {
             cp.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
             cp.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(7);
             let cert = cp.signed_by(&key, &issuer).unwrap();
-            let cfg = tls_from_pem(
+            let cfg = cloud::tls_client_config_pem(
                 ca_pem.as_bytes(),
                 cert.pem().as_bytes(),
                 key.serialize_pem().as_bytes(),

@@ -462,34 +462,12 @@ fn many_devices(site: &Site, n: usize) -> Vec<outpost::fdo::DeviceCredential> {
 }
 
 fn onboard_all(creds: Vec<outpost::fdo::DeviceCredential>) -> Vec<String> {
-    use outpost::fdo::client::{onboard_with_retry, DeviceOptions};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
-        let mut set = tokio::task::JoinSet::new();
-        for c in creds {
-            set.spawn(async move {
-                onboard_with_retry(
-                    &c,
-                    &DeviceOptions {
-                        mqtt: false,
-                        ..Default::default()
-                    },
-                    Some(20),
-                )
-                .await
-                .map(|o| o.credential.guid.hex())
-            });
-        }
-        let mut ids = Vec::new();
-        while let Some(r) = set.join_next().await {
-            ids.push(r.unwrap().expect("onboarding"));
-        }
-        ids
-    })
+    rt.block_on(common::roles::onboard_all(creds, false))
 }
 
 /// SIGKILL of the gateway with the sync in flight, then of the cloud service while it

@@ -314,14 +314,24 @@ pub trait Stream: Read + Write + Send {}
 impl<T: Read + Write + Send> Stream for T {}
 
 pub fn tls_client_config(ca: &Path, cert: &Path, key: &Path) -> Arc<rustls::ClientConfig> {
+    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    tls_client_config_pem(&read(ca), &read(cert), &read(key))
+}
+
+/// [`tls_client_config`] from PEM bytes.
+pub fn tls_client_config_pem(
+    ca_pem: &[u8],
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut std::fs::read(ca).unwrap().as_slice()) {
+    for c in rustls_pemfile::certs(&mut &ca_pem[..]) {
         roots.add(c.unwrap()).unwrap();
     }
-    let chain = rustls_pemfile::certs(&mut std::fs::read(cert).unwrap().as_slice())
+    let chain = rustls_pemfile::certs(&mut &cert_pem[..])
         .collect::<Result<Vec<_>, _>>()
         .unwrap();
-    let key = rustls_pemfile::private_key(&mut std::fs::read(key).unwrap().as_slice())
+    let key = rustls_pemfile::private_key(&mut &key_pem[..])
         .unwrap()
         .unwrap();
     Arc::new(

@@ -324,3 +324,29 @@ impl Drop for Agent {
         let _ = self.child.wait();
     }
 }
+
+/// Onboard every device at once (TO1 + TO2, retrying as a device does); their GUIDs, in the
+/// order they finished. `mqtt`: ask for the `outpost:mqtt` service info too.
+pub async fn onboard_all(creds: Vec<outpost::fdo::DeviceCredential>, mqtt: bool) -> Vec<String> {
+    use outpost::fdo::client::{onboard_with_retry, DeviceOptions};
+    let mut set = tokio::task::JoinSet::new();
+    for c in creds {
+        set.spawn(async move {
+            onboard_with_retry(
+                &c,
+                &DeviceOptions {
+                    mqtt,
+                    ..Default::default()
+                },
+                Some(20),
+            )
+            .await
+            .map(|o| o.credential.guid.hex())
+        });
+    }
+    let mut ids = Vec::new();
+    while let Some(r) = set.join_next().await {
+        ids.push(r.unwrap().expect("onboarding"));
+    }
+    ids
+}
