@@ -1319,24 +1319,6 @@ fn drain_phase(rt: &tokio::runtime::Runtime, p: &Params, rig: &Rig) {
     }
 }
 
-/// The gateway log without colour escapes.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut it = s.chars();
-    while let Some(c) = it.next() {
-        if c == '\x1b' {
-            for d in it.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn detect_phase(p: &Params, rig: &Rig) {
     println!();
     println!("== 3. Detection ==");
@@ -1382,7 +1364,7 @@ fn detect_phase(p: &Params, rig: &Rig) {
     };
     let log = rig.gw.log();
     let mut reasons: HashMap<String, usize> = HashMap::new();
-    for l in strip_ansi(log.get(log_from..).unwrap_or("")).lines() {
+    for l in common::strip_ansi(log.get(log_from..).unwrap_or("")).lines() {
         for (arrow, name) in [
             ("Online -> Offline", "Offline"),
             ("Offline -> Online", "Online"),

@@ -144,36 +144,13 @@ impl Rig {
     fn metric(&self, name: &str) -> i64 {
         self.gw.metric(name)
     }
-
-    fn registry(&self, config: &std::path::Path) -> Vec<serde_json::Value> {
-        let text = common::roles::run_ok(&["registry", "--json", "--config", s(config)]);
-        serde_json::from_str(&text).expect("registry JSON")
-    }
-}
-
-/// The log without ANSI colour sequences (`ESC [ ... m`), so that fields read `key=value`.
-fn plain(log: &str) -> String {
-    let mut out = String::with_capacity(log.len());
-    let mut it = log.chars().peekable();
-    while let Some(c) = it.next() {
-        if c == '\u{1b}' && it.peek() == Some(&'[') {
-            for d in it.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Wait for a log line containing both `guid` and `what`.
 fn wait_log(log: impl Fn() -> String, guid: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let text = plain(&log());
+        let text = common::strip_ansi(&log());
         if text.lines().any(|l| l.contains(guid) && l.contains(what)) {
             return;
         }
@@ -186,11 +163,34 @@ fn wait_log(log: impl Fn() -> String, guid: &str, what: &str) {
 }
 
 fn log_line(log: &str, guid: &str, what: &str) -> String {
-    plain(log)
+    common::strip_ansi(log)
         .lines()
         .find(|l| l.contains(guid) && l.contains(what))
         .unwrap_or_else(|| panic!("no {what:?} line for {guid}:\n{log}"))
         .to_string()
+}
+
+/// The agent connects with MQTT to the gateway's broker.
+fn expect_gateway_broker(rig: &Rig, agent: &mut Agent) {
+    let connected = agent.expect("connected", Duration::from_secs(30));
+    assert_eq!(
+        connected["server"],
+        format!("mqtts://127.0.0.1:{}", rig.gw.mqtts().port())
+    );
+}
+
+/// The registry entry of `guid` in the registry that `config` configures (it must be there).
+fn registry_entry(config: &std::path::Path, guid: &str) -> serde_json::Value {
+    let reg = common::roles::registry(config);
+    reg.iter()
+        .find(|e| e["guid"] == guid)
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "{guid} not in the registry of {}: {reg:?}",
+                config.display()
+            )
+        })
 }
 
 /// Onboard with the agent (rendezvous: the gateway); returns the agent and the new GUID.
@@ -213,20 +213,12 @@ fn online_to1_is_forwarded_to_the_cloud_and_the_device_onboards_with_the_cloud_o
 
     let (mut agent, client_id) = onboard(&rig, &dev, "state-online");
     // The cloud's owner onboarded it: it is the cloud's device, using the gateway's broker.
-    let connected = agent.expect("connected", Duration::from_secs(30));
-    assert_eq!(
-        connected["server"],
-        format!("mqtts://127.0.0.1:{}", rig.gw.mqtts().port())
-    );
-    let cloud_reg = rig.registry(&rig.cloud.config_path);
-    let e = cloud_reg
-        .iter()
-        .find(|e| e["guid"] == client_id.as_str())
-        .unwrap_or_else(|| panic!("{client_id} not in the cloud registry: {cloud_reg:?}"));
+    expect_gateway_broker(&rig, &mut agent);
+    let e = registry_entry(&rig.cloud.config_path, &client_id);
     assert_eq!(e["old_guid"], dev.guid.as_str());
     assert_eq!(e["registered_by"], "cloud cloud-test");
     assert!(
-        rig.registry(&rig.gw.config_path).is_empty(),
+        common::roles::registry(&rig.gw.config_path).is_empty(),
         "the gateway onboarded nothing"
     );
 
@@ -254,18 +246,10 @@ fn offline_to1_is_answered_locally_and_the_device_onboards_with_the_gateway() {
     let dev = rig.device("dev-offline");
     rig.give_to_gateway(&dev);
     let (mut agent, client_id) = onboard(&rig, &dev, "state-offline");
-    let connected = agent.expect("connected", Duration::from_secs(30));
-    assert_eq!(
-        connected["server"],
-        format!("mqtts://127.0.0.1:{}", rig.gw.mqtts().port())
-    );
-    let reg = rig.registry(&rig.gw.config_path);
-    let e = reg
-        .iter()
-        .find(|e| e["guid"] == client_id.as_str())
-        .unwrap_or_else(|| panic!("{client_id} not in the gateway registry: {reg:?}"));
+    expect_gateway_broker(&rig, &mut agent);
+    let e = registry_entry(&rig.gw.config_path, &client_id);
     assert_eq!(e["registered_by"], "gateway gw-test");
-    assert!(rig.registry(&rig.cloud.config_path).is_empty());
+    assert!(common::roles::registry(&rig.cloud.config_path).is_empty());
 
     assert_eq!(rig.metric(LOCAL), 1);
     assert_eq!(rig.metric(FORWARDED), 0);
@@ -287,7 +271,7 @@ fn online_but_unknown_at_the_cloud_is_answered_from_the_local_registration() {
     let dev = rig.device("dev-gw-only");
     rig.give_to_gateway(&dev);
     let (_agent, client_id) = onboard(&rig, &dev, "state-gw-only");
-    let reg = rig.registry(&rig.gw.config_path);
+    let reg = common::roles::registry(&rig.gw.config_path);
     assert!(
         reg.iter().any(|e| e["guid"] == client_id.as_str()),
         "{reg:?}"
@@ -432,7 +416,7 @@ fn online_but_cloud_rendezvous_unreachable_falls_back_to_the_local_answer() {
     assert_eq!(rig.metric(LOCAL), 2);
     assert_eq!(rig.metric("outpost_uplink_online"), 1);
 
-    let reg = rig.registry(&rig.gw.config_path);
+    let reg = common::roles::registry(&rig.gw.config_path);
     for id in [&client_id, &client_id2] {
         assert!(
             reg.iter()

@@ -628,3 +628,21 @@ impl Gateway {
         gw
     }
 }
+
+/// A log without ANSI colour sequences (`ESC [ ... m`), so that fields read `key=value`.
+pub fn strip_ansi(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut it = log.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' && it.peek() == Some(&'[') {
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
