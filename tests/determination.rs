@@ -144,6 +144,19 @@ impl Rig {
     fn metric(&self, name: &str) -> i64 {
         self.gw.metric(name)
     }
+
+    /// The TO1 determination counters: forwarded to the cloud, answered locally, failed.
+    fn expect_to1(&self, forwarded: i64, local: i64, failed: i64) {
+        assert_eq!(
+            (
+                self.metric(FORWARDED),
+                self.metric(LOCAL),
+                self.metric(FAILED)
+            ),
+            (forwarded, local, failed),
+            "TO1 (forwarded, local, failed)"
+        );
+    }
 }
 
 /// Wait for a log line containing both `guid` and `what`.
@@ -222,9 +235,7 @@ fn online_to1_is_forwarded_to_the_cloud_and_the_device_onboards_with_the_cloud_o
         "the gateway onboarded nothing"
     );
 
-    assert_eq!(rig.metric(FORWARDED), 1);
-    assert_eq!(rig.metric(LOCAL), 0);
-    assert_eq!(rig.metric(FAILED), 0);
+    rig.expect_to1(1, 0, 0);
     let log = rig.gw.log();
     let line = log_line(&log, &dev.guid, "TO1: forwarded to the cloud rendezvous");
     assert!(
@@ -251,9 +262,7 @@ fn offline_to1_is_answered_locally_and_the_device_onboards_with_the_gateway() {
     assert_eq!(e["registered_by"], "gateway gw-test");
     assert!(common::roles::registry(&rig.cloud.config_path).is_empty());
 
-    assert_eq!(rig.metric(LOCAL), 1);
-    assert_eq!(rig.metric(FORWARDED), 0);
-    assert_eq!(rig.metric(FAILED), 0);
+    rig.expect_to1(0, 1, 0);
     let line = log_line(
         &rig.gw.log(),
         &dev.guid,
@@ -277,9 +286,7 @@ fn online_but_unknown_at_the_cloud_is_answered_from_the_local_registration() {
         "{reg:?}"
     );
     assert_eq!(rig.metric("outpost_fdo_to1_cloud_unknown_total"), 1);
-    assert_eq!(rig.metric(LOCAL), 1);
-    assert_eq!(rig.metric(FORWARDED), 0);
-    assert_eq!(rig.metric(FAILED), 0);
+    rig.expect_to1(0, 1, 0);
     let line = log_line(
         &rig.gw.log(),
         &dev.guid,
@@ -378,9 +385,7 @@ fn a_to1_session_stays_where_it_started_when_the_uplink_flips_in_between() {
     let port = prove_to_rv(&rt, &gw, &cred, &ack);
     assert_eq!(port, rig.gw_fdo().port(), "local session finished locally");
 
-    assert_eq!(rig.metric(FORWARDED), 1);
-    assert_eq!(rig.metric(LOCAL), 1);
-    assert_eq!(rig.metric(FAILED), 0);
+    rig.expect_to1(1, 1, 0);
 }
 
 #[test]
@@ -394,9 +399,7 @@ fn online_but_cloud_rendezvous_unreachable_falls_back_to_the_local_answer() {
     rig.fdo_path.set(Fault::Blackhole);
     let (_agent, client_id) = onboard(&rig, &dev, "state-timeout");
     assert_eq!(rig.metric("outpost_uplink_online"), 1);
-    assert_eq!(rig.metric(FAILED), 1);
-    assert_eq!(rig.metric(LOCAL), 1);
-    assert_eq!(rig.metric(FORWARDED), 0);
+    rig.expect_to1(0, 1, 1);
     let log = rig.gw.log();
     let line = log_line(&log, &dev.guid, "forwarding to the cloud rendezvous failed");
     assert!(line.contains("no answer within"), "{line}");
