@@ -51,8 +51,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{
-    cmd_out, env_or, loadavg, machine_ticks, pid_with_cmdline, proc_ticks, raise_nofile,
-    TICKS_PER_S,
+    cmd_out, env_or, loadavg, machine, machine_ticks, pid_with_cmdline, print_title, proc_ticks,
+    raise_nofile, run_by_cargo_bench, TICKS_PER_S,
 };
 
 // ------------------------------------------------------------------------------------------
@@ -1136,23 +1136,15 @@ fn storm_phase(p: &Params) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--list") || !args.iter().any(|a| a == "--bench") {
+    if !run_by_cargo_bench() {
         return;
     }
     let p = Params::from_env();
     let (before, after) = raise_nofile();
-    println!();
+    print_title("Outpost offline onboarding and reconnect benchmarks");
     println!(
-        "Outpost offline onboarding and reconnect benchmarks ({})",
-        cmd_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
-    );
-    println!(
-        "machine: {} CPUs; load avg {}; RLIMIT_NOFILE {before} -> {after}; binary {}{}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        loadavg(),
+        "machine: {}; RLIMIT_NOFILE {before} -> {after}; binary {}{}",
+        machine(),
         common::BIN,
         if common::BIN.contains("/release/") {
             ""

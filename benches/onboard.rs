@@ -73,7 +73,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::{cmd_out, cpu_model, env_or, loadavg, raise_nofile};
+use support::{cmd_out, env_or, loadavg, machine, print_title, raise_nofile, run_by_cargo_bench};
 
 // ------------------------------------------------------------------------------------------
 // Parameters
@@ -1147,9 +1147,7 @@ fn copy(c: &DeviceCredential) -> DeviceCredential {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    // `cargo bench` passes `--bench`; `cargo test --benches` runs this without it.
-    if args.iter().any(|a| a == "--list") || !args.iter().any(|a| a == "--bench") {
+    if !run_by_cargo_bench() {
         return;
     }
     let p = Params::from_env();
@@ -1160,18 +1158,10 @@ fn main() {
             .init();
     }
     let (nofile_before, nofile) = raise_nofile();
-    println!();
+    print_title("Outpost FDO onboarding benchmark");
     println!(
-        "Outpost FDO onboarding benchmark ({})",
-        cmd_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
-    );
-    println!(
-        "machine: {} CPUs, {}; load avg {}; {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        cpu_model(),
-        loadavg(),
+        "machine: {}; {}",
+        machine(),
         if cfg!(debug_assertions) {
             "NOT an optimized build"
         } else {

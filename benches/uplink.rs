@@ -63,7 +63,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use support::{
-    cmd_out, cpu_model, env_or, loadavg, machine_ticks, pid_with_cmdline, proc_ticks, TICKS_PER_S,
+    cmd_out, env_or, loadavg, machine, machine_ticks, pid_with_cmdline, print_title, proc_ticks,
+    run_by_cargo_bench, TICKS_PER_S,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -1406,26 +1407,16 @@ fn detect_phase(p: &Params, rig: &Rig) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    // `cargo bench` passes `--bench`; `cargo test --benches` runs this without it.
-    if args.iter().any(|a| a == "--list") || !args.iter().any(|a| a == "--bench") {
+    if !run_by_cargo_bench() {
         return;
     }
     let _ = BASE.get_or_init(Instant::now);
     let p = Params::from_env();
     let bin = common::BIN;
-    println!();
+    print_title("Outpost uplink benchmarks");
     println!(
-        "Outpost uplink benchmarks ({})",
-        cmd_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
-    );
-    println!(
-        "machine: {} CPUs, {}; load avg {}; binary {}{}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        cpu_model(),
-        loadavg(),
+        "machine: {}; binary {}{}",
+        machine(),
         bin,
         if bin.contains("/release/") {
             ""

@@ -45,6 +45,34 @@ pub fn cmd_out(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// True when started by `cargo bench` (which passes `--bench`); `cargo test --benches` and
+/// `--list` run the bench binary too, and it must then do nothing.
+pub fn run_by_cargo_bench() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--list")
+}
+
+/// Print a bench's title line with the date and time.
+pub fn print_title(title: &str) {
+    println!();
+    println!(
+        "{title} ({})",
+        cmd_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+    );
+}
+
+/// "N CPUs, model; load avg a b c": what a bench states about the machine it ran on.
+pub fn machine() -> String {
+    format!(
+        "{} CPUs, {}; load avg {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        cpu_model(),
+        loadavg()
+    )
+}
+
 /// Clock ticks per second of `/proc` CPU times.
 pub const TICKS_PER_S: f64 = 100.0;
 
