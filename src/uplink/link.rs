@@ -281,9 +281,9 @@ impl Session {
                         .filter(|s| matches!(s, Slot::Data { .. }))
                         .count()
                 );
-                // Refilled a quarter window at a time (or when empty), so that each refill is
-                // one read of the queue and one write to the cloud for many messages.
-                if outstanding == 0 || window - outstanding >= refill_min {
+                // Refilled a quarter window at a time, so that each refill is one read of the
+                // queue and one write to the cloud for many messages.
+                if window - outstanding >= refill_min {
                     match self
                         .queue
                         .read_cached(&mut read_cache, cursor, window - outstanding)

@@ -218,8 +218,8 @@ fn chunk_entries(chunk: &[u8]) -> (u64, Vec<Range<usize>>) {
 /// What a reader keeps between reads (see [`QueueHandle::read_cached`]).
 #[derive(Default)]
 pub struct ReadCache {
-    /// The last chunk read: its key, bytes, message count and where its messages are.
-    chunk: Option<(u64, Record, u64, Vec<Range<usize>>)>,
+    /// The last chunk read.
+    chunk: Option<Chunk>,
 }
 
 /// An append's answer, held until the group commit.
@@ -227,6 +227,55 @@ type Reply = (
     oneshot::Sender<Result<(), QueueError>>,
     Result<(), QueueError>,
 );
+
+/// A stored chunk, parsed: its first sequence number, bytes, message count and where each
+/// readable message is.
+struct Chunk {
+    key: u64,
+    bytes: Record,
+    count: u64,
+    entries: Vec<Range<usize>>,
+}
+
+impl Chunk {
+    fn parse(key: u64, bytes: Record) -> Chunk {
+        let (count, entries) = chunk_entries(&bytes);
+        Chunk {
+            key,
+            bytes,
+            count,
+            entries,
+        }
+    }
+
+    /// The sequence number after its last message.
+    fn end(&self) -> u64 {
+        self.key + self.count
+    }
+
+    /// Message `seq` (which must be in this chunk) as the reader hands it out.
+    fn record(&self, seq: u64) -> Result<(Record, Range<usize>), String> {
+        match self.entries.get((seq - self.key) as usize) {
+            Some(r) => Ok((self.bytes.clone(), r.clone())),
+            None => Err("damaged chunk".to_string()),
+        }
+    }
+}
+
+/// The chunk that holds `seq`, or else the first one after it.
+fn chunk_at_or_after(log: &Log, seq: u64) -> Result<Option<Chunk>, StoreError> {
+    if let Some((key, bytes)) = log.record_at_or_before(seq)? {
+        let c = Chunk::parse(key, bytes);
+        if seq < c.end() {
+            return Ok(Some(c));
+        }
+    }
+    Ok(log
+        .read_records(seq, 1)?
+        .into_iter()
+        .next()
+        .map(|(key, bytes)| Chunk::parse(key, bytes)))
+}
 
 /// Counters shared with metrics and the forwarder.
 #[derive(Debug, Default)]
@@ -425,55 +474,28 @@ impl QueueHandle {
         if limit == 0 || from > durable {
             return Ok(out);
         }
-        // The chunk that holds `from`, if any, then the ones after it.
-        let mut chunks = Vec::new();
-        match &cache.chunk {
-            // A chunk stays as it was written until it is deleted, and then everything in it
-            // is gone: reading from the cached copy is reading the store.
-            Some((key, chunk, count, _)) if *key <= from && from < key + count => {
-                chunks.push((*key, chunk.clone()));
+        // The chunk that holds `from`: the cached one if it does (a chunk does not change
+        // while it exists, and once deleted everything in it is gone), else from the store;
+        // then the ones after it.
+        let mut chunk = match cache.chunk.take() {
+            Some(c) if c.key <= from && from < c.end() => Some(c),
+            _ => chunk_at_or_after(&self.log, from)?,
+        };
+        while let Some(c) = chunk.take() {
+            let first = from.max(c.key);
+            let last = c
+                .end()
+                .min(durable + 1)
+                .min(first + (limit - out.len()) as u64);
+            for seq in first..last {
+                out.push((seq, c.record(seq)));
             }
-            _ => {
-                if let Some(c) = self.log.record_at_or_before(from)? {
-                    chunks.push(c);
-                }
-            }
-        }
-        let mut next_key = from;
-        'outer: loop {
-            for (key, chunk) in chunks.drain(..) {
-                let (count, entries) = match cache.chunk.take() {
-                    Some((k, _, count, entries)) if k == key => (count, entries),
-                    _ => chunk_entries(&chunk),
-                };
-                cache.chunk = Some((key, chunk.clone(), count, entries));
-                let Some((_, _, count, entries)) = cache.chunk.as_ref() else {
-                    break 'outer;
-                };
-                let count = *count;
-                next_key = next_key.max(key + count);
-                for i in 0..count {
-                    let seq = key + i;
-                    if seq < from {
-                        continue;
-                    }
-                    if seq > durable || out.len() >= limit {
-                        break 'outer;
-                    }
-                    let item = match entries.get(i as usize) {
-                        Some(r) => Ok((chunk.clone(), r.clone())),
-                        None => Err("damaged chunk".to_string()),
-                    };
-                    out.push((seq, item));
-                }
-            }
-            if out.len() >= limit || next_key > durable {
+            let next = c.end();
+            cache.chunk = Some(c);
+            if out.len() >= limit || next > durable {
                 break;
             }
-            chunks = self.log.read_records(next_key, 4)?;
-            if chunks.is_empty() {
-                break;
-            }
+            chunk = chunk_at_or_after(&self.log, next)?;
         }
         Ok(out)
     }
@@ -854,41 +876,24 @@ impl Owner {
     fn drop_oldest(&mut self, need: u64) -> Result<(), QueueError> {
         let mut need = need;
         let mut dropped = 0u64;
-        let mut from = self.acked_through + 1;
-        'outer: while need > 0 {
-            let chunks = {
-                let mut v = Vec::new();
-                if let Some(c) = self.log.record_at_or_before(from)? {
-                    v.push(c);
-                }
-                v.extend(self.log.read_records(from, 4)?);
-                v
-            };
-            let mut progressed = false;
-            for (key, chunk) in chunks {
-                let (count, entries) = chunk_entries(&chunk);
-                for i in 0..count {
-                    let seq = key + i;
-                    if seq < from {
-                        continue;
-                    }
-                    from = seq + 1;
-                    progressed = true;
-                    let size = entries.get(i as usize).map_or(0, |r| r.len() as u64);
-                    if self.mark_gone(seq) {
-                        dropped += 1;
-                        self.stats.depth.fetch_sub(1, Ordering::Relaxed);
-                        self.stats.bytes.fetch_sub(size, Ordering::Relaxed);
-                        need = need.saturating_sub(size.max(1));
-                        if need == 0 {
-                            break 'outer;
-                        }
+        let mut chunk = chunk_at_or_after(&self.log, self.acked_through + 1)?;
+        'outer: while let Some(c) = chunk.take() {
+            for seq in c.key.max(self.acked_through + 1)..c.end() {
+                let size = c
+                    .entries
+                    .get((seq - c.key) as usize)
+                    .map_or(0, |r| r.len() as u64);
+                if self.mark_gone(seq) {
+                    dropped += 1;
+                    self.stats.depth.fetch_sub(1, Ordering::Relaxed);
+                    self.stats.bytes.fetch_sub(size, Ordering::Relaxed);
+                    need = need.saturating_sub(size.max(1));
+                    if need == 0 {
+                        break 'outer;
                     }
                 }
             }
-            if !progressed {
-                break;
-            }
+            chunk = chunk_at_or_after(&self.log, c.end())?;
         }
         self.advance()?;
         if dropped > 0 {
