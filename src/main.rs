@@ -9,8 +9,8 @@ use outpost::config::Config;
 use outpost::fdo::crypto::{self, Curve, SigningKey};
 use outpost::fdo::manufacturer::{self, DeviceOptions, Manufacturer};
 use outpost::fdo::owner::KeyKind;
-use outpost::fdo::types::{RvDirective, RvProtocol};
-use outpost::fdo::{owner, qr, DeviceCredential, OwnershipVoucher, PublicKey, RendezvousInfo};
+use outpost::fdo::types::RvProtocol;
+use outpost::fdo::{owner, qr, DeviceCredential, OwnershipVoucher, PublicKey};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -112,9 +112,13 @@ enum VoucherCmd {
         /// Rendezvous server IP address; repeat for more.
         #[arg(long = "rv-ip", value_name = "IP")]
         rv_ip: Vec<IpAddr>,
-        /// Rendezvous server port.
+        /// Rendezvous server port the device dials for TO1 (RVDevPort).
         #[arg(long, default_value_t = outpost::fdo::DEFAULT_RV_PORT)]
         rv_port: u16,
+        /// Rendezvous server port an owner dials for TO0 from this voucher (RVOwnerPort;
+        /// default: --rv-port).
+        #[arg(long, value_name = "PORT")]
+        rv_owner_port: Option<u16>,
         /// http or https.
         #[arg(long, default_value = "http")]
         rv_protocol: RvProtocol,
@@ -614,6 +618,7 @@ async fn voucher_command(cmd: VoucherCmd, config: Config) -> anyhow::Result<()> 
             mut rv_dns,
             rv_ip,
             rv_port,
+            rv_owner_port,
             rv_protocol,
             rv_delay,
             mfg_dir,
@@ -622,24 +627,15 @@ async fn voucher_command(cmd: VoucherCmd, config: Config) -> anyhow::Result<()> 
             if rv_dns.is_empty() && rv_ip.is_empty() {
                 rv_dns.push(outpost::fdo::DEFAULT_RV_DNS.to_string());
             }
-            let directive = |d: RvDirective| {
-                let d = d.with_dev_port(rv_port).with_protocol(rv_protocol);
-                match rv_delay {
-                    Some(s) => d.with_delay_secs(s),
-                    None => d,
-                }
-            };
-            let rv_info = RendezvousInfo(
-                rv_dns
-                    .iter()
-                    .map(|h| directive(RvDirective::default().with_dns(h)))
-                    .chain(
-                        rv_ip
-                            .iter()
-                            .map(|ip| directive(RvDirective::default().with_ip(*ip))),
-                    )
-                    .collect(),
-            );
+            let rv_info = outpost::fdo::manufacturer::RvServers {
+                dns: rv_dns,
+                ips: rv_ip,
+                dev_port: rv_port,
+                owner_port: rv_owner_port,
+                protocol: rv_protocol,
+                delay_secs: rv_delay,
+            }
+            .rv_info();
             let mfg = Manufacturer::open_or_create(&mfg_dir, curve)
                 .with_context(|| format!("manufacturer directory {}", mfg_dir.display()))?;
             let (cred, voucher) = mfg.init_device(&DeviceOptions {

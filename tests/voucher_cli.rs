@@ -53,6 +53,43 @@ fn init_device(dir: &Path, curve: &str) -> (std::path::PathBuf, std::path::PathB
     (dev, mfg)
 }
 
+/// Issue 10: `--rv-port` is the device's RVDevPort; the owner's RVOwnerPort defaults to it
+/// and `--rv-owner-port` sets it apart, so an owner doing TO0 from the voucher's RVInfo dials
+/// the right port instead of falling back to 80/443.
+#[test]
+fn init_device_writes_the_device_and_the_owner_port() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mfg = tmp.path().join("mfg");
+    let make = |name: &str, extra: &[&str]| {
+        let dev = tmp.path().join(name);
+        let mut args = vec![
+            "voucher",
+            "init-device",
+            "--out",
+            s(&dev),
+            "--mfg-dir",
+            s(&mfg),
+            "--rv-ip",
+            "192.0.2.7",
+            "--rv-port",
+            "8041",
+        ];
+        args.extend_from_slice(extra);
+        ok(run(&args));
+        ok(run(&["voucher", "show", s(&dev.join("voucher.pem"))]))
+    };
+    let same = make("same", &[]);
+    assert!(
+        same.contains("ip=192.0.2.7 dev-port=8041 owner-port=8041 protocol=http"),
+        "{same}"
+    );
+    let apart = make("apart", &["--rv-owner-port", "9041"]);
+    assert!(
+        apart.contains("ip=192.0.2.7 dev-port=8041 owner-port=9041 protocol=http"),
+        "{apart}"
+    );
+}
+
 #[test]
 fn make_extend_show_and_import_offline() {
     let tmp = tempfile::tempdir().unwrap();
@@ -73,7 +110,7 @@ fn make_extend_show_and_import_offline() {
         "{shown}"
     );
     assert!(
-        shown.contains("dns=rv.example dev-port=8082 protocol=https"),
+        shown.contains("dns=rv.example dev-port=8082 owner-port=8082 protocol=https"),
         "{shown}"
     );
     assert!(shown.contains("Entries:          0"), "{shown}");

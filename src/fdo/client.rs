@@ -371,6 +371,9 @@ pub struct DeviceOptions {
     pub os: String,
     pub arch: String,
     pub version: String,
+    /// The EAT claim key of the UEID: 256 (the specification's, the default); 11 acts as
+    /// a device built on an early EAT draft (fdo-rs 0.5) in interoperability tests.
+    pub eat_ueid_key: i64,
     #[doc(hidden)]
     pub misbehave: Option<Misbehave>,
 }
@@ -386,6 +389,7 @@ impl Default for DeviceOptions {
             os: std::env::consts::OS.into(),
             arch: std::env::consts::ARCH.into(),
             version: env!("CARGO_PKG_VERSION").into(),
+            eat_ueid_key: msg::label::EAT_UEID,
             misbehave: None,
         }
     }
@@ -474,8 +478,15 @@ pub async fn to1(
         sent: msg_type::TO1_HELLO_RV,
         source,
     })?;
-    let eat = Eat::sign(&cred.device_key, &cred.guid, &ack.nonce, None, None)
-        .map_err(ClientError::Local)?;
+    let eat = Eat::sign_with_ueid_key(
+        &cred.device_key,
+        &cred.guid,
+        &ack.nonce,
+        None,
+        None,
+        opts.eat_ueid_key,
+    )
+    .map_err(ClientError::Local)?;
     let r = call(
         rv,
         msg_type::TO1_PROVE_TO_RV,
@@ -797,12 +808,13 @@ async fn to2_inner(
         Some(Misbehave::WrongProveDeviceNonce) => Nonce::random().map_err(ClientError::Local)?,
         _ => prove.nonce_prove_dv,
     };
-    let eat = Eat::sign(
+    let eat = Eat::sign_with_ueid_key(
         &cred.device_key,
         &cred.guid,
         &eat_nonce,
         Some(Value::Array(vec![Value::Bytes(xb)])),
         Some(&nonce_setup_dv),
+        opts.eat_ueid_key,
     )
     .map_err(ClientError::Local)?;
     let body = ctx

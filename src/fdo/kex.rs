@@ -11,11 +11,22 @@
 //! (32 or 48 bytes) and accepts shorter ones (go-fdo sends big-integer bytes without leading
 //! zeros), left-padding them.
 //!
-//! `ShSe = Shx || OwnerRandom || DeviceRandom` (the random of xA, then of xB). The session
-//! key is `KDF(ShSe)`: NIST SP 800-108 in counter mode with HMAC-SHA256 as PRF, one counter
-//! byte, label `"FIDO-KDF"`, a zero byte, context `"AutomaticOnboardTunnel"`, and the output
-//! length in bits as u16be. A128GCM and A256GCM (the only ciphers here) both use
-//! HMAC-SHA256 (go-fdo's cipher table).
+//! FDO 1.1, section "Elliptic Curve Diffie Hellman Key Exchange Protocol": `ShSe = Shx || DeviceRandom || OwnerRandom`, where Shx
+//! is the x coordinate of the shared point, DeviceRandom the random of xBKeyExchange (the
+//! device's, TO2.ProveDevice) and OwnerRandom that of xAKeyExchange (the owner's,
+//! TO2.ProveOVHdr). Outpost had the two randoms the other way round until issue 10; the
+//! known-answer tests below pin the order.
+//!
+//! FDO 1.1, section "Key Derivation Function": `KeyOut = KDF(ShSe)` is NIST SP 800-108 in
+//! counter mode, `K(i) = PRF(ShSe, [i]_1 || "FIDO-KDF" || 0x00 || Context || [L]_2)` with a
+//! one-byte counter from 1, `Context = "AutomaticOnboardTunnel" || ContextRand` (ContextRand
+//! is empty for ECDH), and L the output length in bits as a 16-bit big-endian number. The PRF
+//! is HMAC with the hash the cipher suite table (the cipher suite table, "Cipher Suite Names") names: HMAC-SHA256 for A128GCM,
+//! HMAC-SHA384 for A256GCM. The AEAD suites take only the SEK (L = key length); there is no
+//! separate SVK for them.
+//!
+//! Cipher suite numbers (TO2.HelloDevice `CipherSuites`) are COSE algorithm identifiers:
+//! A128GCM 1, A256GCM 3.
 
 use super::FdoError;
 use ring::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey};
@@ -69,7 +80,7 @@ impl KexSuite {
     }
 }
 
-/// Cipher suite (`cipherSuiteName`, COSE algorithm numbers of FDO: A128GCM 1, A256GCM 2).
+/// Cipher suite (`cipherSuiteName`; COSE algorithm numbers: A128GCM 1, A256GCM 3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CipherSuite {
     A128Gcm,
@@ -81,16 +92,24 @@ impl CipherSuite {
     pub fn id(self) -> i64 {
         match self {
             CipherSuite::A128Gcm => 1,
-            CipherSuite::A256Gcm => 2,
+            CipherSuite::A256Gcm => 3,
         }
     }
 
+    /// 2 is COSE's A192GCM, which FDO does not list: refused.
     pub fn from_id(id: i64) -> Option<CipherSuite> {
         match id {
             1 => Some(CipherSuite::A128Gcm),
-            // 3 is the COSE number of A256GCM; accepted as well.
-            2 | 3 => Some(CipherSuite::A256Gcm),
+            3 => Some(CipherSuite::A256Gcm),
             _ => None,
+        }
+    }
+
+    /// The KDF's PRF (FDO 1.1, the cipher suite table "Cipher Suite Names").
+    pub fn prf(self) -> ring::hmac::Algorithm {
+        match self {
+            CipherSuite::A128Gcm => ring::hmac::HMAC_SHA256,
+            CipherSuite::A256Gcm => ring::hmac::HMAC_SHA384,
         }
     }
 
@@ -215,34 +234,55 @@ impl KexParty {
         self.suite
     }
 
-    /// Complete the exchange with the peer's parameter; `we_are_owner` orders the randoms
-    /// (owner's first). Returns the session encryption key (SEK) for `cipher`.
+    /// Complete the exchange with the peer's parameter; `we_are_owner` says which random is
+    /// whose (`ShSe = Shx || DeviceRandom || OwnerRandom`). Returns the session encryption key
+    /// (SEK) for `cipher`.
     pub fn finish(
         self,
         peer: &[u8],
         we_are_owner: bool,
         cipher: CipherSuite,
     ) -> Result<Vec<u8>, FdoError> {
-        let ours = parse(self.suite, &self.param)?;
         let theirs = parse(self.suite, peer)?;
         let peer_key = UnparsedPublicKey::new(self.suite.alg(), theirs.point.clone());
         let shx = agreement::agree_ephemeral(self.private, &peer_key, |s| s.to_vec())
             .map_err(|_| FdoError::malformed("KeyExchange", "peer point is not on the curve"))?;
-        let (a, b) = if we_are_owner {
-            (&ours.random, &theirs.random)
-        } else {
-            (&theirs.random, &ours.random)
-        };
-        let mut shse = shx;
-        shse.extend_from_slice(a);
-        shse.extend_from_slice(b);
-        Ok(kdf(&shse, cipher.key_len()))
+        let shse = session_secret(self.suite, &shx, &self.param, peer, we_are_owner)?;
+        Ok(kdf(cipher.prf(), &shse, cipher.key_len()))
     }
 }
 
-/// SP 800-108 counter-mode KDF with HMAC-SHA256 (FDO parameters), `len` bytes of output.
-pub fn kdf(shse: &[u8], len: usize) -> Vec<u8> {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, shse);
+/// ShSe from the ECDH result and both exchange parameters, as one side sees them.
+fn session_secret(
+    suite: KexSuite,
+    shx: &[u8],
+    ours: &[u8],
+    theirs: &[u8],
+    we_are_owner: bool,
+) -> Result<Vec<u8>, FdoError> {
+    let ours = parse(suite, ours)?;
+    let theirs = parse(suite, theirs)?;
+    let (device, owner) = if we_are_owner {
+        (&theirs.random, &ours.random)
+    } else {
+        (&ours.random, &theirs.random)
+    };
+    Ok(shared_secret(shx, device, owner))
+}
+
+/// `ShSe = Shx || DeviceRandom || OwnerRandom` (FDO 1.1, "Elliptic Curve Diffie Hellman Key Exchange Protocol").
+pub fn shared_secret(shx: &[u8], device_random: &[u8], owner_random: &[u8]) -> Vec<u8> {
+    let mut shse = Vec::with_capacity(shx.len() + device_random.len() + owner_random.len());
+    shse.extend_from_slice(shx);
+    shse.extend_from_slice(device_random);
+    shse.extend_from_slice(owner_random);
+    shse
+}
+
+/// SP 800-108 counter-mode KDF with FDO's parameters (FDO 1.1, "Key Derivation Function"), `len` bytes of
+/// output, `prf` from the cipher suite.
+pub fn kdf(prf: ring::hmac::Algorithm, shse: &[u8], len: usize) -> Vec<u8> {
+    let key = ring::hmac::Key::new(prf, shse);
     let bits = ((len * 8) as u16).to_be_bytes();
     let mut out = Vec::with_capacity(len + 32);
     let mut i: u8 = 1;
@@ -316,9 +356,97 @@ mod tests {
             &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &shse),
             &input,
         );
-        assert_eq!(kdf(&shse, 16), want.as_ref()[..16]);
-        assert_eq!(kdf(&shse, 32).len(), 32);
-        assert_eq!(kdf(&shse, 40).len(), 40);
+        assert_eq!(kdf(ring::hmac::HMAC_SHA256, &shse, 16), want.as_ref()[..16]);
+        assert_eq!(kdf(ring::hmac::HMAC_SHA256, &shse, 32).len(), 32);
+        assert_eq!(kdf(ring::hmac::HMAC_SHA256, &shse, 40).len(), 40);
+    }
+
+    /// Known answers from the specification's definitions (FDO 1.1, section "Elliptic Curve
+    /// Diffie Hellman Key Exchange Protocol": ShSe = Shx || DeviceRandom || OwnerRandom;
+    /// section "Key Derivation Function": SP 800-108 counter mode, the PRF from the cipher
+    /// suite table "Cipher Suite Names"), worked out by
+    /// `scripts/fdo-kex-kat.py` with pyca/cryptography from fixed private scalars (owner
+    /// 01 02 .. , device 41 42 ..) and fixed randoms (owner A0 A1 .., device D0 D1 ..).
+    /// ring cannot take a fixed ephemeral key, so Shx is the script's; everything after the
+    /// agreement is ours, from both sides. AES-GCM suites are AEADs: the KDF yields only the
+    /// SEK, there is no SVK.
+    struct Kat {
+        suite: KexSuite,
+        cipher: CipherSuite,
+        xa: &'static str,
+        xb: &'static str,
+        shx: &'static str,
+        shse: &'static str,
+        sek: &'static str,
+        sek_old_order: &'static str,
+    }
+
+    const KATS: [Kat; 2] = [
+        Kat {
+            suite: KexSuite::Ecdh256,
+            cipher: CipherSuite::A128Gcm,
+            xa: "0020515c3d6eb9e396b904d3feca7f54fdcd0cc1e997bf375dca515ad0a6c3b4035f00204536be3a50f318fbf9a5475902a221502bef0d57e08c53b2cc0a56f17d9f93540010a0a1a2a3a4a5a6a7a8a9aaabacadaeaf",
+            xb: "0020261efbd3550cf068ef013ed7366ba32f5d6fe557b4b2abce8ade58cba168a55e00201788a0b29a56a6abec4084c0c96bd3dcbca6b507f35dbea9e985708479d8bdc90010d0d1d2d3d4d5d6d7d8d9dadbdcdddedf",
+            shx: "7434f2c52e0d08dc73394aae3d2d55d5b88bc570f21cc2b8f8b80b273ddbf76f",
+            shse: "7434f2c52e0d08dc73394aae3d2d55d5b88bc570f21cc2b8f8b80b273ddbf76fd0d1d2d3d4d5d6d7d8d9dadbdcdddedfa0a1a2a3a4a5a6a7a8a9aaabacadaeaf",
+            sek: "49c4eec8be6b3157c499d600abe49bc6",
+            sek_old_order: "e6c3ffe1e532a9dfde1aa3c2cc63900f",
+        },
+        Kat {
+            suite: KexSuite::Ecdh384,
+            cipher: CipherSuite::A256Gcm,
+            xa: "0030c76f2283dda95cd49b0ed9e733d2904474e37216f124e13d2c9ab4cf01021c49ad9cabb3d0b97499aef2f0ab313fa028003026bc1f83451b5c8962a75caff73588d4400a6296436154fb343c393e91048a6c7bcbadc83cd8a5f26feae883156f92a10030a0a1a2a3a4a5a6a7a8a9aaabacadaeafa0a1a2a3a4a5a6a7a8a9aaabacadaeafa0a1a2a3a4a5a6a7a8a9aaabacadaeaf",
+            xb: "0030dcd1d3e36f25e675bda55b28b3cfbe3d284287e1f9d16ac575b76c3c7036df30fe2a8f9be472194323e98b7441fd8eab00304f8c2842a047ff97feeb592f6c00f252d07c5089eff7b3dd47498178e64989c5fa1257dc00dbc644bbc864ba5616aae40030d0d1d2d3d4d5d6d7d8d9dadbdcdddedfd0d1d2d3d4d5d6d7d8d9dadbdcdddedfd0d1d2d3d4d5d6d7d8d9dadbdcdddedf",
+            shx: "4506b6844fec66eacaafa353f344ef68e64416f9ab4051a4c54c7c13c7d3f92df2449d0783dce977257e1029e3b0bcc7",
+            shse: "4506b6844fec66eacaafa353f344ef68e64416f9ab4051a4c54c7c13c7d3f92df2449d0783dce977257e1029e3b0bcc7d0d1d2d3d4d5d6d7d8d9dadbdcdddedfd0d1d2d3d4d5d6d7d8d9dadbdcdddedfd0d1d2d3d4d5d6d7d8d9dadbdcdddedfa0a1a2a3a4a5a6a7a8a9aaabacadaeafa0a1a2a3a4a5a6a7a8a9aaabacadaeafa0a1a2a3a4a5a6a7a8a9aaabacadaeaf",
+            sek: "6756ed66ff2c4beb0d281e7c0d71e63853ea0c9d6bc26250145077d804da3f0f",
+            sek_old_order: "8f3a193eef406f42f4e7016f89e23d48d3f4e14e9bae428ab595db455af435ed",
+        },
+    ];
+
+    fn check_kat(k: &Kat) {
+        let h = |s: &str| hex::decode(s).unwrap();
+        let (xa, xb, shx) = (h(k.xa), h(k.xb), h(k.shx));
+        // The owner holds xA and receives xB; the device the other way round.
+        let owner = session_secret(k.suite, &shx, &xa, &xb, true).unwrap();
+        let device = session_secret(k.suite, &shx, &xb, &xa, false).unwrap();
+        assert_eq!(hex::encode(&owner), k.shse, "{:?} ShSe (owner)", k.suite);
+        assert_eq!(hex::encode(&device), k.shse, "{:?} ShSe (device)", k.suite);
+        let sek = kdf(k.cipher.prf(), &owner, k.cipher.key_len());
+        assert_eq!(hex::encode(&sek), k.sek, "{:?} SEK", k.suite);
+        assert_ne!(k.sek, k.sek_old_order);
+    }
+
+    #[test]
+    fn ecdh256_known_answers() {
+        check_kat(&KATS[0]);
+    }
+
+    #[test]
+    fn ecdh384_known_answers() {
+        check_kat(&KATS[1]);
+    }
+
+    #[test]
+    fn the_old_order_gives_another_key() {
+        // Shx || OwnerRandom || DeviceRandom (Outpost before issue 10) gives the key the
+        // script prints as "old order", which is not the specification's.
+        for k in &KATS {
+            let h = |s: &str| hex::decode(s).unwrap();
+            let p = |s: &str| parse(k.suite, &h(s)).unwrap();
+            let old = shared_secret(&h(k.shx), &p(k.xa).random, &p(k.xb).random);
+            let sek = kdf(k.cipher.prf(), &old, k.cipher.key_len());
+            assert_eq!(hex::encode(&sek), k.sek_old_order);
+            assert_ne!(hex::encode(&sek), k.sek);
+        }
+    }
+
+    #[test]
+    fn cipher_suite_numbers_are_coses() {
+        assert_eq!(CipherSuite::A128Gcm.id(), 1);
+        assert_eq!(CipherSuite::A256Gcm.id(), 3);
+        assert_eq!(CipherSuite::from_id(3), Some(CipherSuite::A256Gcm));
+        assert_eq!(CipherSuite::from_id(2), None);
     }
 
     proptest! {

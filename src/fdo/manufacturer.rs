@@ -14,9 +14,10 @@
 
 use super::credential::DeviceCredential;
 use super::crypto::{self, CertSpec, Curve, SigningKey};
-use super::types::{Guid, PublicKey, RendezvousInfo};
+use super::types::{Guid, PublicKey, RendezvousInfo, RvDirective, RvProtocol};
 use super::voucher::{OvHeader, OwnershipVoucher, MAX_DEVICE_INFO};
 use super::{file_err, FdoError, PROTOCOL_VERSION};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 /// Default manufacturer directory (relative to the working directory).
@@ -31,6 +32,46 @@ pub struct DeviceOptions {
     pub device_info: String,
     pub rv_info: RendezvousInfo,
     pub curve: Curve,
+}
+
+/// The rendezvous servers `init-device` writes into the device's RVInfo: one directive per
+/// host name and per address, each with RVDevPort (what the device dials for TO1),
+/// RVOwnerPort (what the owner dials for TO0 from the voucher; the device port unless given),
+/// RVProtocol and, when given, RVDelaysec.
+#[derive(Debug, Clone)]
+pub struct RvServers {
+    pub dns: Vec<String>,
+    pub ips: Vec<IpAddr>,
+    pub dev_port: u16,
+    pub owner_port: Option<u16>,
+    pub protocol: RvProtocol,
+    pub delay_secs: Option<u32>,
+}
+
+impl RvServers {
+    pub fn rv_info(&self) -> RendezvousInfo {
+        let directive = |d: RvDirective| {
+            let d = d
+                .with_dev_port(self.dev_port)
+                .with_owner_port(self.owner_port.unwrap_or(self.dev_port))
+                .with_protocol(self.protocol);
+            match self.delay_secs {
+                Some(s) => d.with_delay_secs(s),
+                None => d,
+            }
+        };
+        RendezvousInfo(
+            self.dns
+                .iter()
+                .map(|h| directive(RvDirective::default().with_dns(h)))
+                .chain(
+                    self.ips
+                        .iter()
+                        .map(|ip| directive(RvDirective::default().with_ip(*ip))),
+                )
+                .collect(),
+        )
+    }
 }
 
 /// A manufacturer key and device CA of one curve.

@@ -51,6 +51,7 @@ pub mod rendezvous;
 pub mod report;
 pub mod service;
 pub mod session;
+pub mod stats;
 pub mod to1_proxy;
 pub mod types;
 pub mod voucher;

@@ -57,6 +57,9 @@ pub mod label {
     pub const EUPH_NONCE: i64 = -259;
     pub const EAT_NONCE: i64 = 10;
     pub const EAT_UEID: i64 = 256;
+    /// EAT-UEID's number in an early EAT draft, which some FDO 1.1 devices still send (fdo-rs
+    /// 0.5). Accepted, counted, never sent.
+    pub const EAT_UEID_LEGACY: i64 = 11;
     pub const EAT_FDO: i64 = -257;
     /// First byte of an EAT-UEID: RAND.
     pub const UEID_RAND: u8 = 0x01;
@@ -187,6 +190,8 @@ pub struct Eat {
     pub fdo: Option<Value>,
     /// EUPHNonce from the unprotected header (TO2.ProveDevice: NonceTO2SetupDv).
     pub unprotected_nonce: Option<Nonce>,
+    /// The UEID came under the early draft's claim key 11, not the specification's 256.
+    pub ueid_legacy_key: bool,
 }
 
 impl Eat {
@@ -197,11 +202,24 @@ impl Eat {
         fdo: Option<Value>,
         unprotected_nonce: Option<&Nonce>,
     ) -> Result<Eat, FdoError> {
+        Self::sign_with_ueid_key(key, guid, nonce, fdo, unprotected_nonce, label::EAT_UEID)
+    }
+
+    /// [`Eat::sign`] with the UEID under `ueid_key`: 256 (the specification's) or 11, to act
+    /// as an early-draft device in interoperability tests.
+    pub fn sign_with_ueid_key(
+        key: &SigningKey,
+        guid: &Guid,
+        nonce: &Nonce,
+        fdo: Option<Value>,
+        unprotected_nonce: Option<&Nonce>,
+        ueid_key: i64,
+    ) -> Result<Eat, FdoError> {
         let mut ueid = vec![label::UEID_RAND];
         ueid.extend_from_slice(&guid.0);
         let mut claims = vec![
             (cbor::int_value(label::EAT_NONCE), nonce.to_value()),
-            (cbor::int_value(label::EAT_UEID), Value::Bytes(ueid)),
+            (cbor::int_value(ueid_key), Value::Bytes(ueid)),
         ];
         if let Some(f) = &fdo {
             claims.push((cbor::int_value(label::EAT_FDO), f.clone()));
@@ -217,6 +235,7 @@ impl Eat {
             guid: *guid,
             fdo,
             unprotected_nonce: unprotected_nonce.copied(),
+            ueid_legacy_key: ueid_key == label::EAT_UEID_LEGACY,
         })
     }
 
@@ -242,10 +261,16 @@ impl Eat {
                 .ok_or_else(|| FdoError::malformed(what, "no EAT-NONCE claim"))?,
             what,
         )?;
-        let ueid = cbor::bytes(
-            claim(label::EAT_UEID).ok_or_else(|| FdoError::malformed(what, "no EAT-UEID claim"))?,
-            what,
-        )?;
+        // The specification's key (256) first; the early draft's 11 only when 256 is absent.
+        let (ueid, ueid_legacy_key) = match claim(label::EAT_UEID) {
+            Some(v) => (v, false),
+            None => (
+                claim(label::EAT_UEID_LEGACY)
+                    .ok_or_else(|| FdoError::malformed(what, "no EAT-UEID claim"))?,
+                true,
+            ),
+        };
+        let ueid = cbor::bytes(ueid, what)?;
         if ueid.len() != 17 || ueid[0] != label::UEID_RAND {
             return Err(FdoError::malformed(what, "EAT-UEID is not 0x01 || GUID"));
         }
@@ -260,6 +285,7 @@ impl Eat {
             guid: Guid(g),
             fdo: claim(label::EAT_FDO),
             unprotected_nonce,
+            ueid_legacy_key,
             signed,
         })
     }

@@ -532,6 +532,7 @@ impl OwnerService {
         if eat.nonce != s.nonce_prove_dv {
             return Err(To2Error::NonceMismatch);
         }
+        super::stats::eat_accepted(&eat);
         let setup_nonce = eat
             .unprotected_nonce
             .ok_or_else(|| To2Error::ProveDevice("no EUPHNonce (NonceTO2SetupDv)".into()))?;

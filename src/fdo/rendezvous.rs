@@ -377,7 +377,8 @@ impl Rendezvous {
                 if eat.nonce != s.nonce {
                     return Err(RvError::To1NonceMismatch);
                 }
-                tracing::info!(guid = %s.guid, "TO1: device proved itself; redirected to its owner");
+                super::stats::eat_accepted(&eat);
+                tracing::info!(guid = %s.guid, legacy_ueid_key = eat.ueid_legacy_key, "TO1: device proved itself; redirected to its owner");
                 Ok(Reply {
                     msg_type: msg_type::TO1_RV_REDIRECT,
                     body: reg.to1d,

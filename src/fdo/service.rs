@@ -376,6 +376,7 @@ impl FdoService {
         if let Some(s) = &self.to1_stats {
             s.render(out);
         }
+        super::stats::render(out);
     }
 }
 
