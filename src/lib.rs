@@ -130,6 +130,12 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// The "listening" line of a bound listener (under the `outpost` target, as the rest of
+/// the start-up lines).
+fn log_listening(what: &str, addr: SocketAddr) {
+    tracing::info!(listener = what, %addr, "listening");
+}
+
 fn local(l: &TcpListener, what: &'static str, addr: SocketAddr) -> Result<SocketAddr, RunError> {
     l.local_addr()
         .map_err(|cause| RunError::Bind { what, addr, cause })
@@ -258,15 +264,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         }
         None => None,
     };
-    metrics::log_bound("mqtts (devices, TLS + client certificate)", endpoints.mqtts);
+    log_listening("mqtts (devices, TLS + client certificate)", endpoints.mqtts);
     if let Some(a) = endpoints.fdo {
-        metrics::log_bound("fdo (onboarding: rendezvous + owner, HTTP)", a);
+        log_listening("fdo (onboarding: rendezvous + owner, HTTP)", a);
     }
     if let Some(a) = endpoints.plain {
-        metrics::log_bound("plain MQTT (local processes)", a);
+        log_listening("plain MQTT (local processes)", a);
     }
     if let Some(a) = endpoints.metrics {
-        metrics::log_bound("metrics (Prometheus)", a);
+        log_listening("metrics (Prometheus)", a);
     }
     tracing::info!(path = %data_dir.join(admin::SOCKET).display(), "admin socket");
 
@@ -504,7 +510,7 @@ pub async fn run_cloud(config: Config, shutdown: CancellationToken) -> Result<()
         &tracker,
         shutdown.clone(),
     )?;
-    metrics::log_bound("fdo (onboarding: rendezvous + owner, HTTP)", svc.addr);
+    log_listening("fdo (onboarding: rendezvous + owner, HTTP)", svc.addr);
     let sync_wake = Arc::new(tokio::sync::Notify::new());
     if let (true, true, Some(owner)) = (config.sync.enabled, config.uplink.enabled, &svc.owner) {
         let applier = sync::Applier {

@@ -3,7 +3,6 @@
 //! Plain atomics: every capability increments what it owns; nobody locks anything to count.
 
 use std::fmt::Write;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -186,8 +185,4 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
-}
-
-pub fn log_bound(what: &str, addr: SocketAddr) {
-    tracing::info!(listener = what, %addr, "listening");
 }

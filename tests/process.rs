@@ -622,6 +622,43 @@ fn first_start_with_defaults_creates_the_ca() {
     stop(&mut child);
 }
 
+/// Issue 10 part 6: a clean start says nothing at WARN or ERROR (rumqttd logged "router-drop"
+/// for the gateway's own start-up probe of its routing core, depending on timing: three fresh
+/// starts), and the "listening" lines come under the `outpost` target, not `outpost::metrics`.
+#[test]
+fn a_clean_start_logs_no_warning_and_names_its_listeners_under_outpost() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("ports.toml");
+    std::fs::write(
+        &cfg,
+        "[listeners]\nmqtts = \"127.0.0.1:0\"\nplain = \"127.0.0.1:0\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[fdo]\nlisten = \"127.0.0.1:0\"\n\n[mdns]\nenabled = false\n",
+    )
+    .unwrap();
+    for round in 0..3 {
+        let data = dir.path().join(format!("state-{round}"));
+        let log = dir.path().join(format!("log-{round}"));
+        let mut child = spawn_outpost(
+            &["run", "--config"],
+            &[&cfg, Path::new("--data-dir"), &data],
+            &log,
+        );
+        wait_ready(&mut child, &data, &log);
+        std::thread::sleep(Duration::from_millis(300));
+        stop(&mut child);
+        let text = strip_ansi(&std::fs::read_to_string(&log).unwrap());
+        let loud: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .collect();
+        assert!(loud.is_empty(), "start {round}: {loud:#?}\n{text}");
+        let listening: Vec<&str> = text.lines().filter(|l| l.contains(" listening ")).collect();
+        assert_eq!(listening.len(), 4, "{text}");
+        for l in listening {
+            assert!(l.contains(" outpost: listening"), "{l}");
+        }
+    }
+}
+
 #[test]
 fn run_without_any_config_uses_default_ports() {
     let wanted: [SocketAddr; 4] = [
