@@ -54,6 +54,7 @@ enum Cmd {
     Device(DeviceArgs),
     /// The device registry: every device onboarded here.
     Registry {
+        /// Print the entries as a JSON array instead of a table.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -101,7 +102,8 @@ enum VoucherCmd {
     /// Make a device (FDO DI done offline): writes OUT/device.cred (0600) and
     /// OUT/voucher.pem, owned by the manufacturer key in --mfg-dir.
     InitDevice {
-        #[arg(long)]
+        /// Directory for device.cred and voucher.pem (created if missing).
+        #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// OVDeviceInfo: what the device is (model, serial).
         #[arg(long, default_value = "outpost-device")]
@@ -199,6 +201,7 @@ enum VoucherCmd {
     /// gateway's owner keys, or to an installer key it holds (then the gateway extends it
     /// to its own owner key first).
     Import {
+        /// The voucher: PEM, CBOR, or a PNG image of its QR code.
         file: PathBuf,
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -229,6 +232,7 @@ enum VoucherCmd {
     },
     /// Print this gateway's installer certificate (PEM), for sellers to extend vouchers to.
     InstallerCert {
+        /// p256 or p384: which installer key's certificate.
         #[arg(long, default_value = "p256")]
         curve: Curve,
         #[command(flatten)]
@@ -237,6 +241,7 @@ enum VoucherCmd {
     /// Make a new owner key: the current one is retired (kept: vouchers naming it still
     /// onboard) and `owner-cert` prints the new one. A running gateway picks it up.
     RotateOwnerKey {
+        /// p256 or p384: which owner key to rotate.
         #[arg(long, default_value = "p256")]
         curve: Curve,
         #[command(flatten)]
@@ -245,8 +250,10 @@ enum VoucherCmd {
     /// Make a new installer key (the current one is retired and still accepted); --out
     /// writes it for the operator's other gateways (`installer-key --import`).
     RotateInstallerKey {
+        /// p256 or p384: which installer key to rotate.
         #[arg(long, default_value = "p256")]
         curve: Curve,
+        /// Also write the new key (PKCS#8 PEM, 0600) here, for the other gateways.
         #[arg(long, value_name = "KEY.pem")]
         out: Option<PathBuf>,
         #[command(flatten)]
@@ -258,9 +265,11 @@ enum VoucherCmd {
 enum CaCmd {
     /// Issue a device certificate; writes ID.crt (ID.key without --csr) and ca.crt to --out.
     IssueDevice {
+        /// The device id: the certificate's CN and the MQTT client id it must use.
         #[arg(long)]
         id: String,
-        #[arg(long)]
+        /// Directory for ID.crt, ID.key (without --csr) and ca.crt (created if missing).
+        #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// PEM CSR: the device keeps its key.
         #[arg(long)]
@@ -270,8 +279,10 @@ enum CaCmd {
     },
     /// Revoke by serial (hex) or every certificate of a device id.
     Revoke {
+        /// The serial of one certificate, in hex as `ca list` prints it.
         #[arg(long, conflicts_with = "id", required_unless_present = "id")]
         serial: Option<String>,
+        /// A device id: every certificate issued to it.
         #[arg(long)]
         id: Option<String>,
         #[command(flatten)]
@@ -279,6 +290,7 @@ enum CaCmd {
     },
     /// List issued certificates.
     List {
+        /// Print the certificates as a JSON array instead of a table.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -866,4 +878,41 @@ async fn voucher_command(cmd: VoucherCmd, config: Config) -> anyhow::Result<()> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Issue 10 part 6: every option, argument and subcommand says what it is in `--help`.
+    #[test]
+    fn every_argument_and_subcommand_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if a.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() == "help" {
+                    continue;
+                }
+                let p = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(format!("{p} (the subcommand)"));
+                }
+                walk(sub, &p, missing);
+            }
+        }
+        let cmd = Cli::command();
+        let mut missing = Vec::new();
+        walk(&cmd, "outpost", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+        cmd.debug_assert();
+    }
 }
