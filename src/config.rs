@@ -79,10 +79,10 @@ pub struct LimitsConfig {
     /// Largest MQTT packet accepted from a client (bytes, whole packet).
     pub max_packet_size: usize,
     /// Time allowed for the TLS handshake.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub tls_handshake_timeout: Duration,
     /// Time allowed between the end of the handshake and a complete CONNECT packet.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub connect_timeout: Duration,
     /// QoS 1/2 messages in flight per connection inside the broker.
     pub max_inflight: usize,
@@ -134,19 +134,19 @@ pub struct AclConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct CaConfig {
     /// Validity of device certificates the CA issues.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub device_validity: Duration,
     /// Validity of the gateway CA certificate created on first start.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub ca_validity: Duration,
     /// Validity of the gateway's own TLS server certificate.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub server_validity: Duration,
     /// Extra DNS names or IP addresses for the server certificate (localhost, 127.0.0.1,
     /// ::1, the host name and `outpost.local` are always included).
     pub server_names: Vec<String>,
     /// How long each published CRL is valid (it is re-signed well before).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub crl_validity: Duration,
 }
 
@@ -179,7 +179,7 @@ pub struct MdnsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ShutdownConfig {
     /// How long connections may take to drain after SIGTERM before they are cut.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub grace: Duration,
 }
 
@@ -278,7 +278,18 @@ impl Default for ShutdownConfig {
 impl Config {
     /// Parse a TOML document and validate it.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        // serde_path_to_error names the dotted field of a type error (`limits.max_connections`);
+        // toml's own message adds line, column and the offending text.
+        let cfg: Config =
+            serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner().to_string();
+                if path.is_empty() || path == "." {
+                    ConfigError::Parse(inner)
+                } else {
+                    ConfigError::Parse(format!("field `{path}`: {inner}"))
+                }
+            })?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -10,6 +10,7 @@ pub mod broker;
 pub mod ca;
 pub mod config;
 pub mod device;
+pub mod duration;
 pub mod fdo;
 pub mod frontdoor;
 pub mod mdns;

@@ -411,6 +411,27 @@ fn invalid_configs_exit_64_naming_the_field_before_binding() {
             config_text(&data_dir, port, "", "[limits\nmax_connections = \n"),
             "line",
         ),
+        // Issue 10 part 6: type errors name the dotted field, not only line and column.
+        (
+            "wrong type",
+            config_text(
+                &data_dir,
+                port,
+                "",
+                "[limits]\nmax_connections = \"many\"\n",
+            ),
+            "field `limits.max_connections`",
+        ),
+        (
+            "not a duration",
+            config_text(
+                &data_dir,
+                port,
+                "",
+                "[uplink.detection]\nheartbeat_timeout = \"soon\"\n",
+            ),
+            "field `uplink.detection.heartbeat_timeout`",
+        ),
     ];
     for (what, text, field) in cases {
         std::fs::write(&path, text).unwrap();
@@ -462,6 +483,20 @@ fn printed_default_config_parses_back_to_the_defaults() {
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).expect("UTF-8");
+    // Durations as the example configuration writes them (issue 10 part 6), not humantime's
+    // "19years 11months 25days 9h 50m 24s".
+    for line in [
+        "ca_validity = \"7300d\"",
+        "device_validity = \"365d\"",
+        "grace = \"5s\"",
+        "backoff_min = \"250ms\"",
+    ] {
+        assert!(text.contains(line), "{line} not in:\n{text}");
+    }
+    assert!(
+        !text.contains("years") && !text.contains("months"),
+        "{text}"
+    );
     let parsed = Config::from_toml(&text)
         .unwrap_or_else(|e| panic!("printed default config does not parse: {e}\n{text}"));
     assert_eq!(parsed, Config::default());

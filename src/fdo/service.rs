@@ -52,7 +52,7 @@ pub struct FdoConfig {
     /// vouchers at, besides its own.
     pub to0_servers: Vec<String>,
     /// Registration time asked for in TO0 (the server may grant less).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub to0_wait: Duration,
     /// MQTT servers given to onboarded devices (`outpost:mqtt`), primary first:
     /// `mqtts://host:port`. Empty on a gateway: its own device listener at the first owner
@@ -67,7 +67,7 @@ pub struct FdoConfig {
     pub cloud_mqtt_server: String,
     /// In `cloud-first`, the switch-back commands are spread over this long (against a
     /// reconnect storm at the cloud).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub switch_spread: Duration,
     /// PEM files of further CA certificates sent to devices to verify their MQTT servers
     /// (e.g. a cloud sends the gateway CA when its devices use the gateway's broker).
@@ -78,10 +78,10 @@ pub struct FdoConfig {
     /// Open HTTP connections; further ones wait.
     pub max_connections: usize,
     /// Time allowed for one HTTP request (headers, body, answer).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub request_timeout: Duration,
     /// Idle time after which an unfinished TO0/TO1/TO2 session is dropped.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub session_ttl: Duration,
     /// Open protocol sessions per service.
     pub max_sessions: usize,
@@ -95,7 +95,7 @@ pub struct FdoConfig {
     /// Time allowed for one forwarded TO1 exchange with the cloud rendezvous; after it, a
     /// new session is answered locally. Less than `request_timeout` (checked when
     /// `cloud_rendezvous` is set).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub forward_timeout: Duration,
 }
 

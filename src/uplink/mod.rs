@@ -46,13 +46,13 @@ pub enum UplinkError {
 #[serde(default, deny_unknown_fields)]
 pub struct DetectionConfig {
     /// How often the link is checked.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub interval: Duration,
     /// While connected: a heartbeat unanswered for this long is a failed probe.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub heartbeat_timeout: Duration,
     /// While disconnected: time allowed for a TCP connect + TLS handshake probe.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub probe_timeout: Duration,
     /// Consecutive failed probes that take the link Offline.
     pub failures_to_offline: u32,
@@ -88,15 +88,15 @@ pub struct UplinkConfig {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     /// MQTT keep-alive of the cloud session.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub keep_alive: Duration,
     /// Time allowed for TCP + TLS + CONNACK when (re)connecting.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub connect_timeout: Duration,
     /// Reconnect backoff: exponential from `backoff_min` to `backoff_max`, full jitter.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub backoff_min: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub backoff_max: Duration,
     /// QoS 1 messages in flight to the cloud.
     pub inflight: u16,
@@ -105,7 +105,7 @@ pub struct UplinkConfig {
     /// What happens when the queue is full.
     pub when_full: WhenFull,
     /// Messages older than this when they could be sent are dropped and counted ("0s": never).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub message_ttl: Duration,
     /// Cloud topic for liveness heartbeats (QoS 1, sent only when the link is idle).
     pub heartbeat_topic: String,
