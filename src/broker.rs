@@ -40,6 +40,8 @@ pub fn local_client(
     client_id: &str,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> rumqttc::AsyncClient {
+    // Our own namespace: no device (identity) or local client (`local~X`) can take it over.
+    debug_assert!(client_id.starts_with(crate::frontdoor::INTERNAL_PREFIX));
     let mut o = rumqttc::MqttOptions::new(client_id, core.addr.ip().to_string(), core.addr.port());
     o.set_credentials(client_id, core.secret.to_string());
     o.set_keep_alive(Duration::from_secs(30));
@@ -137,9 +139,9 @@ fn probe(addr: SocketAddr, secret: &str) -> bool {
     let connect = crate::frontdoor::mqtt::encode_connect(&crate::frontdoor::mqtt::Connect {
         clean_session: true,
         keep_alive: 10,
-        client_id: "outpost-core-probe".into(),
+        client_id: "outpost~core-probe".into(),
         will: None,
-        username: Some("outpost-core-probe".into()),
+        username: Some("outpost~core-probe".into()),
         password: Some(secret.as_bytes().to_vec()),
     });
     let mut ack = [0u8; 4];

@@ -87,16 +87,19 @@ impl Endpoints {
     }
 }
 
-/// Create the data directory (0700: it holds the CA key).
+/// Create the data directory, or tighten an existing one, to 0700 (it holds the CA key):
+/// `mode` on create is filtered by the umask and does nothing to a directory that exists.
 pub fn prepare_data_dir(dir: &Path) -> Result<(), RunError> {
+    let err = |source| RunError::DataDir {
+        path: dir.to_path_buf(),
+        cause: source,
+    };
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|source| RunError::DataDir {
-            path: dir.to_path_buf(),
-            cause: source,
-        })
+        .map_err(err)?;
+    store::restrict(dir, 0o700).map_err(err)
 }
 
 /// Open the store and the CA of a data directory (used by `run` and by the offline CLI).

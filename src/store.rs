@@ -7,6 +7,7 @@
 //! disk. A schema version is written on first open and checked on every open.
 
 use serde::{Deserialize, Serialize};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 /// Version of the on-disk layout. Bump on any incompatible change and add a migration.
@@ -29,6 +30,46 @@ pub enum StoreError {
     Schema { found: u32, expected: u32 },
     #[error("corrupt record under {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("cannot restrict {path} to owner-only access: {cause}")]
+    Permissions {
+        path: std::path::PathBuf,
+        cause: std::io::Error,
+    },
+}
+
+/// Set `path` to `mode` and check that it took (a file we do not own cannot be changed).
+pub fn restrict(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    let got = std::fs::symlink_metadata(path)?.permissions().mode() & 0o7777;
+    if got != mode {
+        return Err(std::io::Error::other(format!(
+            "mode is {got:o} after setting {mode:o}"
+        )));
+    }
+    Ok(())
+}
+
+/// The store directory 0700 and everything in it 0700 (directories) or 0600 (files), however
+/// it was created (umask 000, an older version, a restored backup). Files sled creates later
+/// are inside the 0700 directory.
+fn restrict_tree(dir: &Path) -> Result<(), StoreError> {
+    let fail = |path: &Path| {
+        let path = path.to_path_buf();
+        move |cause| StoreError::Permissions { path, cause }
+    };
+    restrict(dir, 0o700).map_err(fail(dir))?;
+    for entry in std::fs::read_dir(dir).map_err(fail(dir))? {
+        let entry = entry.map_err(fail(dir))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(fail(&path))?;
+        if kind.is_dir() {
+            restrict_tree(&path)?;
+        } else if kind.is_file() {
+            restrict(&path, 0o600).map_err(fail(&path))?;
+        }
+    }
+    Ok(())
 }
 
 impl From<sled::Error> for StoreError {
@@ -287,6 +328,15 @@ pub struct Store {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|cause| StoreError::Permissions {
+                path: dir.to_path_buf(),
+                cause,
+            })?;
+        restrict_tree(dir)?;
         // A process that just closed the store may still hold its file lock for a moment
         // (sled releases it when its background threads finish): retry briefly.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
@@ -308,6 +358,8 @@ impl Store {
                 },
             }
         };
+        // Again: sled has just created its files on a first open.
+        restrict_tree(dir)?;
         let meta = db.open_tree(META)?;
         match meta.get(KEY_SCHEMA)? {
             None => {

@@ -23,8 +23,8 @@ pub fn topic(device: &str) -> String {
     format!("devices/{device}/commands/outpost/switch")
 }
 
-/// Client ids of the gateway's own local clients (never told to switch).
-const OWN: &[&str] = &["outpost-uplink", "outpost-switch"];
+/// The gateway's own client of the routing core.
+const CLIENT_ID: &str = "outpost~switch";
 
 /// Run until shutdown: after every Offline → Online transition, once the queue is empty,
 /// tell the connected devices to use `primary`.
@@ -36,7 +36,7 @@ pub async fn run(
     core: BrokerLink,
     shutdown: CancellationToken,
 ) {
-    let client = crate::broker::local_client(&core, "outpost-switch", shutdown.clone());
+    let client = crate::broker::local_client(&core, CLIENT_ID, shutdown.clone());
     let mut state = uplink.state.clone();
     let mut was = *state.borrow_and_update();
     loop {
@@ -99,6 +99,8 @@ fn live_devices(sessions: &SessionRegistry) -> Vec<String> {
     sessions
         .live()
         .into_iter()
-        .filter(|id| !OWN.contains(&id.as_str()))
+        // Devices only: local clients (`local~X`) and the gateway's own clients
+        // (`outpost~...`, which never pass the front door anyway) are not told to switch.
+        .filter(|id| !id.contains('~'))
         .collect()
 }

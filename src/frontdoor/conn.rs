@@ -201,6 +201,13 @@ where
         // Devices carry their id in the `device` span already.
         tracing::Span::current().record("id", identity.as_str());
     }
+    // The client id the routing core sees. Local clients live in their own namespace
+    // (`local~X`; `~` is not an identity character), so `-i alice` on the plain listener can
+    // never reach, take over or inherit the session state of the device `alice`.
+    let core_id = match peer {
+        Peer::Device(_) => identity.clone(),
+        Peer::Local => super::local_core_id(&identity),
+    };
 
     if let Some(w) = &connect.will {
         if !rules.may_publish(&identity, &w.topic) {
@@ -220,7 +227,7 @@ where
     // One session per identity: end the previous one (and let the core forget it) first.
     let lease = tokio::select! {
         _ = cancel.cancelled() => return End::Shutdown,
-        l = shared.sessions.take_over(&identity, TAKE_OVER_LIMIT) => match l {
+        l = shared.sessions.take_over(&core_id, TAKE_OVER_LIMIT) => match l {
             Some(l) => l,
             None => {
                 tracing::warn!(client = %identity, "previous session did not end in time: refused");
@@ -238,6 +245,7 @@ where
         cancel,
         connect,
         identity.clone(),
+        core_id.clone(),
         rules,
         serial,
         not_after,
@@ -245,7 +253,7 @@ where
     )
     .await;
     drop(lease);
-    shared.sessions.release(&identity);
+    shared.sessions.release(&core_id);
     end
 }
 
@@ -259,6 +267,7 @@ async fn connected_session<R, W>(
     cancel: &CancellationToken,
     connect: mqtt::Connect,
     identity: String,
+    core_id: String,
     rules: &Rules,
     serial: Option<String>,
     not_after: Option<i64>,
@@ -278,21 +287,21 @@ where
     };
     let (brd, mut bwr) = core.into_split();
     let rewritten = mqtt::Connect {
-        client_id: identity.clone(),
+        client_id: core_id.clone(),
         // rumqttd refuses keep-alive 0 ("never"); the longest interval is the closest.
         keep_alive: if connect.keep_alive == 0 {
             u16::MAX
         } else {
             connect.keep_alive
         },
-        username: Some(identity.clone()),
+        username: Some(core_id.clone()),
         password: Some(shared.broker.secret.as_bytes().to_vec()),
         ..connect
     };
     if let Err(e) = bwr.write_all(&mqtt::encode_connect(&rewritten)).await {
         return End::Io(e);
     }
-    tracing::info!(client = %identity, "session started");
+    tracing::info!(client = %identity, core_id = %core_id, "session started");
 
     let (ltx, lrx) = mpsc::channel::<Local>(64);
     let metrics = shared.metrics.clone();

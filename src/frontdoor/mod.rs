@@ -146,6 +146,17 @@ fn server_parts(
     Ok((chain, key))
 }
 
+/// Prefix of every local (plain listener) client id in the routing core: `local~X`.
+pub const LOCAL_PREFIX: &str = "local~";
+/// Prefix of the gateway's own clients of the routing core (`outpost~uplink`, ...).
+pub const INTERNAL_PREFIX: &str = "outpost~";
+
+/// The routing core's client id for the local client `id`. Identities cannot contain `~`,
+/// so the three namespaces (devices, `local~`, `outpost~`) never meet.
+pub fn local_core_id(id: &str) -> String {
+    format!("{LOCAL_PREFIX}{id}")
+}
+
 /// One live session per identity. A new connection for an identity first ends the old
 /// session and waits until it is gone before it reaches the routing core: left to itself,
 /// the core's clean-up of the old connection can race with, and tear down, the new one.
@@ -192,7 +203,8 @@ impl SessionRegistry {
         })
     }
 
-    /// Identities with a live session now.
+    /// Core client ids with a live session now (devices by identity, local clients as
+    /// `local~X`).
     pub fn live(&self) -> Vec<String> {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots

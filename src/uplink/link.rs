@@ -199,7 +199,7 @@ impl Session {
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
-        let local = crate::broker::local_client(&self.core, "outpost-uplink", shutdown.clone());
+        let local = crate::broker::local_client(&self.core, "outpost~uplink", shutdown.clone());
         self.publish_state(&local, LinkState::Offline, "starting");
         if !self.cfg.enabled {
             self.publish_state(&local, LinkState::Offline, "uplink disabled");
