@@ -22,12 +22,16 @@ struct Rig {
 
 impl Rig {
     fn start(extra_uplink: &str) -> Rig {
+        Rig::start_with(Cloud::start, extra_uplink)
+    }
+
+    fn start_with(cloud: impl FnOnce(&CloudPki) -> Cloud, extra_uplink: &str) -> Rig {
         common::require_mosquitto();
         let dir = tempfile::tempdir().unwrap().keep();
         let mut pki = CloudPki::new(&dir.join("cloud"));
         let (gw_cert, gw_key) = pki.issue("gw-test", false);
         pki.issue("cloud-app", false);
-        let cloud = Cloud::start(&pki);
+        let cloud = cloud(&pki);
         let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], cloud.port)));
         let cfg = format!(
             "[uplink]\nenabled = true\nhost = \"127.0.0.1\"\nport = {}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n{extra_uplink}\n",
@@ -132,6 +136,83 @@ fn online_to_offline_on_blackhole_and_back_to_online_on_restore() {
         rig.gw.metric("outpost_uplink_transitions_total"),
         3,
         "start, down, up"
+    );
+}
+
+/// Issue 10 part 4: a cloud broker that completes TLS but refuses the CONNECT must not make
+/// the uplink flap. Online means an accepted MQTT session: while refused the state stays
+/// Offline, the refusal is logged once with the broker's return code, attempts back off; once
+/// the broker is replaced by one that accepts the gateway, the uplink comes Online.
+#[test]
+fn offline_stays_offline_while_cloud_refuses_session_then_online_when_accepted() {
+    // backoff_max bounds how long the accepting broker waits for the next attempt.
+    let mut rig = Rig::start_with(
+        |pki| Cloud::start_refusing(pki, 0),
+        "backoff_max = \"4s\"\n",
+    );
+    let t0 = Instant::now();
+    let watch = Duration::from_secs(10);
+    while t0.elapsed() < watch {
+        assert!(
+            !rig.online(),
+            "Online after {:?} although the cloud refuses the session:\n{}",
+            t0.elapsed(),
+            rig.gw.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(rig.gw.metric("outpost_uplink_transitions_total"), 0);
+    let refused = rig.gw.metric("outpost_uplink_refused_total");
+    assert!(refused >= 3, "the gateway kept asking: {refused} refusals");
+    let log = common::strip_ansi(&rig.gw.log());
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("refused the uplink session"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one log line for the refusal: {lines:#?}");
+    assert!(
+        lines[0].contains("return_code=5") && lines[0].contains("NotAuthorized"),
+        "the broker's return code is logged: {}",
+        lines[0]
+    );
+    assert!(
+        rig.local_state().contains("return code 5"),
+        "the state document gives the reason: {}",
+        rig.local_state()
+    );
+    // Backoff: every connection through the proxy is a session attempt (no probes while
+    // refused), spaced further and further apart.
+    let accepted = rig.proxy.accepted.lock().unwrap().clone();
+    let gaps: Vec<Duration> = accepted.windows(2).map(|w| w[1] - w[0]).collect();
+    eprintln!(
+        "{} connections in {watch:?}, {refused} refused, gaps {gaps:?}",
+        accepted.len()
+    );
+    assert!(
+        accepted.len() <= 10,
+        "{} connections in {watch:?}: no backoff",
+        accepted.len()
+    );
+    assert!(
+        gaps.iter()
+            .rev()
+            .take(2)
+            .all(|g| *g >= Duration::from_millis(900)),
+        "attempts not backed off: {gaps:?}"
+    );
+
+    // The cloud is reconfigured to accept the gateway (same port, behind the same proxy).
+    let port = rig.cloud.port;
+    rig.cloud.stop();
+    rig.cloud = Cloud::start_on_port(&rig.pki, port);
+    let up = rig.wait_state(true, Duration::from_secs(10));
+    eprintln!("accepting broker -> Online in {up:?}");
+    assert!(rig.local_state().contains("\"state\":\"online\""));
+    assert_eq!(rig.gw.metric("outpost_uplink_transitions_total"), 1);
+    let log = common::strip_ansi(&rig.gw.log());
+    assert!(
+        log.contains("the cloud broker accepts the session again"),
+        "{log}"
     );
 }
 

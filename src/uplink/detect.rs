@@ -1,9 +1,13 @@
 //! Internet-loss detection (seed 004's "detection unit").
 //!
-//! A two-state machine with hysteresis, fed by probe results. While the uplink session is up,
-//! a probe is an MQTT round trip on that session (a data PUBACK or a heartbeat publish); while
-//! it is down, a probe is a fresh TCP connect + TLS handshake to the cloud endpoint. Only the
-//! verdicts reach this module, so it is pure and tested transition by transition.
+//! A two-state machine with hysteresis, fed by probe results. Online means an MQTT session the
+//! cloud broker accepted: the only good verdicts are an accepted CONNACK and MQTT round trips
+//! on that session (a data PUBACK or a heartbeat publish). While the session is down, a fresh
+//! TCP connect + TLS handshake to the cloud endpoint ([`tls_probe`]) can only fail a verdict
+//! (its success merely lets the session task retry at once: TLS completing says nothing about
+//! whether the broker accepts the session). A refused CONNACK is its own verdict
+//! ([`Hysteresis::refused`]). Only the verdicts reach this module, so it is pure and tested
+//! transition by transition.
 
 use serde::Serialize;
 use std::time::Duration;
@@ -67,6 +71,19 @@ impl Hysteresis {
                 self.state = LinkState::Offline;
                 return Some(self.state);
             }
+        }
+        None
+    }
+
+    /// The cloud broker refused the session (CONNACK with a non-zero return code): that is
+    /// not a lossy link but a definite answer, so the link is Offline at once whatever the
+    /// failure threshold, and the good verdicts seen so far no longer count.
+    pub fn refused(&mut self) -> Option<LinkState> {
+        self.oks = 0;
+        self.fails = self.fails.saturating_add(1);
+        if self.state == LinkState::Online {
+            self.state = LinkState::Offline;
+            return Some(self.state);
         }
         None
     }
@@ -135,6 +152,27 @@ mod tests {
             assert_eq!(h.observe(true), None);
         }
         assert_eq!(h.state(), LinkState::Online);
+    }
+
+    #[test]
+    fn online_to_offline_at_once_on_refused_session() {
+        let mut h = Hysteresis::new(3, 1);
+        assert_eq!(h.observe(true), Some(LinkState::Online));
+        assert_eq!(h.refused(), Some(LinkState::Offline));
+    }
+
+    #[test]
+    fn offline_stays_offline_while_refused_and_refusal_resets_successes() {
+        let mut h = Hysteresis::new(1, 2);
+        assert_eq!(h.refused(), None);
+        assert_eq!(h.observe(true), None);
+        assert_eq!(h.refused(), None);
+        assert_eq!(
+            h.observe(true),
+            None,
+            "the success before the refusal must not count"
+        );
+        assert_eq!(h.observe(true), Some(LinkState::Online));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
     Transport,
 };
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -122,6 +123,23 @@ impl Link {
             _stop: stop_tx,
         }
     }
+}
+
+/// One verdict for the detector, with the reason published if it changes the state.
+enum Verdict {
+    /// The cloud broker accepted the session or answered on it.
+    Good(&'static str),
+    Failed(&'static str),
+    /// The broker completed TLS but refused the CONNECT (its return code).
+    Refused(ConnectReturnCode),
+}
+
+/// The reason published for a refused session, e.g. "... return code 5 (NotAuthorized)".
+fn refused_reason(code: ConnectReturnCode) -> String {
+    format!(
+        "cloud broker refused the session: return code {} ({code:?})",
+        code as u8
+    )
 }
 
 /// What an in-flight cloud publish stands for.
@@ -260,6 +278,15 @@ impl Session {
         let mut last_evidence = Instant::now();
         let mut heartbeat: Option<Instant> = None;
         let mut probe: Option<tokio::task::JoinHandle<Result<Duration, String>>> = None;
+        // The last TCP+TLS probe failed: when one succeeds again the endpoint came back, and
+        // the session is retried at once instead of after the backoff.
+        let mut unreachable = false;
+        // The refusal episode under way (return code, refused attempts), logged once when it
+        // starts (or when the code changes) and ended only by an accepted CONNACK.
+        let mut refusal: Option<(ConnectReturnCode, u64)> = None;
+        // The last attempt was refused: TLS works, so probing proves nothing; only the
+        // backoff decides when to ask again.
+        let mut last_refused = false;
         let mut durable = self.queue.durable();
         let mut acked: Vec<(u64, usize)> = Vec::new();
         let mut flush_acks = false;
@@ -369,7 +396,7 @@ impl Session {
                 self.queue.remove(std::mem::take(&mut expired), true).await;
             }
 
-            let mut verdict: Option<(bool, &'static str)> = None;
+            let mut verdict: Option<Verdict> = None;
             let wake = next_attempt.unwrap_or_else(Instant::now);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -385,15 +412,24 @@ impl Session {
                     if connected && (heartbeat.is_some() || !inflight.is_empty() || !unmapped.is_empty()) => {
                     heartbeat = None;
                     last_evidence = Instant::now();
-                    verdict = Some((false, "no MQTT round trip within heartbeat_timeout"));
+                    verdict = Some(Verdict::Failed("no MQTT round trip within heartbeat_timeout"));
                 }
                 r = async { probe.as_mut().expect("guarded").await }, if probe.is_some() => {
                     probe = None;
                     match r {
-                        Ok(Ok(_)) => verdict = Some((true, "cloud endpoint answers (TCP+TLS probe)")),
+                        Ok(Ok(_)) => {
+                            // Not a good verdict: only an accepted session is Online. But an
+                            // endpoint that answers again is worth a session attempt now.
+                            if unreachable && link.is_none() && next_attempt.is_some() {
+                                backoff.reset();
+                                next_attempt = Some(Instant::now());
+                            }
+                            unreachable = false;
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, "uplink probe failed");
-                            verdict = Some((false, "cloud endpoint does not answer (TCP+TLS probe)"));
+                            unreachable = true;
+                            verdict = Some(Verdict::Failed("cloud endpoint does not answer (TCP+TLS probe)"));
                         }
                         Err(_) => {}
                     }
@@ -410,7 +446,7 @@ impl Session {
                             // whatever the heartbeat (which may be queued behind data).
                             evidence = false;
                             heartbeat = None;
-                            verdict = Some((true, "cloud broker acknowledges"));
+                            verdict = Some(Verdict::Good("cloud broker acknowledges"));
                         } else if heartbeat.is_none()
                             && last_evidence.elapsed() >= d.interval / 2
                             && l.client.try_publish(heartbeat_topic.as_str(), QoS::AtLeastOnce, false, now_ms().to_string()).is_ok() {
@@ -419,7 +455,7 @@ impl Session {
                             unmapped.push_back(Slot::Heartbeat { sent: now });
                             self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
                         }
-                    } else if !connected && probe.is_none() {
+                    } else if !connected && probe.is_none() && !last_refused {
                         let (host, port, tls, t) = (self.cfg.host.clone(), self.cfg.port, self.tls.clone(), d.probe_timeout);
                         probe = Some(tokio::spawn(async move { tls_probe(&host, port, tls, t).await }));
                     }
@@ -441,20 +477,26 @@ impl Session {
                 }
                 match ev {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        if ack.code != ConnectReturnCode::Success {
-                            tracing::warn!(code = ?ack.code, "cloud broker refused the uplink");
-                            connected = false;
-                            link = None;
-                            next_attempt = Some(Instant::now() + backoff.next());
-                            verdict = Some((false, "cloud broker refused the connection"));
-                        } else {
+                        // rumqttc reports a refusing CONNACK as `ConnectionRefused` (below).
+                        if ack.code == ConnectReturnCode::Success {
                             connected = true;
+                            last_refused = false;
+                            unreachable = false;
                             backoff.reset();
                             self.stats.connects.fetch_add(1, Ordering::Relaxed);
-                            tracing::info!(
-                                session_present = ack.session_present,
-                                "uplink connected"
-                            );
+                            if let Some((code, n)) = refusal.take() {
+                                tracing::info!(
+                                    session_present = ack.session_present,
+                                    last_return_code = code as u8,
+                                    refused_attempts = n,
+                                    "uplink connected: the cloud broker accepts the session again"
+                                );
+                            } else {
+                                tracing::info!(
+                                    session_present = ack.session_present,
+                                    "uplink connected"
+                                );
+                            }
                             // A fresh client: everything unacknowledged goes again from the queue,
                             // in order (possible duplicates are counted as resent).
                             inflight.clear();
@@ -480,8 +522,10 @@ impl Session {
                                     }
                                 }
                             }
-                            evidence = true;
+                            // The accepted CONNACK is the first good verdict (the next one is
+                            // a round trip on the session).
                             last_evidence = Instant::now();
+                            verdict = Some(Verdict::Good("cloud broker accepted the session"));
                         }
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
@@ -562,7 +606,43 @@ impl Session {
                         last_evidence = Instant::now();
                     }
                     Ok(_) => {}
+                    Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        match &mut refusal {
+                            Some((c, n)) if *c == code => {
+                                *n += 1;
+                                tracing::debug!(
+                                    return_code = code as u8,
+                                    ?code,
+                                    "cloud broker refused the uplink session again"
+                                );
+                            }
+                            _ => {
+                                tracing::warn!(
+                                    return_code = code as u8,
+                                    ?code,
+                                    "cloud broker refused the uplink session (TLS completed; check the gateway's credentials at the cloud); retrying with backoff, logged once"
+                                );
+                                refusal = Some((code, 1));
+                                if hyst.state() == LinkState::Offline {
+                                    // No transition, but the state document says why.
+                                    self.publish_state(
+                                        &local,
+                                        LinkState::Offline,
+                                        &refused_reason(code),
+                                    );
+                                }
+                            }
+                        }
+                        connected = false;
+                        last_refused = true;
+                        heartbeat = None;
+                        link = None;
+                        next_attempt = Some(Instant::now() + backoff.next());
+                        verdict = Some(Verdict::Refused(code));
+                    }
                     Err(e) => {
+                        last_refused = false;
                         if connected {
                             tracing::warn!(error = %e, "uplink connection lost");
                         } else {
@@ -572,17 +652,22 @@ impl Session {
                         heartbeat = None;
                         link = None;
                         next_attempt = Some(Instant::now() + backoff.next());
-                        verdict = Some((false, "uplink connection failed"));
+                        verdict = Some(Verdict::Failed("uplink connection failed"));
                     }
                 }
             }
-            if let Some((ok, reason)) = verdict {
-                if !ok {
-                    self.stats.probes_failed.fetch_add(1, Ordering::Relaxed);
-                }
-                match hyst.observe(ok) {
+            if let Some(v) = verdict {
+                let (change, reason) = match v {
+                    Verdict::Good(r) => (hyst.observe(true), Cow::Borrowed(r)),
+                    Verdict::Failed(r) => {
+                        self.stats.probes_failed.fetch_add(1, Ordering::Relaxed);
+                        (hyst.observe(false), Cow::Borrowed(r))
+                    }
+                    Verdict::Refused(code) => (hyst.refused(), Cow::Owned(refused_reason(code))),
+                };
+                match change {
                     Some(LinkState::Offline) => {
-                        self.transition(&local, LinkState::Offline, reason);
+                        self.transition(&local, LinkState::Offline, &reason);
                         if connected {
                             // The session is dead even if TCP has not noticed: drop it now
                             // (the queue keeps everything unacknowledged).
@@ -593,12 +678,8 @@ impl Session {
                         }
                     }
                     Some(LinkState::Online) => {
-                        self.transition(&local, LinkState::Online, reason);
-                        if !connected && next_attempt.is_some() {
-                            // Proven reachable: reconnect now instead of waiting out the backoff.
-                            backoff.reset();
-                            next_attempt = Some(Instant::now());
-                        }
+                        debug_assert!(connected, "Online only on an accepted session");
+                        self.transition(&local, LinkState::Online, &reason);
                     }
                     None => {}
                 }

@@ -51,12 +51,14 @@ pub struct DetectionConfig {
     /// While connected: a heartbeat unanswered for this long is a failed probe.
     #[serde(with = "crate::duration")]
     pub heartbeat_timeout: Duration,
-    /// While disconnected: time allowed for a TCP connect + TLS handshake probe.
+    /// While disconnected: time allowed for a TCP connect + TLS handshake probe (a failed one
+    /// is a failed verdict; a good one only retries the session at once, never Online).
     #[serde(with = "crate::duration")]
     pub probe_timeout: Duration,
     /// Consecutive failed probes that take the link Offline.
     pub failures_to_offline: u32,
-    /// Consecutive good probes that bring it back Online.
+    /// Consecutive good verdicts that bring it back Online: an accepted CONNACK is the first,
+    /// MQTT round trips on that session the next ones.
     pub successes_to_online: u32,
 }
 
@@ -205,6 +207,7 @@ pub struct UplinkStats {
     pub commands_down: AtomicU64,
     pub commands_rejected: AtomicU64,
     pub connects: AtomicU64,
+    pub refused: AtomicU64,
     pub last_transition_ms: AtomicU64,
 }
 
@@ -246,6 +249,12 @@ impl UplinkHandle {
             "counter",
             "Successful cloud CONNACKs.",
             l(&s.connects),
+        );
+        m(
+            "outpost_uplink_refused_total",
+            "counter",
+            "CONNACKs in which the cloud broker refused the session (e.g. bad credentials).",
+            l(&s.refused),
         );
         m(
             "outpost_uplink_published_total",

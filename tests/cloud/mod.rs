@@ -105,12 +105,37 @@ impl Cloud {
     /// Client certificates are verified against `cafile` (e.g. a bundle with a gateway CA,
     /// for devices that use the cloud broker directly).
     pub fn start_with_cafile(pki: &CloudPki, cafile: &Path) -> Cloud {
-        let port = free_port();
-        let conf = pki.dir.join("mosquitto.conf");
+        Cloud::start_on(pki, free_port(), cafile, "use_identity_as_username true\n")
+    }
+
+    /// A cloud broker that completes TLS (client certificate verified) but refuses every
+    /// CONNECT with return code 5, Not authorized: it wants a username and password from its
+    /// password file, and the gateway sends none. On `port` (0: any).
+    pub fn start_refusing(pki: &CloudPki, port: u16) -> Cloud {
+        let passwords = pki.dir.join("passwords");
+        let st = Command::new("mosquitto_passwd")
+            .args(["-c", "-b"])
+            .arg(&passwords)
+            .args(["someone-else", "secret"])
+            .status()
+            .expect("mosquitto_passwd");
+        assert!(st.success());
+        let port = if port == 0 { free_port() } else { port };
+        let extra = format!("password_file {}\n", passwords.display());
+        Cloud::start_on(pki, port, &pki.ca, &extra)
+    }
+
+    /// The usual (accepting) cloud broker on a given port, e.g. replacing a refusing one.
+    pub fn start_on_port(pki: &CloudPki, port: u16) -> Cloud {
+        Cloud::start_on(pki, port, &pki.ca, "use_identity_as_username true\n")
+    }
+
+    fn start_on(pki: &CloudPki, port: u16, cafile: &Path, extra: &str) -> Cloud {
+        let conf = pki.dir.join(format!("mosquitto-{port}.conf"));
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\nallow_anonymous false\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 0\nlog_type error\nlog_dest stderr\n",
+                "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n{extra}allow_anonymous false\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 0\nlog_type error\nlog_dest stderr\n",
                 cafile.display(),
                 pki.server_cert.display(),
                 pki.server_key.display()
@@ -130,6 +155,14 @@ impl Cloud {
             std::thread::sleep(Duration::from_millis(20));
         }
         Cloud { port, child }
+    }
+}
+
+impl Cloud {
+    /// Stop the broker now (e.g. to start another on its port).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -162,6 +195,8 @@ pub enum Fault {
 
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// When each connection was accepted (bounded: the first 10,000).
+    pub accepted: Arc<Mutex<Vec<Instant>>>,
     fault: tokio::sync::watch::Sender<Fault>,
     _rt: Arc<tokio::runtime::Runtime>,
 }
@@ -185,17 +220,26 @@ impl Proxy {
             .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
             .unwrap();
         let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let log = accepted.clone();
         rt.spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     continue;
                 };
+                {
+                    let mut log = log.lock().unwrap();
+                    if log.len() < 10_000 {
+                        log.push(Instant::now());
+                    }
+                }
                 let rx = rx.clone();
                 tokio::spawn(proxy_conn(client, target, rx));
             }
         });
         Proxy {
             addr,
+            accepted,
             fault: tx,
             _rt: rt,
         }
