@@ -43,7 +43,7 @@ pub struct FrontDoorConfig {
     /// Warnings one connection may log per `warn_interval`; the rest are counted
     /// (`outpost_log_suppressed_total`) and summarised in one line.
     pub warn_burst: u32,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration")]
     pub warn_interval: Duration,
 }
 
