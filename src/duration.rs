@@ -24,7 +24,7 @@ pub fn format(d: Duration) -> String {
         (1, "ns"),
     ];
     for (n, unit) in UNITS {
-        if ns % n == 0 {
+        if ns.is_multiple_of(n) {
             return format!("{}{unit}", ns / n);
         }
     }
