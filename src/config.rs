@@ -36,6 +36,7 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub listeners: ListenersConfig,
     pub limits: LimitsConfig,
+    pub frontdoor: crate::frontdoor::bounds::FrontDoorConfig,
     pub broker: BrokerConfig,
     pub acl: AclConfig,
     pub ca: CaConfig,
@@ -408,6 +409,9 @@ impl Config {
                 ));
             }
         }
+        if let Err((field, reason)) = self.frontdoor.validate() {
+            return Err(ConfigError::Invalid { field, reason });
+        }
         if let Err((field, reason)) = self.uplink.validate() {
             return Err(ConfigError::Invalid { field, reason });
         }
@@ -487,6 +491,15 @@ mod tests {
         );
         let err = Config::from_toml(&text).unwrap_err();
         assert!(err.to_string().contains("no PEM certificate"), "{err}");
+    }
+
+    #[test]
+    fn frontdoor_bounds_errors_name_the_field() {
+        let err = Config::from_toml("[frontdoor]\nmax_core_filters = 0\n").unwrap_err();
+        assert!(
+            err.to_string().contains("frontdoor.max_core_filters"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -26,6 +26,14 @@ pub struct Metrics {
     pub revoked_disconnects: AtomicU64,
     pub expired_disconnects: AtomicU64,
     pub sessions_taken_over: AtomicU64,
+    /// SUBSCRIBE filters refused by a bound, by `FilterRefusal::ALL` order.
+    pub subscribe_refused: [AtomicU64; 5],
+    pub retain_refused_device: AtomicU64,
+    pub retain_refused_bytes: AtomicU64,
+    /// Distinct filters the routing core holds (it frees none).
+    pub core_filters: AtomicI64,
+    pub retained_bytes: AtomicI64,
+    pub log_suppressed: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -153,6 +161,42 @@ impl Metrics {
             g(&self.revoked_disconnects),
             g(&self.expired_disconnects),
             g(&self.sessions_taken_over)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP outpost_subscribe_refused_total SUBSCRIBE filters refused by a bound (SUBACK failure), by reason.\n# TYPE outpost_subscribe_refused_total counter"
+        );
+        for (r, c) in crate::frontdoor::bounds::FilterRefusal::ALL
+            .iter()
+            .zip(&self.subscribe_refused)
+        {
+            let _ = writeln!(
+                out,
+                "outpost_subscribe_refused_total{{reason=\"{}\"}} {}",
+                r.label(),
+                g(c)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP outpost_retain_refused_total Retained PUBLISHes delivered without being stored (a bound), by reason.\n# TYPE outpost_retain_refused_total counter\noutpost_retain_refused_total{{reason=\"device\"}} {}\noutpost_retain_refused_total{{reason=\"bytes\"}} {}",
+            g(&self.retain_refused_device),
+            g(&self.retain_refused_bytes)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP outpost_core_filters Distinct subscription filters the routing core holds.\n# TYPE outpost_core_filters gauge\noutpost_core_filters {}",
+            self.core_filters.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP outpost_retained_bytes Bytes of retained messages clients set in the routing core.\n# TYPE outpost_retained_bytes gauge\noutpost_retained_bytes {}",
+            self.retained_bytes.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP outpost_log_suppressed_total Warnings not logged (per-connection rate limit).\n# TYPE outpost_log_suppressed_total counter\noutpost_log_suppressed_total {}",
+            g(&self.log_suppressed)
         );
         out
     }

@@ -232,3 +232,247 @@ fn an_existing_loose_data_dir_is_tightened_at_open() {
         "store after restart"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Subscription and retained-message bounds
+
+const SMALL: &str = r#"[frontdoor]
+max_filters_per_connection = 4
+max_filters_per_device = 6
+max_new_filters_per_device = 8
+max_core_filters = 10
+max_retained_per_device = 2
+"#;
+
+fn refused(gw: &Gateway, reason: &str) -> i64 {
+    gw.metric(&format!(
+        "outpost_subscribe_refused_total{{reason=\"{reason}\"}}"
+    ))
+}
+
+fn filters(prefix: &str, range: std::ops::RangeInclusive<u32>) -> Vec<String> {
+    range.map(|i| format!("{prefix}{i}")).collect()
+}
+
+async fn subscribe_all<S: AsyncRead + AsyncWrite + Unpin>(
+    r: &mut Raw<S>,
+    pid: u16,
+    filters: &[String],
+) -> Vec<u8> {
+    let f: Vec<(&str, u8)> = filters.iter().map(|f| (f.as_str(), 0)).collect();
+    r.subscribe(pid, &f).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_are_capped_per_connection_device_and_core() {
+    let gw = Gateway::start_with(SMALL);
+    let a = gw.issue("dev-a");
+    let b = gw.issue("dev-b");
+    const NO: u8 = 0x80;
+
+    // Per connection: four of six.
+    let mut dev = tls(&gw, &a).await;
+    assert_eq!(connect(&mut dev, "dev-a", false).await.1, 0);
+    let f = filters("devices/dev-a/f", 1..=6);
+    assert_eq!(
+        subscribe_all(&mut dev, 1, &f).await,
+        vec![0, 0, 0, 0, NO, NO]
+    );
+    assert_eq!(refused(&gw, "connection"), 2);
+    // A refused filter never reached the core: nothing routed on it.
+    let mut ops = sec::local(gw.plain(), "ops").await;
+    ops.send(&wire::publish("devices/dev-a/f5", b"refused", 0, 0))
+        .await;
+    ops.send(&wire::publish("devices/dev-a/f1", b"admitted", 0, 0))
+        .await;
+    let (t, _, p) = dev.next_publish(LIMIT).await.expect("publish on f1");
+    assert_eq!(
+        (t.as_str(), p.as_slice()),
+        ("devices/dev-a/f1", b"admitted".as_slice())
+    );
+    dev.send(&wire::DISCONNECT).await;
+    assert!(dev.closed_within(LIMIT).await);
+
+    // Per device: the persistent session keeps f1..f4, so two more fit, not three.
+    let mut dev = tls(&gw, &a).await;
+    assert_eq!(connect(&mut dev, "dev-a", false).await, (true, 0));
+    let f = filters("devices/dev-a/f", 5..=7);
+    assert_eq!(subscribe_all(&mut dev, 2, &f).await, vec![0, 0, NO]);
+    assert_eq!(refused(&gw, "device"), 1);
+    dev.send(&wire::DISCONNECT).await;
+    assert!(dev.closed_within(LIMIT).await);
+
+    // New filters per device: a clean session starts empty, but the core still holds
+    // f1..f6 (it frees no filter): two new ones fit, the ninth does not; known ones do.
+    let mut dev = tls(&gw, &a).await;
+    assert_eq!(connect(&mut dev, "dev-a", true).await.1, 0);
+    let mut f = filters("devices/dev-a/f", 7..=9);
+    f.push("devices/dev-a/f1".into());
+    assert_eq!(subscribe_all(&mut dev, 3, &f).await, vec![0, 0, NO, 0]);
+    assert_eq!(refused(&gw, "device_new"), 1);
+    assert_eq!(gw.metric("outpost_core_filters"), 8);
+
+    // The core total caps everybody: two more, then nothing new for anyone.
+    let mut other = tls(&gw, &b).await;
+    assert_eq!(connect(&mut other, "dev-b", true).await.1, 0);
+    let f: Vec<String> = ["devices/dev-b/g1", "devices/dev-b/g2", "devices/dev-b/g3"]
+        .map(String::from)
+        .into();
+    assert_eq!(subscribe_all(&mut other, 1, &f).await, vec![0, 0, NO]);
+    assert_eq!(refused(&gw, "core"), 1);
+    assert_eq!(gw.metric("outpost_core_filters"), 10);
+    // UNSUBSCRIBE frees room in the session and the connection, not in the core.
+    other
+        .send(&wire::packet(0xa2, &{
+            let mut b = 7u16.to_be_bytes().to_vec();
+            b.extend(wire::string(b"devices/dev-b/g1"));
+            b
+        }))
+        .await;
+    let p = other.expect("UNSUBACK").await;
+    assert_eq!(p.kind(), 11);
+    let f: Vec<String> = ["devices/dev-b/g1", "devices/dev-b/g4"]
+        .map(String::from)
+        .into();
+    assert_eq!(subscribe_all(&mut other, 2, &f).await, vec![0, NO]);
+    assert_eq!(refused(&gw, "core"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_are_capped_per_device() {
+    let gw = Gateway::start_with(SMALL);
+    let b = gw.issue("dev-b");
+    let mut dev = sec::device(gw.mqtts(), &b).await;
+    let retained = |topic: &str, payload: &[u8], pid: u16| {
+        let mut p = wire::publish(topic, payload, 1, pid);
+        p[0] |= 1;
+        p
+    };
+    for (i, t) in ["r1", "r2", "r3"].iter().enumerate() {
+        let pid = i as u16 + 1;
+        dev.send(&retained(&format!("devices/dev-b/{t}"), t.as_bytes(), pid))
+            .await;
+        dev.expect_exact(PUBACK, &pid.to_be_bytes(), "PUBACK").await;
+    }
+    assert_eq!(
+        gw.metric("outpost_retain_refused_total{reason=\"device\"}"),
+        1
+    );
+
+    let mut late = sec::local(gw.plain(), "late").await;
+    assert_eq!(late.subscribe(1, &[("devices/dev-b/+", 0)]).await, vec![0]);
+    dev.send(&wire::publish("devices/dev-b/end", b"sentinel", 1, 9))
+        .await;
+    dev.expect_exact(PUBACK, &9u16.to_be_bytes(), "PUBACK")
+        .await;
+    let mut got: Vec<Vec<u8>> = late
+        .payloads_until(b"sentinel")
+        .await
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![b"r1".to_vec(), b"r2".to_vec()],
+        "only two retained"
+    );
+
+    // Clearing one (empty payload) makes room again.
+    dev.send(&retained("devices/dev-b/r1", b"", 10)).await;
+    dev.expect_exact(PUBACK, &10u16.to_be_bytes(), "PUBACK")
+        .await;
+    dev.send(&retained("devices/dev-b/r3", b"r3-again", 11))
+        .await;
+    dev.expect_exact(PUBACK, &11u16.to_be_bytes(), "PUBACK")
+        .await;
+    assert_eq!(
+        gw.metric("outpost_retain_refused_total{reason=\"device\"}"),
+        1
+    );
+    let mut later = sec::local(gw.plain(), "later").await;
+    assert_eq!(later.subscribe(1, &[("devices/dev-b/+", 0)]).await, vec![0]);
+    dev.send(&wire::publish("devices/dev-b/end", b"sentinel", 1, 12))
+        .await;
+    let mut got: Vec<Vec<u8>> = later
+        .payloads_until(b"sentinel")
+        .await
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    got.sort();
+    assert_eq!(got, vec![b"r2".to_vec(), b"r3-again".to_vec()]);
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// The reported flood: 25 SUBSCRIBEs of 10,000 filters from one device, default bounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_flood_is_refused_and_does_not_grow_the_core() {
+    let gw = Gateway::start();
+    let a = gw.issue("dev-a");
+    let pid = gw.child.as_ref().unwrap().id();
+    let mut dev = sec::device(gw.mqtts(), &a).await;
+    assert_eq!(
+        dev.subscribe(1, &[("devices/dev-a/warm", 0)]).await,
+        vec![0]
+    );
+    let before = rss_kb(pid);
+    let started = std::time::Instant::now();
+    let mut admitted = 0;
+    for round in 0..25u32 {
+        let f = filters(&format!("devices/dev-a/{round}/"), 1..=10_000);
+        let codes = subscribe_all(&mut dev, round as u16 + 2, &f).await;
+        assert_eq!(codes.len(), 10_000);
+        admitted += codes.iter().filter(|c| **c != 0x80).count();
+    }
+    let took = started.elapsed();
+    let after = rss_kb(pid);
+    drop(dev);
+    println!(
+        "flood: 25 x 10,000 filters in {took:?}; admitted {admitted}; RSS {before} kB -> {after} kB"
+    );
+    // Default bounds: 100 per connection and device, the warm-up filter one of them.
+    assert_eq!(admitted, 99);
+    assert_eq!(refused(&gw, "connection"), 250_000 - 99);
+    assert!(
+        after < before + 64 * 1024,
+        "RSS grew from {before} kB to {after} kB"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Log amplification
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_warnings_are_rate_limited_per_connection() {
+    let gw = Gateway::start();
+    let a = gw.issue("dev-a");
+    let mut dev = sec::device(gw.mqtts(), &a).await;
+    let f = filters("devices/dev-b/x", 1..=5000);
+    let codes = subscribe_all(&mut dev, 1, &f).await;
+    assert_eq!(codes, vec![0x80; 5000]);
+    assert_eq!(
+        gw.metric("outpost_acl_denied_total{op=\"subscribe\"}"),
+        5000
+    );
+    assert_eq!(gw.metric("outpost_log_suppressed_total"), 4990);
+    dev.send(&wire::DISCONNECT).await;
+    assert!(dev.closed_within(LIMIT).await);
+    sec::wait_until(LIMIT, "summary line", || gw.log().contains("suppressed"));
+    let log = common::strip_ansi(&gw.log());
+    let denied = log
+        .lines()
+        .filter(|l| l.contains("subscribe denied by ACL"))
+        .count();
+    assert_eq!(denied, 10, "warning lines for 5,000 denied filters");
+    let summary: Vec<&str> = log.lines().filter(|l| l.contains("suppressed=")).collect();
+    assert_eq!(summary.len(), 1, "{summary:?}");
+    assert!(summary[0].contains("suppressed=4990"), "{summary:?}");
+}

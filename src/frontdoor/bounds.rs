@@ -71,7 +71,10 @@ impl FrontDoorConfig {
                 "frontdoor.max_filters_per_connection",
                 self.max_filters_per_connection,
             ),
-            ("frontdoor.max_filters_per_device", self.max_filters_per_device),
+            (
+                "frontdoor.max_filters_per_device",
+                self.max_filters_per_device,
+            ),
             (
                 "frontdoor.max_new_filters_per_device",
                 self.max_new_filters_per_device,

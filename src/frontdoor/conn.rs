@@ -209,12 +209,26 @@ where
         Peer::Local => super::local_core_id(&identity),
     };
 
-    if let Some(w) = &connect.will {
+    let mut connect = connect;
+    if let Some(w) = &mut connect.will {
         if !rules.may_publish(&identity, &w.topic) {
             shared.metrics.inc(|m| &m.acl_denied_publish);
             tracing::warn!(device = %identity, topic = %w.topic, "will topic denied by ACL: refused");
             refuse(&mut cwr, mqtt::CONNACK_NOT_AUTHORIZED).await;
             return End::ClientClosed;
+        }
+        // A retained will is a retained message the core may store: counted like one now.
+        if w.retain && !w.payload.is_empty() {
+            let bytes = w.topic.len() + w.payload.len();
+            if let Err(r) =
+                shared
+                    .bounds
+                    .admit_retained(&shared.cfg.frontdoor, &core_id, &w.topic, bytes)
+            {
+                count_retain_refused(shared, r);
+                tracing::warn!(topic = %w.topic, reason = r.label(), "retained will over the bound: will kept, retain flag cleared");
+                w.retain = false;
+            }
         }
     }
     if let Some(s) = &serial {
@@ -236,6 +250,8 @@ where
             }
         },
     };
+    let clean = connect.clean_session;
+    shared.bounds.session_start(&core_id, clean);
     let end = connected_session(
         &mut crd,
         cwr,
@@ -252,6 +268,7 @@ where
         &lease.kicked,
     )
     .await;
+    shared.bounds.session_end(&core_id, clean);
     drop(lease);
     shared.sessions.release(&core_id);
     end
@@ -317,6 +334,9 @@ where
 
     let mut upstream_state = Upstream {
         identity: &identity,
+        core_id: &core_id,
+        filters: HashSet::new(),
+        warn: super::bounds::WarnLimiter::new(&shared.cfg.frontdoor),
         rules,
         policy: shared.cfg.acl.on_denied_publish,
         max_packet: limits.max_packet_size,
@@ -398,6 +418,13 @@ where
     }
 }
 
+fn count_retain_refused(shared: &Shared, r: super::bounds::RetainRefusal) {
+    match r {
+        super::bounds::RetainRefusal::Device => shared.metrics.inc(|m| &m.retain_refused_device),
+        super::bounds::RetainRefusal::Total => shared.metrics.inc(|m| &m.retain_refused_bytes),
+    }
+}
+
 /// Answer CONNECT with a refusal and close the stream cleanly (TLS close_notify included).
 async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, code: u8) {
     let _ = w.write_all(&mqtt::connack(false, code)).await;
@@ -412,6 +439,12 @@ async fn read_more<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> std:
 
 struct Upstream<'a> {
     identity: &'a str,
+    /// The identity as the core knows it (`local~X` for local clients): what bounds count.
+    core_id: &'a str,
+    /// Filters subscribed on this connection (at most `frontdoor.max_filters_per_connection`).
+    filters: HashSet<String>,
+    /// Per-connection budget of warning lines.
+    warn: super::bounds::WarnLimiter,
     rules: &'a Rules,
     policy: DeniedPublish,
     max_packet: usize,
@@ -423,6 +456,15 @@ struct Upstream<'a> {
 }
 
 impl Upstream<'_> {
+    /// Whether the next per-packet warning may be logged (else it is counted).
+    fn warn_allowed(&mut self) -> bool {
+        let ok = self.warn.allow();
+        if !ok {
+            self.shared.metrics.inc(|m| &m.log_suppressed);
+        }
+        ok
+    }
+
     async fn local(&self, msg: Local) -> Result<(), End> {
         self.ltx.send(msg).await.map_err(|_| End::CoreClosed)
     }
@@ -444,9 +486,33 @@ impl Upstream<'_> {
                         mqtt::parse_publish(flags, body).map_err(End::Malformed)?;
                     if self.rules.may_publish(self.identity, &topic) {
                         self.shared.metrics.inc(|m| &m.messages_in);
+                        let skip = 2 + topic.len() + if qos > 0 { 2 } else { 0 };
+                        let payload_len = body.len().saturating_sub(skip);
+                        let mut unretain = false;
+                        if payload_len == 0 {
+                            // The core clears the topic's retained message on any empty
+                            // payload, retained or not.
+                            self.shared.bounds.retained_cleared(&topic);
+                        } else if flags & 1 == 1 {
+                            if let Err(r) = self.shared.bounds.admit_retained(
+                                &self.shared.cfg.frontdoor,
+                                self.core_id,
+                                &topic,
+                                topic.len() + payload_len,
+                            ) {
+                                count_retain_refused(self.shared, r);
+                                if self.warn_allowed() {
+                                    tracing::warn!(client = %self.identity, %topic, reason = r.label(), "retained message over the bound: delivered, not retained");
+                                }
+                                unretain = true;
+                            }
+                        }
+                        self.shared.metrics.retained_bytes.store(
+                            self.shared.bounds.retained_bytes() as i64,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
                         if let Some(up) = &self.shared.uplink {
                             if up.mapping.up(&topic).is_some() {
-                                let skip = 2 + topic.len() + if qos > 0 { 2 } else { 0 };
                                 durable.push(crate::uplink::queue::Message {
                                     device: self.identity.to_string(),
                                     payload: bytes::Bytes::copy_from_slice(
@@ -462,10 +528,16 @@ impl Upstream<'_> {
                             self.awaiting
                                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
+                        let start = out.len();
                         out.extend_from_slice(&buf[..total]);
+                        if unretain {
+                            out[start] &= !1;
+                        }
                     } else {
                         self.shared.metrics.inc(|m| &m.acl_denied_publish);
-                        tracing::warn!(device = %self.identity, %topic, qos, "publish denied by ACL");
+                        if self.warn_allowed() {
+                            tracing::warn!(device = %self.identity, %topic, qos, "publish denied by ACL");
+                        }
                         if self.policy == DeniedPublish::Disconnect {
                             return Err(End::DeniedPublish(topic));
                         }
@@ -493,17 +565,47 @@ impl Upstream<'_> {
                 mqtt::SUBSCRIBE => {
                     let sub = mqtt::parse_subscribe(body).map_err(End::Malformed)?;
                     let mut template = Vec::with_capacity(sub.filters.len());
-                    let mut allowed = Vec::with_capacity(sub.filters.len());
-                    for (f, q) in &sub.filters {
+                    let mut permitted = Vec::with_capacity(sub.filters.len());
+                    for (i, (f, _)) in sub.filters.iter().enumerate() {
                         if self.rules.may_subscribe(self.identity, f) {
                             template.push(None);
-                            allowed.push((f.clone(), *q));
+                            permitted.push(i);
                         } else {
                             self.shared.metrics.inc(|m| &m.acl_denied_subscribe);
-                            tracing::warn!(device = %self.identity, filter = %f, "subscribe denied by ACL");
+                            if self.warn_allowed() {
+                                tracing::warn!(device = %self.identity, filter = %f, "subscribe denied by ACL");
+                            }
                             template.push(Some(mqtt::SUBACK_FAILURE));
                         }
                     }
+                    // Then the bounds: what this connection and identity may make the core hold.
+                    let verdicts = self.shared.bounds.admit_filters(
+                        &self.shared.cfg.frontdoor,
+                        self.core_id,
+                        &mut self.filters,
+                        permitted.iter().map(|&i| sub.filters[i].0.as_str()),
+                    );
+                    let mut allowed = Vec::with_capacity(permitted.len());
+                    for (i, v) in permitted.into_iter().zip(verdicts) {
+                        match v {
+                            Ok(()) => allowed.push(sub.filters[i].clone()),
+                            Err(r) => {
+                                let n = super::bounds::FilterRefusal::ALL
+                                    .iter()
+                                    .position(|x| *x == r)
+                                    .unwrap_or(0);
+                                self.shared.metrics.inc(|m| &m.subscribe_refused[n]);
+                                if self.warn_allowed() {
+                                    tracing::warn!(client = %self.identity, filter = %sub.filters[i].0, reason = r.label(), "subscribe refused: over a bound");
+                                }
+                                template[i] = Some(mqtt::SUBACK_FAILURE);
+                            }
+                        }
+                    }
+                    self.shared.metrics.core_filters.store(
+                        self.shared.bounds.core_filters() as i64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     if allowed.is_empty() {
                         let codes: Vec<u8> = template
                             .iter()
@@ -524,7 +626,14 @@ impl Upstream<'_> {
                 mqtt::CONNECT => {
                     return Err(End::Malformed(MqttError::UnexpectedType(mqtt::CONNECT)))
                 }
-                mqtt::PUBACK | mqtt::PUBREC | mqtt::PUBCOMP | mqtt::UNSUBSCRIBE => {
+                mqtt::UNSUBSCRIBE => {
+                    let (_, filters) = mqtt::parse_unsubscribe(body).map_err(End::Malformed)?;
+                    self.shared
+                        .bounds
+                        .unsubscribe(self.core_id, &mut self.filters, &filters);
+                    out.extend_from_slice(&buf[..total]);
+                }
+                mqtt::PUBACK | mqtt::PUBREC | mqtt::PUBCOMP => {
                     mqtt::parse_pid(body).map_err(End::Malformed)?;
                     out.extend_from_slice(&buf[..total]);
                 }

@@ -6,6 +6,7 @@
 //! handshake the identity comes from the certificate; [`conn`] then proxies MQTT to the
 //! routing core and enforces the ACL packet by packet.
 
+pub mod bounds;
 pub mod conn;
 pub mod mqtt;
 
@@ -236,6 +237,8 @@ pub struct Shared {
     pub permits: Arc<Semaphore>,
     /// One live session per identity: a new connection takes over from the old one.
     pub sessions: SessionRegistry,
+    /// What each identity holds in the core (filters, retained messages), bounded.
+    pub bounds: bounds::Bounds,
     /// Set when the uplink is enabled: PUBLISHes on uplink topics are made durable first.
     pub uplink: Option<crate::uplink::UplinkHandle>,
 }
@@ -252,6 +255,7 @@ impl Shared {
             local_rules: Rules::new(&cfg.acl.local_publish, &cfg.acl.local_subscribe)?,
             permits: Arc::new(Semaphore::new(cfg.limits.max_connections)),
             sessions: SessionRegistry::default(),
+            bounds: bounds::Bounds::default(),
             cfg,
             broker,
             metrics,

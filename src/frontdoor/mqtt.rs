@@ -48,7 +48,7 @@ pub enum MqttError {
     BadConnectFlags,
     #[error("QoS 3 is not a QoS")]
     BadQos,
-    #[error("SUBSCRIBE carries no filter")]
+    #[error("SUBSCRIBE or UNSUBSCRIBE carries no filter")]
     EmptySubscribe,
     #[error("packet identifier 0 is not allowed")]
     ZeroPacketId,
@@ -336,6 +336,23 @@ pub fn parse_subscribe(body: &[u8]) -> Result<Subscribe, MqttError> {
     Ok(Subscribe { pid, filters })
 }
 
+/// Packet id and filters of an UNSUBSCRIBE body.
+pub fn parse_unsubscribe(body: &[u8]) -> Result<(u16, Vec<String>), MqttError> {
+    let mut r = Reader { b: body };
+    let pid = r.u16()?;
+    if pid == 0 {
+        return Err(MqttError::ZeroPacketId);
+    }
+    let mut filters = Vec::new();
+    while !r.b.is_empty() {
+        filters.push(r.string()?);
+    }
+    if filters.is_empty() {
+        return Err(MqttError::EmptySubscribe);
+    }
+    Ok((pid, filters))
+}
+
 pub fn encode_subscribe(s: &Subscribe) -> Bytes {
     let mut body = BytesMut::new();
     body.put_u16(s.pid);
@@ -449,6 +466,7 @@ mod tests {
             let _ = parse_connect(&data);
             let _ = parse_publish(flags, &data);
             let _ = parse_subscribe(&data);
+            let _ = parse_unsubscribe(&data);
             let _ = parse_pid(&data);
         }
 
