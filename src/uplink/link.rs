@@ -276,6 +276,11 @@ impl Session {
         let mut evidence = false;
         // When the cloud broker last answered anything on the session.
         let mut last_evidence = Instant::now();
+        // When the broker began to owe an answer: the send time of the first publish that
+        // went out while nothing was outstanding. Silence before it is not evidence of
+        // anything (nothing was asked), so the heartbeat timeout counts from the later of the
+        // two, and every request gets the whole `heartbeat_timeout` for its round trip.
+        let mut owed_since = Instant::now();
         let mut heartbeat: Option<Instant> = None;
         let mut probe: Option<tokio::task::JoinHandle<Result<Duration, String>>> = None;
         // The last TCP+TLS probe failed: when one succeeds again the endpoint came back, and
@@ -371,6 +376,9 @@ impl Session {
                                 {
                                     break;
                                 }
+                                if inflight.is_empty() && unmapped.is_empty() {
+                                    owed_since = Instant::now();
+                                }
                                 unmapped.push_back(Slot::Data { seq, size });
                                 outstanding += 1;
                                 self.stats.published.fetch_add(1, Ordering::Relaxed);
@@ -406,13 +414,24 @@ impl Session {
                 }
                 _ = durable.changed() => {}
                 Ok(()) = sent_durable.changed(), if mark_blocked => {}
-                // Something is waiting for an answer and the broker has said nothing for
-                // heartbeat_timeout: the link is dead even if TCP has not noticed.
-                _ = tokio::time::sleep_until(last_evidence + d.heartbeat_timeout),
+                // Something has been waiting for an answer for heartbeat_timeout and the broker
+                // has said nothing since: the link is dead even if TCP has not noticed.
+                _ = tokio::time::sleep_until(last_evidence.max(owed_since) + d.heartbeat_timeout),
                     if connected && (heartbeat.is_some() || !inflight.is_empty() || !unmapped.is_empty()) => {
-                    heartbeat = None;
-                    last_evidence = Instant::now();
-                    verdict = Some(Verdict::Failed("no MQTT round trip within heartbeat_timeout"));
+                    // An answer may already be waiting behind a busy runtime: look first.
+                    if let Some(l) = link.as_mut() {
+                        while events.len() < 256 {
+                            match l.events.try_recv() {
+                                Ok(ev) => events.push(ev),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    if !events.iter().any(|e| matches!(e, Ok(Event::Incoming(_)))) {
+                        heartbeat = None;
+                        last_evidence = Instant::now();
+                        verdict = Some(Verdict::Failed("no MQTT round trip within heartbeat_timeout"));
+                    }
                 }
                 r = async { probe.as_mut().expect("guarded").await }, if probe.is_some() => {
                     probe = None;
@@ -452,6 +471,9 @@ impl Session {
                             && l.client.try_publish(heartbeat_topic.as_str(), QoS::AtLeastOnce, false, now_ms().to_string()).is_ok() {
                             let now = Instant::now();
                             heartbeat = Some(now);
+                            if inflight.is_empty() && unmapped.is_empty() {
+                                owed_since = now;
+                            }
                             unmapped.push_back(Slot::Heartbeat { sent: now });
                             self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
                         }
