@@ -25,11 +25,18 @@
 //!   then 250 ms · 2^n exactly). Measured from the restore: time until all have a CONNACK,
 //!   p50/p99 per device, broker peak CPU and RSS (sampled every 100 ms), connection errors.
 //!   Anchor (same run, same clients and CA): Mosquitto with TLS and `require_certificate`.
+//! * **Memory** (`memory`, not run by default; issue 10). The same rig and clients: RSS of
+//!   the idle broker, with `BENCH_STORM` idle TLS devices connected, after each of
+//!   `BENCH_STORMS` reconnect storms in a row (`BENCH_MEMORY_POLICY`, read `BENCH_SETTLE_MS`
+//!   after all are back), and once all clients are gone. A leak keeps growing from storm to
+//!   storm; allocator retention plateaus. Anchor: Mosquitto, the same clients, after Outpost.
 //!
 //! Environment: BENCH_REGISTRATIONS (1000), BENCH_STORM (1000), BENCH_PHASES
-//! (`restore,storm`), BENCH_VARIANTS (`jitter,nojitter`), BENCH_OUTAGE_MS (1000),
-//! BENCH_POLL_MS (500), BENCH_ANCHOR_RUNS (2), BENCH_CLI_SAMPLE (20: vouchers imported with
-//! `outpost voucher import`, one call each, to time that path), BENCH_TIMEOUT_S (300).
+//! (`restore,storm`; `memory` on request), BENCH_VARIANTS (`jitter,nojitter`),
+//! BENCH_OUTAGE_MS (1000), BENCH_POLL_MS (500), BENCH_ANCHOR_RUNS (2), BENCH_CLI_SAMPLE (20:
+//! vouchers imported with `outpost voucher import`, one call each, to time that path),
+//! BENCH_TIMEOUT_S (300), BENCH_STORMS (10), BENCH_SETTLE_MS (3000), BENCH_MEMORY_POLICY
+//! (`nojitter`).
 //! The soft RLIMIT_NOFILE is raised to the hard limit (inherited by the brokers).
 //!
 //! Does nothing unless run by `cargo bench` (`--bench`), and nothing for `--list`.
@@ -69,6 +76,9 @@ struct Params {
     anchor_runs: usize,
     cli_sample: usize,
     timeout: Duration,
+    storms: usize,
+    settle: Duration,
+    memory_policy: String,
 }
 
 impl Params {
@@ -83,6 +93,9 @@ impl Params {
             anchor_runs: env_or("BENCH_ANCHOR_RUNS", 2usize),
             cli_sample: env_or("BENCH_CLI_SAMPLE", 20usize),
             timeout: Duration::from_secs(env_or("BENCH_TIMEOUT_S", 300u64)),
+            storms: env_or("BENCH_STORMS", 10usize).max(1),
+            settle: Duration::from_millis(env_or("BENCH_SETTLE_MS", 3000u64)),
+            memory_policy: env_or("BENCH_MEMORY_POLICY", "nojitter".to_string()),
         }
     }
     fn phase(&self, name: &str) -> bool {
@@ -975,13 +988,29 @@ fn storm_run(
     }
 }
 
-fn storm_phase(p: &Params) {
-    let n = p.storm;
-    println!();
-    println!(
-        "== Reconnect storm: {n} TLS MQTT devices, outage {} ms (proxy Reset), then restore ==",
-        p.outage.as_millis()
-    );
+/// The brokers of the storm and memory phases: the gateway (release binary, defaults) and
+/// Mosquitto (TLS, `require_certificate`, the same CA and server certificate), each behind
+/// its own fault proxy, and `n` device client configs (certificates signed in-process by the
+/// gateway CA's key, CN = device id).
+struct Rig {
+    /// Kept for its lifetime (the process and its temp dir).
+    _gw: Gateway,
+    gw_pid: u32,
+    tls: Vec<(String, Arc<rustls::ClientConfig>)>,
+    mosq: std::process::Child,
+    mosq_pid: u32,
+    gw_proxy: Proxy,
+    mq_proxy: Proxy,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = self.mosq.kill();
+        let _ = self.mosq.wait();
+    }
+}
+
+fn rig(n: usize) -> Rig {
     common::require_mosquitto();
     let gw = Gateway::start_with("");
     let gw_pid = gw.child.as_ref().unwrap().id();
@@ -1043,7 +1072,7 @@ fn storm_phase(p: &Params) {
         ),
     )
     .unwrap();
-    let mut mosq = std::process::Command::new("mosquitto")
+    let mosq = std::process::Command::new("mosquitto")
         .arg("-c")
         .arg(&conf)
         .stdout(std::process::Stdio::null())
@@ -1062,6 +1091,26 @@ fn storm_phase(p: &Params) {
     let mosq_pid = mosq.id();
     let gw_proxy = Proxy::start(gw.mqtts());
     let mq_proxy = Proxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], mport)));
+    Rig {
+        _gw: gw,
+        gw_pid,
+        tls,
+        mosq,
+        mosq_pid,
+        gw_proxy,
+        mq_proxy,
+    }
+}
+
+fn storm_phase(p: &Params) {
+    let n = p.storm;
+    println!();
+    println!(
+        "== Reconnect storm: {n} TLS MQTT devices, outage {} ms (proxy Reset), then restore ==",
+        p.outage.as_millis()
+    );
+    let rig = rig(n);
+    let (gw_pid, mosq_pid, tls) = (rig.gw_pid, rig.mosq_pid, &rig.tls);
     println!(
         "idle RSS: outpost {} kB, mosquitto {} kB; load avg {}",
         proc_kb(gw_pid, "VmRSS"),
@@ -1078,10 +1127,20 @@ fn storm_phase(p: &Params) {
             other => panic!("unknown variant {other:?}"),
         };
         for (name, pid, proxy, other) in [
-            ("outpost", gw_pid, &gw_proxy, ("mosquitto (idle)", mosq_pid)),
-            ("mosquitto", mosq_pid, &mq_proxy, ("outpost (idle)", gw_pid)),
+            (
+                "outpost",
+                gw_pid,
+                &rig.gw_proxy,
+                ("mosquitto (idle)", mosq_pid),
+            ),
+            (
+                "mosquitto",
+                mosq_pid,
+                &rig.mq_proxy,
+                ("outpost (idle)", gw_pid),
+            ),
         ] {
-            let r = storm_run(&rt, p, name, pid, &[other], proxy, &tls, policy);
+            let r = storm_run(&rt, p, name, pid, &[other], proxy, tls, policy);
             println!(
                 "{name}, {policy:?}: initial connect {:.1} s; {}; load avg {}",
                 r.initial.as_secs_f64(),
@@ -1130,9 +1189,225 @@ fn storm_phase(p: &Params) {
         proc_kb(gw_pid, "VmHWM") as f64 / 1024.0,
         proc_kb(mosq_pid, "VmHWM") as f64 / 1024.0
     );
-    let _ = mosq.kill();
-    let _ = mosq.wait();
-    drop(gw);
+    drop(rig);
+}
+
+/// RSS of a process, its anonymous part, and its thread count, from `/proc/PID/status`.
+#[derive(Clone, Copy, Default)]
+struct Mem {
+    rss_kb: u64,
+    anon_kb: u64,
+    threads: u64,
+}
+
+fn mem_of(pid: u32) -> Mem {
+    Mem {
+        rss_kb: proc_kb(pid, "VmRSS"),
+        anon_kb: proc_kb(pid, "RssAnon"),
+        threads: proc_kb(pid, "Threads"),
+    }
+}
+
+struct MemoryResult {
+    broker: &'static str,
+    idle: Mem,
+    connected: Mem,
+    /// After each storm, once all are back and the broker has settled.
+    storms: Vec<(Mem, Option<Duration>)>,
+    /// After every client has gone (aborted) and the broker has settled.
+    after: Mem,
+    peak_kb: u64,
+}
+
+/// Idle RSS; `n` idle TLS devices; `p.storms` reconnect storms in a row (the proxy resets
+/// every connection for `p.outage`, then passes again), RSS after each once all are back
+/// and `p.settle` has passed; then all clients gone.
+#[allow(clippy::too_many_arguments)]
+fn memory_run(
+    rt: &tokio::runtime::Runtime,
+    p: &Params,
+    broker: &'static str,
+    pid: u32,
+    proxy: &Proxy,
+    tls: &[(String, Arc<rustls::ClientConfig>)],
+    policy: Policy,
+) -> MemoryResult {
+    let n = tls.len();
+    proxy.set(Fault::Pass);
+    std::thread::sleep(p.settle);
+    let idle = mem_of(pid);
+    let st = Arc::new(Storm {
+        devs: (0..n).map(|_| Mutex::new(DevState::default())).collect(),
+        connected: AtomicUsize::new(0),
+        lost_at: Mutex::new(None),
+        restored_at: Mutex::new(None),
+        errors_outage: AtomicUsize::new(0),
+        errors_after: Mutex::new(HashMap::new()),
+        stop: AtomicBool::new(false),
+    });
+    let t_init = Instant::now();
+    let port = proxy.addr.port();
+    let mut tasks = Vec::new();
+    for (i, (id, cfg)) in tls.iter().enumerate() {
+        let _g = rt.enter();
+        tasks.push(rt.spawn(storm_client(
+            i,
+            port,
+            id.clone(),
+            cfg.clone(),
+            policy,
+            st.clone(),
+        )));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    while st.connected.load(Ordering::SeqCst) < n {
+        assert!(
+            t_init.elapsed() < p.timeout,
+            "{broker}: only {} of {n} connected initially",
+            st.connected.load(Ordering::SeqCst)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(p.settle);
+    let connected = mem_of(pid);
+    println!(
+        "{broker}: idle {:.1} MB; {n} idle TLS devices {:.1} MB (connected in {:.1} s)",
+        idle.rss_kb as f64 / 1024.0,
+        connected.rss_kb as f64 / 1024.0,
+        t_init.elapsed().as_secs_f64()
+    );
+    let mut storms = Vec::new();
+    for s in 1..=p.storms {
+        for d in &st.devs {
+            d.lock().unwrap().back = None;
+        }
+        *st.lost_at.lock().unwrap() = Some(Instant::now());
+        proxy.set(Fault::Reset);
+        std::thread::sleep(p.outage);
+        let t0 = Instant::now();
+        *st.restored_at.lock().unwrap() = Some(t0);
+        proxy.set(Fault::Pass);
+        let all = loop {
+            let back: Vec<Instant> = st
+                .devs
+                .iter()
+                .filter_map(|d| d.lock().unwrap().back)
+                .collect();
+            if back.len() == n {
+                break back
+                    .iter()
+                    .max()
+                    .map(|last| last.saturating_duration_since(t0));
+            }
+            if t0.elapsed() > p.timeout {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        std::thread::sleep(p.settle);
+        let m = mem_of(pid);
+        println!(
+            "{broker}: storm {s}: all back in {}; RSS {:.1} MB; load avg {}",
+            all.map(|d| format!("{:.2} s", d.as_secs_f64()))
+                .unwrap_or_else(|| "NOT ALL".into()),
+            m.rss_kb as f64 / 1024.0,
+            loadavg()
+        );
+        storms.push((m, all));
+    }
+    st.stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.abort();
+    }
+    std::thread::sleep(p.settle);
+    MemoryResult {
+        broker,
+        idle,
+        connected,
+        storms,
+        after: mem_of(pid),
+        peak_kb: proc_kb(pid, "VmHWM"),
+    }
+}
+
+fn memory_phase(p: &Params) {
+    let n = p.storm;
+    let policy = match p.memory_policy.trim() {
+        "jitter" => Policy::Jitter,
+        "nojitter" => Policy::NoJitter,
+        other => panic!("unknown BENCH_MEMORY_POLICY {other:?}"),
+    };
+    println!();
+    println!(
+        "== Memory: idle, {n} idle TLS devices, {} reconnect storms ({policy:?}, outage {} ms), settle {} ms before each reading ==",
+        p.storms,
+        p.outage.as_millis(),
+        p.settle.as_millis()
+    );
+    let rig = rig(n);
+    let rt = runtime(2);
+    let mut results = Vec::new();
+    for (name, pid, proxy) in [
+        ("outpost", rig.gw_pid, &rig.gw_proxy),
+        ("mosquitto", rig.mosq_pid, &rig.mq_proxy),
+    ] {
+        results.push(memory_run(&rt, p, name, pid, proxy, &rig.tls, policy));
+    }
+    let mb = |m: &Mem| format!("{:.1}", m.rss_kb as f64 / 1024.0);
+    println!();
+    println!("| broker | idle (MB) | {n} idle TLS devices (MB) | per connection (kB) | after storm 1 | after storm {} | storm {} / storm 1 | all gone (MB) | VmHWM (MB) | threads idle → connected |", p.storms, p.storms);
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    for r in &results {
+        let first = r.storms.first().map(|s| s.0);
+        let last = r.storms.last().map(|s| s.0);
+        println!(
+            "| {} | {} | {} | {:.1} | {} | {} | {} | {} | {:.1} | {} → {} |",
+            r.broker,
+            mb(&r.idle),
+            mb(&r.connected),
+            (r.connected.rss_kb.saturating_sub(r.idle.rss_kb)) as f64 / n as f64,
+            first.map(|m| mb(&m)).unwrap_or_else(|| "-".into()),
+            last.map(|m| mb(&m)).unwrap_or_else(|| "-".into()),
+            match (first, last) {
+                (Some(a), Some(b)) if a.rss_kb > 0 => format!(
+                    "{:+.1} %",
+                    (b.rss_kb as f64 / a.rss_kb as f64 - 1.0) * 100.0
+                ),
+                _ => "-".into(),
+            },
+            mb(&r.after),
+            r.peak_kb as f64 / 1024.0,
+            r.idle.threads,
+            r.connected.threads,
+        );
+    }
+    println!();
+    println!("RSS after each storm (MB), anonymous part in brackets; time until all were back:");
+    for r in &results {
+        let row: Vec<String> = r
+            .storms
+            .iter()
+            .map(|(m, all)| {
+                format!(
+                    "{} ({}; {})",
+                    mb(m),
+                    m.anon_kb / 1024,
+                    all.map(|d| format!("{:.1} s", d.as_secs_f64()))
+                        .unwrap_or_else(|| "NOT ALL".into())
+                )
+            })
+            .collect();
+        println!(
+            "{}: idle {} ({}), connected {} ({}): {}",
+            r.broker,
+            mb(&r.idle),
+            r.idle.anon_kb / 1024,
+            mb(&r.connected),
+            r.connected.anon_kb / 1024,
+            row.join(", ")
+        );
+    }
+    drop(rig);
 }
 
 fn main() {
@@ -1164,6 +1439,9 @@ fn main() {
     }
     if p.phase("storm") {
         storm_phase(&p);
+    }
+    if p.phase("memory") {
+        memory_phase(&p);
     }
     println!();
     println!("load avg at the end: {}", loadavg());

@@ -29,6 +29,8 @@ const CERTS_BY_ID: &str = "certs_by_id";
 const VOUCHERS: &str = "vouchers";
 const KEY_SCHEMA: &[u8] = b"schema_version";
 const KEY_CRL_NUMBER: &[u8] = b"crl_number";
+/// Bytes of sled's page cache (its default is 1 GiB).
+const CACHE_CAPACITY: u64 = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -572,6 +574,9 @@ impl Store {
                 // sled's own background flush (its default, stated because the uplink
                 // queue relies on it to bound how long a removal stays un-flushed).
                 .flush_every_ms(Some(500))
+                // sled's page cache defaults to 1 GiB; the gateway's data (CA, certificates,
+                // vouchers, the uplink queue) needs far less, and a gateway is a small box.
+                .cache_capacity(CACHE_CAPACITY)
                 .open()
             {
                 Ok(db) => break db,

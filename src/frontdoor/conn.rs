@@ -77,7 +77,13 @@ enum Local {
     Drain,
 }
 
-const READ_CHUNK: usize = 16 * 1024;
+/// Read buffers are sized to need: a read reserves `chunk` bytes, which starts at
+/// `READ_MIN`, doubles (up to `READ_MAX`) while reads fill what was reserved, and falls back
+/// to `READ_MIN` after a small read; an empty buffer that grew past twice the chunk is given
+/// back. An idle connection (a PINGREQ now and then) so holds about `READ_MIN` per direction
+/// instead of `READ_MAX`, and a burst still reads up to `READ_MAX` at a time.
+const READ_MIN: usize = 1024;
+const READ_MAX: usize = 16 * 1024;
 /// How long a new connection waits for the previous session of its identity to end.
 const TAKE_OVER_LIMIT: Duration = Duration::from_secs(5);
 const DRAIN_QUIET: Duration = Duration::from_millis(50);
@@ -131,7 +137,7 @@ async fn read_connect<R: AsyncRead + Unpin>(
             buf.advance(total);
             return c;
         }
-        buf.reserve(READ_CHUNK);
+        buf.reserve(READ_MIN);
         match rd.read_buf(buf).await {
             Ok(0) => return Err(End::ClientClosed),
             Ok(_) => {}
@@ -146,7 +152,7 @@ where
 {
     let limits = &shared.cfg.limits;
     let (mut crd, mut cwr) = tokio::io::split(stream);
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = BytesMut::with_capacity(READ_MIN);
 
     let connect = tokio::select! {
         _ = cancel.cancelled() => return End::Shutdown,
@@ -295,6 +301,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let limits = &shared.cfg.limits;
+    let mut chunk = READ_MIN;
     let core = match dial_core(&shared.broker).await {
         Ok(c) => c,
         Err(e) => {
@@ -398,7 +405,7 @@ where
                 return End::Expired;
             }
             end = &mut downstream.0 => return end.unwrap_or(End::CoreClosed),
-            r = read_more(&mut crd, buf) => {
+            r = read_more(&mut crd, buf, &mut chunk) => {
                 match r {
                     Ok(0) => { let _ = bwr.shutdown().await; return End::ClientClosed; }
                     Ok(n) => shared.metrics.add(|m| &m.bytes_in, n as u64),
@@ -432,9 +439,27 @@ async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, code: u8) {
     let _ = w.shutdown().await;
 }
 
-async fn read_more<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
-    buf.reserve(READ_CHUNK);
-    rd.read_buf(buf).await
+/// Read more into `buf`, sized by `chunk` (see `READ_MIN`). Cancel-safe: nothing is read
+/// if the future is dropped before it completes.
+async fn read_more<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    chunk: &mut usize,
+) -> std::io::Result<usize> {
+    if buf.is_empty() && buf.capacity() > *chunk * 2 {
+        *buf = BytesMut::new();
+    }
+    buf.reserve(*chunk);
+    let room = buf.capacity() - buf.len();
+    let n = rd.read_buf(buf).await?;
+    *chunk = if n >= room {
+        (*chunk * 2).min(READ_MAX)
+    } else if n < READ_MIN {
+        READ_MIN
+    } else {
+        *chunk
+    };
+    Ok(n)
 }
 
 struct Upstream<'a> {
@@ -680,7 +705,8 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = BytesMut::with_capacity(READ_MIN);
+    let mut chunk = READ_MIN;
     let mut pending: HashMap<u16, Vec<Option<u8>>> = HashMap::new();
     let mut local_open = true;
     let mut quiet_until: Option<tokio::time::Instant> = None;
@@ -702,7 +728,7 @@ where
                 let _ = client.shutdown().await;
                 return End::Shutdown;
             }
-            r = read_more(&mut core, &mut buf) => {
+            r = read_more(&mut core, &mut buf, &mut chunk) => {
                 match r {
                     Ok(0) => { let _ = client.shutdown().await; return End::CoreClosed; }
                     Ok(_) => {}
