@@ -5,6 +5,7 @@
 //! SUBSCRIBE filter is allowed only when *every* topic it could match is covered by one
 //! pattern (so `devices/+/x` is refused to a device allowed only `devices/{id}/#`).
 
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -192,6 +193,43 @@ impl Rules {
 
     pub fn may_subscribe(&self, id: &str, filter: &str) -> bool {
         validate_filter(filter).is_ok() && self.subscribe.iter().any(|p| p.covers(id, filter))
+    }
+}
+
+// --- configuration section
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeniedPublish {
+    /// Acknowledge according to QoS and discard (MQTT 3.1.1 section 3.3.5).
+    Drop,
+    /// Close the network connection.
+    Disconnect,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AclConfig {
+    /// Topic patterns every device may publish to; `{id}` is the device identity.
+    pub device_publish: Vec<String>,
+    /// Topic patterns every device may subscribe to.
+    pub device_subscribe: Vec<String>,
+    /// Patterns for clients on the plain (loopback) listener; `{id}` is their client id.
+    pub local_publish: Vec<String>,
+    pub local_subscribe: Vec<String>,
+    /// What happens to a PUBLISH the ACL denies.
+    pub on_denied_publish: DeniedPublish,
+}
+
+impl Default for AclConfig {
+    fn default() -> Self {
+        AclConfig {
+            device_publish: vec!["devices/{id}/#".into()],
+            device_subscribe: vec!["devices/{id}/#".into(), "outpost/uplink/state".into()],
+            local_publish: vec!["#".into()],
+            local_subscribe: vec!["#".into()],
+            on_denied_publish: DeniedPublish::Drop,
+        }
     }
 }
 

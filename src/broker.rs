@@ -5,8 +5,8 @@
 //! process that finds the port is refused at CONNECT, so the front door (TLS, identity,
 //! ACLs, revocation, limits) cannot be bypassed.
 
-use crate::config::Config;
 use rand::RngCore;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -63,7 +63,18 @@ pub fn local_client(
     client
 }
 
-pub fn start(cfg: &Config) -> Result<BrokerLink, BrokerError> {
+/// What the routing core must admit, from the front door's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct CoreLimits {
+    /// The largest MQTT packet a client may send (the core allows CONNECT headroom on top).
+    pub max_packet_size: usize,
+    /// QoS 1/2 messages in flight per connection.
+    pub max_inflight: usize,
+    /// Client connections (the core adds the gateway's own clients).
+    pub max_connections: usize,
+}
+
+pub fn start(cfg: &BrokerConfig, limits: CoreLimits) -> Result<BrokerLink, BrokerError> {
     let mut raw = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut raw);
     let secret: Arc<str> = Arc::from(hex::encode(raw));
@@ -75,8 +86,8 @@ pub fn start(cfg: &Config) -> Result<BrokerLink, BrokerError> {
 
     let mut connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 5000,
-        max_payload_size: cfg.limits.max_packet_size + CONNECT_HEADROOM,
-        max_inflight_count: cfg.limits.max_inflight,
+        max_payload_size: limits.max_packet_size + CONNECT_HEADROOM,
+        max_inflight_count: limits.max_inflight,
         auth: None,
         external_auth: None,
         dynamic_filters: true,
@@ -94,10 +105,10 @@ pub fn start(cfg: &Config) -> Result<BrokerLink, BrokerError> {
         connections,
     };
     let router = rumqttd::RouterConfig {
-        max_connections: cfg.limits.max_connections + 16,
+        max_connections: limits.max_connections + 16,
         max_outgoing_packet_count: 200,
-        max_segment_size: cfg.broker.segment_size,
-        max_segment_count: cfg.broker.segment_count,
+        max_segment_size: cfg.segment_size,
+        max_segment_count: cfg.segment_count,
         custom_segment: None,
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
@@ -152,4 +163,25 @@ fn probe(addr: SocketAddr, secret: &str) -> bool {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+// --- configuration section
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Bytes per in-memory log segment of each topic in the routing core.
+    pub segment_size: usize,
+    /// Segments kept per topic; a subscriber further behind than
+    /// `segment_size * segment_count` bytes loses the oldest messages.
+    pub segment_count: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            segment_size: 2 * 1024 * 1024,
+            segment_count: 4,
+        }
+    }
 }

@@ -8,7 +8,6 @@
 //! [`CaHandle`] talks to the owner thread that holds it inside a running gateway.
 
 use crate::acl::validate_identity;
-use crate::config::CaConfig;
 use crate::store::{CertRecord, Store, StoreError};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams,
@@ -16,6 +15,7 @@ use rcgen::{
     Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SanType, SerialNumber,
     PKCS_ECDSA_P256_SHA256,
 };
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::io::Write;
@@ -719,6 +719,43 @@ impl CaHandle {
 
     pub fn ca_der(&self) -> &[u8] {
         &self.ca_der
+    }
+}
+
+// --- configuration section
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaConfig {
+    /// Validity of device certificates the CA issues.
+    #[serde(with = "crate::duration")]
+    pub device_validity: Duration,
+    /// Validity of the gateway CA certificate created on first start.
+    #[serde(with = "crate::duration")]
+    pub ca_validity: Duration,
+    /// Validity of the gateway's own TLS server certificate.
+    #[serde(with = "crate::duration")]
+    pub server_validity: Duration,
+    /// Extra DNS names or IP addresses for the server certificate (localhost, 127.0.0.1,
+    /// ::1, the host name and `outpost.local` are always included).
+    pub server_names: Vec<String>,
+    /// How long each published CRL is valid (it is re-signed well before).
+    #[serde(with = "crate::duration")]
+    pub crl_validity: Duration,
+}
+
+const DAY: u64 = 24 * 3600;
+
+impl Default for CaConfig {
+    fn default() -> Self {
+        CaConfig {
+            // Field advice: validity at least 3x the longest expected outage.
+            device_validity: Duration::from_secs(365 * DAY),
+            ca_validity: Duration::from_secs(20 * 365 * DAY),
+            server_validity: Duration::from_secs(2 * 365 * DAY),
+            server_names: Vec::new(),
+            crl_validity: Duration::from_secs(7 * DAY),
+        }
     }
 }
 

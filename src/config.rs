@@ -5,9 +5,17 @@
 //! typo is an error naming the field, not a silently ignored setting.
 
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+// Each section's type lives with the module that uses it; this file only assembles the
+// document (and validates across sections). Re-exported so `outpost::config::X` names them.
+pub use crate::acl::{AclConfig, DeniedPublish};
+pub use crate::broker::BrokerConfig;
+pub use crate::ca::CaConfig;
+pub use crate::frontdoor::config::{LimitsConfig, ListenersConfig, TlsConfig};
+pub use crate::mdns::MdnsConfig;
+pub use crate::metrics::MetricsConfig;
 
 /// Errors from loading or validating a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -61,123 +69,6 @@ pub struct GatewayConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
-pub struct ListenersConfig {
-    /// Device listener: MQTT over TLS with a client certificate required.
-    pub mqtts: SocketAddr,
-    /// Plain MQTT listener for processes on the gateway itself.
-    pub plain: SocketAddr,
-    /// Whether the plain listener is bound at all.
-    pub plain_enabled: bool,
-    /// Allow the plain listener on a non-loopback address (default false: refused at start).
-    pub allow_plain_on_network: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct LimitsConfig {
-    /// Open connections across all listeners; further connections are closed at accept.
-    pub max_connections: usize,
-    /// Largest MQTT packet accepted from a client (bytes, whole packet).
-    pub max_packet_size: usize,
-    /// Time allowed for the TLS handshake.
-    #[serde(with = "crate::duration")]
-    pub tls_handshake_timeout: Duration,
-    /// Time allowed between the end of the handshake and a complete CONNECT packet.
-    #[serde(with = "crate::duration")]
-    pub connect_timeout: Duration,
-    /// QoS 1/2 messages in flight per connection inside the broker.
-    pub max_inflight: usize,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct BrokerConfig {
-    /// Bytes per in-memory log segment of each topic in the routing core.
-    pub segment_size: usize,
-    /// Segments kept per topic; a subscriber further behind than
-    /// `segment_size * segment_count` bytes loses the oldest messages.
-    pub segment_count: usize,
-}
-
-impl Default for BrokerConfig {
-    fn default() -> Self {
-        BrokerConfig {
-            segment_size: 2 * 1024 * 1024,
-            segment_count: 4,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum DeniedPublish {
-    /// Acknowledge according to QoS and discard (MQTT 3.1.1 section 3.3.5).
-    Drop,
-    /// Close the network connection.
-    Disconnect,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct AclConfig {
-    /// Topic patterns every device may publish to; `{id}` is the device identity.
-    pub device_publish: Vec<String>,
-    /// Topic patterns every device may subscribe to.
-    pub device_subscribe: Vec<String>,
-    /// Patterns for clients on the plain (loopback) listener; `{id}` is their client id.
-    pub local_publish: Vec<String>,
-    pub local_subscribe: Vec<String>,
-    /// What happens to a PUBLISH the ACL denies.
-    pub on_denied_publish: DeniedPublish,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct CaConfig {
-    /// Validity of device certificates the CA issues.
-    #[serde(with = "crate::duration")]
-    pub device_validity: Duration,
-    /// Validity of the gateway CA certificate created on first start.
-    #[serde(with = "crate::duration")]
-    pub ca_validity: Duration,
-    /// Validity of the gateway's own TLS server certificate.
-    #[serde(with = "crate::duration")]
-    pub server_validity: Duration,
-    /// Extra DNS names or IP addresses for the server certificate (localhost, 127.0.0.1,
-    /// ::1, the host name and `outpost.local` are always included).
-    pub server_names: Vec<String>,
-    /// How long each published CRL is valid (it is re-signed well before).
-    #[serde(with = "crate::duration")]
-    pub crl_validity: Duration,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-#[serde(default, deny_unknown_fields)]
-pub struct TlsConfig {
-    /// Additional CA certificates (PEM files) whose device certificates are accepted,
-    /// e.g. the cloud's device CA.
-    pub extra_client_cas: Vec<PathBuf>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct MetricsConfig {
-    pub enabled: bool,
-    /// Prometheus text at `http://{listen}/metrics`. Loopback unless you mean otherwise.
-    pub listen: SocketAddr,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct MdnsConfig {
-    /// Advertise the device listener as `_secure-mqtt._tcp`.
-    pub enabled: bool,
-    /// Instance name; empty means the gateway id.
-    pub instance: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
 pub struct ShutdownConfig {
     /// How long connections may take to drain after SIGTERM before they are cut.
     #[serde(with = "crate::duration")]
@@ -189,81 +80,6 @@ impl Default for GatewayConfig {
         GatewayConfig {
             id: String::new(),
             data_dir: PathBuf::from("outpost-data"),
-        }
-    }
-}
-
-impl ListenersConfig {
-    /// The plain listener's address, if it is enabled.
-    pub fn plain_addr(&self) -> Option<SocketAddr> {
-        self.plain_enabled.then_some(self.plain)
-    }
-}
-
-impl Default for ListenersConfig {
-    fn default() -> Self {
-        ListenersConfig {
-            mqtts: SocketAddr::from(([0, 0, 0, 0], 8883)),
-            plain: SocketAddr::from(([127, 0, 0, 1], 1883)),
-            plain_enabled: true,
-            allow_plain_on_network: false,
-        }
-    }
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            max_connections: 10_000,
-            max_packet_size: 256 * 1024,
-            tls_handshake_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(10),
-            max_inflight: 100,
-        }
-    }
-}
-
-impl Default for AclConfig {
-    fn default() -> Self {
-        AclConfig {
-            device_publish: vec!["devices/{id}/#".into()],
-            device_subscribe: vec!["devices/{id}/#".into(), "outpost/uplink/state".into()],
-            local_publish: vec!["#".into()],
-            local_subscribe: vec!["#".into()],
-            on_denied_publish: DeniedPublish::Drop,
-        }
-    }
-}
-
-const DAY: u64 = 24 * 3600;
-
-impl Default for CaConfig {
-    fn default() -> Self {
-        CaConfig {
-            // Field advice: validity at least 3x the longest expected outage.
-            device_validity: Duration::from_secs(365 * DAY),
-            ca_validity: Duration::from_secs(20 * 365 * DAY),
-            server_validity: Duration::from_secs(2 * 365 * DAY),
-            server_names: Vec::new(),
-            crl_validity: Duration::from_secs(7 * DAY),
-        }
-    }
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        MetricsConfig {
-            enabled: true,
-            listen: SocketAddr::from(([127, 0, 0, 1], 9883)),
-        }
-    }
-}
-
-impl Default for MdnsConfig {
-    fn default() -> Self {
-        MdnsConfig {
-            enabled: true,
-            instance: String::new(),
         }
     }
 }

@@ -181,7 +181,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             cause,
         })?;
     let admin_l = admin::bind(&data_dir)?;
-    let core = broker::start(&config)?;
+    let core = broker::start(
+        &config.broker,
+        broker::CoreLimits {
+            max_packet_size: config.limits.max_packet_size,
+            max_inflight: config.limits.max_inflight,
+            max_connections: config.limits.max_connections,
+        },
+    )?;
 
     let metrics = Arc::new(Metrics::default());
     let tracker = TaskTracker::new();
@@ -207,8 +214,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         shutdown.clone(),
         sync_on.then_some(sync_tx),
     )?;
-    let mut shared =
-        frontdoor::Shared::new(config.clone(), core, metrics.clone(), ca.revocations())?;
+    let mut shared = frontdoor::Shared::new(
+        Arc::new(frontdoor::config::FrontDoorSettings {
+            limits: config.limits.clone(),
+            frontdoor: config.frontdoor.clone(),
+            acl: config.acl.clone(),
+            shutdown_grace: config.shutdown.grace,
+        }),
+        core,
+        metrics.clone(),
+        ca.revocations(),
+    )?;
     shared.uplink = config.uplink.enabled.then(|| uplink.clone());
     let shared = Arc::new(shared);
 

@@ -4,6 +4,7 @@
 //! can pin the CA it finds. The record is withdrawn (goodbye packet) on shutdown.
 
 use mdns_sd::{ServiceDaemon, ServiceInfo};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 pub const SERVICE_TYPE: &str = "_secure-mqtt._tcp.local.";
@@ -75,5 +76,25 @@ impl Advert {
             let _ = rx.recv_timeout(std::time::Duration::from_secs(1));
         }
         tracing::info!(services = ?self.fullnames, "mDNS advertisement withdrawn");
+    }
+}
+
+// --- configuration section
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MdnsConfig {
+    /// Advertise the device listener as `_secure-mqtt._tcp`.
+    pub enabled: bool,
+    /// Instance name; empty means the gateway id.
+    pub instance: String,
+}
+
+impl Default for MdnsConfig {
+    fn default() -> Self {
+        MdnsConfig {
+            enabled: true,
+            instance: String::new(),
+        }
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! Plain atomics: every capability increments what it owns; nobody locks anything to count.
 
+use serde::{Deserialize, Serialize};
 use std::fmt::Write;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -229,4 +231,23 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+// --- configuration section
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    /// Prometheus text at `http://{listen}/metrics`. Loopback unless you mean otherwise.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9883)),
+        }
+    }
 }

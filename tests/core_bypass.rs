@@ -18,7 +18,7 @@ const CONNACK_ACCEPTED: [u8; 4] = [0x20, 2, 0, 0];
 fn core() -> &'static BrokerLink {
     static CORE: OnceLock<BrokerLink> = OnceLock::new();
     CORE.get_or_init(|| {
-        outpost::broker::start(&outpost::config::Config::default()).expect("start routing core")
+        outpost::broker::start(&Default::default(), core_limits()).expect("start routing core")
     })
 }
 
@@ -99,7 +99,7 @@ fn core_listens_on_loopback_with_a_long_random_secret() {
     let link = core();
     assert!(link.addr.ip().is_loopback(), "{}", link.addr);
     assert!(link.secret.len() >= 32, "secret too short");
-    let other = outpost::broker::start(&outpost::config::Config::default()).unwrap();
+    let other = outpost::broker::start(&Default::default(), core_limits()).unwrap();
     assert_ne!(other.secret, link.secret, "each start has its own secret");
     assert_ne!(other.addr, link.addr);
 }
@@ -169,4 +169,14 @@ fn connect_with_the_secret_is_accepted_and_routes() {
         first, sentinel,
         "the subscriber received something else first"
     );
+}
+
+/// The routing core sized by the default `[limits]`, as `outpost run` starts it.
+fn core_limits() -> outpost::broker::CoreLimits {
+    let l = outpost::config::LimitsConfig::default();
+    outpost::broker::CoreLimits {
+        max_packet_size: l.max_packet_size,
+        max_inflight: l.max_inflight,
+        max_connections: l.max_connections,
+    }
 }

@@ -4,8 +4,8 @@
 
 use super::mqtt::{self, MqttError};
 use super::{dial_core, serial_of, Shared};
+use crate::acl::DeniedPublish;
 use crate::acl::{validate_identity, Rules};
-use crate::config::DeniedPublish;
 use bytes::{Buf, Bytes, BytesMut};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -386,7 +386,7 @@ where
                 // Drain: read nothing more from the client, let the core's answers to what
                 // it already sent reach it, then close (TLS close_notify), within the grace.
                 if upstream_state.ltx.send(Local::Drain).await.is_ok() {
-                    let _ = tokio::time::timeout(shared.cfg.shutdown.grace, &mut downstream.0).await;
+                    let _ = tokio::time::timeout(shared.cfg.shutdown_grace, &mut downstream.0).await;
                 }
                 return End::Shutdown;
             }

@@ -7,14 +7,15 @@
 //! routing core and enforces the ACL packet by packet.
 
 pub mod bounds;
+pub mod config;
 pub mod conn;
 pub mod mqtt;
 
 use crate::acl::Rules;
 use crate::broker::BrokerLink;
 use crate::ca::{serial_hex, Revocations};
-use crate::config::Config;
 use crate::metrics::Metrics;
+use config::FrontDoorSettings;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
@@ -228,7 +229,7 @@ impl SessionRegistry {
 
 /// What a connection task needs, shared by all of them.
 pub struct Shared {
-    pub cfg: Arc<Config>,
+    pub cfg: Arc<FrontDoorSettings>,
     pub broker: BrokerLink,
     pub metrics: Arc<Metrics>,
     pub device_rules: Rules,
@@ -245,7 +246,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(
-        cfg: Arc<Config>,
+        cfg: Arc<FrontDoorSettings>,
         broker: BrokerLink,
         metrics: Arc<Metrics>,
         revocations: watch::Receiver<Arc<Revocations>>,
