@@ -193,7 +193,7 @@ impl CredentialIssuer for crate::ca::CaHandle {
 }
 
 /// Settings of the owner service.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct OwnerConfig {
     /// The TO2 session table (a session is unproven until the device's ProveDevice).
     pub sessions: SessionLimits,
@@ -202,16 +202,6 @@ pub struct OwnerConfig {
     /// MQTT endpoints sent through `outpost:mqtt`: the primary first, then alternatives
     /// (e.g. `mqtts://gw.local:8883`, `mqtts://cloud.example:8883`).
     pub mqtt_servers: Vec<String>,
-}
-
-impl Default for OwnerConfig {
-    fn default() -> Self {
-        OwnerConfig {
-            sessions: SessionLimits::default(),
-            new_rv_info: None,
-            mqtt_servers: Vec::new(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
