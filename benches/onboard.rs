@@ -440,8 +440,18 @@ impl Rig {
             t: timings.clone(),
             block_in_place: p.block_in_place,
         });
+        // One client address for every simulated device: no per-peer limit, and no short
+        // lifetime before the first proof (this measures throughput, not flood fairness).
+        let sessions = outpost::fdo::session::SessionLimits {
+            max_per_peer: usize::MAX,
+            unproven_ttl: outpost::fdo::session::SessionLimits::default().ttl,
+            ..Default::default()
+        };
         let rendezvous = Arc::new(Rendezvous::new(
-            RvConfig::default(),
+            RvConfig {
+                sessions: sessions.clone(),
+                ..RvConfig::default()
+            },
             Arc::new(
                 StoreRvStore::open(&store, 100_000.max(4 * (p.devices + 2 * p.seq)))
                     .expect("rendezvous table"),
@@ -454,6 +464,7 @@ impl Rig {
                     "mqtts://gw.local:8883".into(),
                     "mqtts://cloud.example:8883".into(),
                 ],
+                sessions,
                 ..Default::default()
             },
             backend.clone(),

@@ -315,6 +315,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         let (m, u, s) = (metrics.clone(), uplink.clone(), shutdown.clone());
         let to1 = fdo_svc.as_ref().and_then(|f| f.to1_stats.clone());
         let fdo_on = fdo_svc.is_some();
+        let sessions = fdo_svc
+            .as_ref()
+            .map(|f| f.session_stats.clone())
+            .unwrap_or_default();
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
             let mut text = m.render();
             u.render_metrics(&mut text);
@@ -323,6 +327,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             }
             if fdo_on {
                 fdo::stats::render(&mut text);
+            }
+            if !sessions.is_empty() {
+                fdo::session::SessionStats::render(&sessions, &mut text);
             }
             text
         });

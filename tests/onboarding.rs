@@ -319,3 +319,193 @@ fn fdo_listener_survives_stalled_and_garbage_clients() {
     let mut agent = Agent::start(&dev.cred, &work.path().join("state"), &["--onboard-only"]);
     agent.expect("onboarded", Duration::from_secs(30));
 }
+
+/// A flooder on the FDO listener: `threads` keep-alive HTTP connections from `from` sending
+/// TO0.Hello, TO1.HelloRV and TO2.HelloDevice (for `guid`, which is no secret) back to back,
+/// never going further than the first message. Stops when `stop` is set; returns requests
+/// answered.
+fn flood(
+    fdo: std::net::SocketAddr,
+    from: std::net::IpAddr,
+    guid: outpost::fdo::Guid,
+    threads: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<usize>> {
+    use outpost::fdo::msg::{self, HelloDevice, Nonce, To1HelloRv};
+    use outpost::fdo::types::SigInfo;
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let sig = SigInfo {
+        sg_type: -7,
+        info: Vec::new(),
+    };
+    let bodies: Vec<(u8, Vec<u8>)> = vec![
+        (20, msg::to0_hello()),
+        (
+            30,
+            To1HelloRv {
+                guid,
+                sig_info: sig.clone(),
+            }
+            .encode(),
+        ),
+        (
+            60,
+            HelloDevice {
+                max_device_message_size: 0,
+                guid,
+                nonce: Nonce([9; 16]),
+                kex_suite: msg::KEX_ECDH256.into(),
+                cipher_suite: 1,
+                sig_info: sig,
+            }
+            .encode(),
+        ),
+    ];
+    let requests: Vec<Vec<u8>> = bodies
+        .iter()
+        .map(|(n, b)| {
+            let mut r = format!(
+                "POST /fdo/101/msg/{n} HTTP/1.1\r\nHost: x\r\nContent-Type: application/cbor\r\nContent-Length: {}\r\n\r\n",
+                b.len()
+            )
+            .into_bytes();
+            r.extend_from_slice(b);
+            r
+        })
+        .collect();
+    (0..threads)
+        .map(|t| {
+            let (requests, stop) = (requests.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut done = 0usize;
+                let mut i = t;
+                while !stop.load(Ordering::Relaxed) {
+                    let sock =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                            .unwrap();
+                    sock.bind(&std::net::SocketAddr::new(from, 0).into())
+                        .expect("bind the flooder's address");
+                    if sock.connect(&fdo.into()).is_err() {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                    let mut c: std::net::TcpStream = sock.into();
+                    c.set_nodelay(true).unwrap();
+                    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    let mut buf = Vec::new();
+                    'conn: while !stop.load(Ordering::Relaxed) {
+                        if c.write_all(&requests[i % requests.len()]).is_err() {
+                            break;
+                        }
+                        i += 1;
+                        // One answer: headers, then Content-Length bytes.
+                        loop {
+                            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                                let len: usize = head
+                                    .lines()
+                                    .find_map(|l| l.strip_prefix("content-length:"))
+                                    .and_then(|v| v.trim().parse().ok())
+                                    .unwrap_or(0);
+                                if buf.len() >= end + 4 + len {
+                                    buf.drain(..end + 4 + len);
+                                    done += 1;
+                                    let close = head.contains("connection: close");
+                                    if close {
+                                        break 'conn;
+                                    }
+                                    break;
+                                }
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match c.read(&mut chunk) {
+                                Ok(0) | Err(_) => break 'conn,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                    }
+                }
+                done
+            })
+        })
+        .collect()
+}
+
+/// Issue 10 part 4: FDO session tables cannot be filled without authenticating. A peer
+/// floods TO0.Hello, TO1.HelloRV and TO2.HelloDevice (for the very device that onboards)
+/// from its own address while the gateway registers a freshly imported voucher (its own
+/// TO0) and a real device runs TO1 and TO2: the device onboards within the bound, the flood
+/// only evicts its own unproven sessions, and nothing is refused.
+#[test]
+fn device_onboards_while_a_peer_floods_new_fdo_sessions() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // A small table (the same mechanics as the default 10,000), so the flood fills it fast.
+    let gw = Gateway::start_custom(|data| {
+        base_config(data, "").replace(
+            "[fdo]\nlisten = \"127.0.0.1:0\"\n",
+            "[fdo]\nlisten = \"127.0.0.1:0\"\nmax_sessions = 200\n",
+        )
+    });
+    let fdo = gw.ep.fdo.expect("FDO listener");
+    let work = tempfile::tempdir().unwrap();
+    let dev = make_device(work.path(), "dev-flood", fdo);
+    let guid = outpost::fdo::Guid(
+        hex::decode(&dev.guid)
+            .expect("hex GUID")
+            .try_into()
+            .expect("16 bytes"),
+    );
+    let owner = gw.cli(&["voucher", "owner-cert"]);
+    let v = extend_to(&dev, &String::from_utf8_lossy(&owner.stdout), "gw");
+
+    // The flooder is another host (127.0.0.2); the gateway and the device are 127.0.0.1.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flooders = flood(fdo, "127.0.0.2".parse().unwrap(), guid, 4, stop.clone());
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(gw.cli(&["voucher", "import", s(&v)]).status.success());
+    let m = |table: &str, what: &str| {
+        let sample = format!("outpost_fdo_sessions_{what}_total{{table=\"{table}\"}}");
+        gw.metrics()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(sample.as_str())
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0i64)
+    };
+    // Once the GUID is registered the flood's HelloRV and HelloDevice open sessions too: the
+    // device comes when every table has been flooded past its size.
+    let t_import = std::time::Instant::now();
+    while ["to0", "to1", "to2"].iter().any(|t| m(t, "evicted") < 200)
+        && t_import.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t_device = std::time::Instant::now();
+    let mut agent = Agent::start(&dev.cred, &work.path().join("state"), &["--onboard-only"]);
+    agent.expect("onboarded", Duration::from_secs(60));
+    let took = t_device.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let sent: usize = flooders.into_iter().map(|f| f.join().unwrap()).sum();
+    let flood_time = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "flood: {sent} requests in {flood_time:.1} s ({:.0}/s); device onboarded in {took:?}; evicted to0 {} to1 {} to2 {}",
+        sent as f64 / flood_time,
+        m("to0", "evicted"),
+        m("to1", "evicted"),
+        m("to2", "evicted"),
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "onboarding took {took:?} during the flood"
+    );
+    for t in ["to0", "to1", "to2"] {
+        assert!(m(t, "evicted") >= 200, "the flood overfilled table {t}");
+        assert_eq!(m(t, "refused"), 0, "nothing refused in {t}");
+    }
+    let log = gw.log();
+    assert!(log.contains("TO0: registered"), "{log}");
+    assert!(!log.contains("too many open sessions"), "{log}");
+}

@@ -283,7 +283,9 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let peer = peer.map(|ConnectInfo(a)| a.to_string());
+    let peer_addr = peer.map(|ConnectInfo(a)| a);
+    let peer_ip = peer_addr.map(|a| a.ip());
+    let peer = peer_addr.map(|a| a.to_string());
     let Ok(msg) = n.parse::<u8>() else {
         tracing::warn!(path = %n, "FDO request for an unknown message type");
         return error_response(
@@ -305,7 +307,7 @@ async fn handle(
         return cbor_response(StatusCode::OK, msg, None, Vec::new());
     }
     if let (true, Some(rv), Some(to1)) = (To1Proxy::handles(msg), &server.rendezvous, &server.to1) {
-        return match to1.handle(rv, msg, token, &body).await {
+        return match to1.handle(rv, msg, token, &body, peer_ip).await {
             To1Answer::Relayed(r) => relayed(r),
             To1Answer::Local(Ok(r)) => ok(r),
             To1Answer::Local(Err(e)) => fail(msg, &peer, e),
@@ -313,13 +315,13 @@ async fn handle(
         };
     }
     if let (true, Some(rv)) = (Rendezvous::handles(msg), &server.rendezvous) {
-        return match rv.handle(msg, token, &body) {
+        return match rv.handle(msg, token, &body, peer_ip) {
             Ok(r) => ok(r),
             Err(e) => fail(msg, &peer, e),
         };
     }
     if let (true, Some(owner)) = (OwnerService::handles(msg), &server.owner) {
-        return match owner.handle(msg, token, &body, peer.clone()).await {
+        return match owner.handle(msg, token, &body, peer_addr).await {
             Ok(r) => ok(r),
             Err(e) => fail(msg, &peer, e),
         };

@@ -30,15 +30,15 @@ use super::msg::{
     self, msg_type, DeviceServiceInfo, DeviceServiceInfoReady, Eat, HelloDevice, OwnerServiceInfo,
     ProveOvHdr, ProveOvHdrPayload, ServiceInfo, SetupDevicePayload, SignedMsg,
 };
-use super::session::{new_token, ProtocolFailure, Reply, Sessions};
+use super::session::{new_token, ProtocolFailure, Reply, SessionLimits, SessionStats, Sessions};
 use super::types::{Guid, HMac, HashAlg, PublicKey, RendezvousInfo};
 use super::voucher::{OvHeader, OwnershipVoucher};
 use super::{ErrorCode, FdoError};
 use std::collections::VecDeque;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// The owner service info module that hands out operational MQTT credentials.
 pub const MQTT_MODULE: &str = "outpost:mqtt";
@@ -193,26 +193,15 @@ impl CredentialIssuer for crate::ca::CaHandle {
 }
 
 /// Settings of the owner service.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct OwnerConfig {
-    pub session_ttl: Duration,
-    pub max_sessions: usize,
+    /// The TO2 session table (a session is unproven until the device's ProveDevice).
+    pub sessions: SessionLimits,
     /// Rendezvous info given to devices in SetupDevice (default: the voucher's).
     pub new_rv_info: Option<RendezvousInfo>,
     /// MQTT endpoints sent through `outpost:mqtt`: the primary first, then alternatives
     /// (e.g. `mqtts://gw.local:8883`, `mqtts://cloud.example:8883`).
     pub mqtt_servers: Vec<String>,
-}
-
-impl Default for OwnerConfig {
-    fn default() -> Self {
-        OwnerConfig {
-            session_ttl: Duration::from_secs(120),
-            max_sessions: 10_000,
-            new_rv_info: None,
-            mqtt_servers: Vec::new(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,7 +272,7 @@ impl OwnerService {
         issuer: Option<Arc<dyn CredentialIssuer>>,
     ) -> OwnerService {
         OwnerService {
-            sessions: Sessions::new(cfg.session_ttl, cfg.max_sessions),
+            sessions: Sessions::new(cfg.sessions.clone()),
             cfg,
             backend,
             issuer,
@@ -308,6 +297,11 @@ impl OwnerService {
         self.sessions.len()
     }
 
+    /// Counters of the TO2 session table.
+    pub fn session_stats(&self) -> Arc<SessionStats> {
+        self.sessions.stats.clone()
+    }
+
     /// The device reported an error (message 255): its session ends.
     pub fn device_error(&self, token: Option<&str>, body: &[u8]) -> To2Error {
         if let Some(t) = token {
@@ -325,13 +319,14 @@ impl OwnerService {
         }
     }
 
-    /// Handle one request. Any error ends the session.
+    /// Handle one request from `peer` (recorded in the registry; its address keys the
+    /// per-peer session limits). Any error ends the session.
     pub async fn handle(
         &self,
         msg: u8,
         token: Option<&str>,
         body: &[u8],
-        peer: Option<String>,
+        peer: Option<SocketAddr>,
     ) -> Result<Reply, To2Error> {
         if msg == msg_type::TO2_HELLO_DEVICE {
             return self.hello_device(body, peer);
@@ -340,11 +335,16 @@ impl OwnerService {
             return Err(To2Error::UnexpectedMessage(msg));
         }
         let token = token.ok_or(To2Error::NoSession(msg))?;
-        let mut s = self.sessions.take(token).ok_or(To2Error::NoSession(msg))?;
-        let (reply_type, body) = self.step(&mut s, msg, body).await?;
+        let mut held = self
+            .sessions
+            .take_held(token)
+            .ok_or(To2Error::NoSession(msg))?;
+        let (reply_type, body) = self.step(&mut held.value, msg, body).await?;
         let done = reply_type == msg_type::TO2_DONE2;
         if !done {
-            self.sessions.put(token, s)?;
+            // Past ProveDevice the device has proven its key: the session is established.
+            let proven = held.value.stage != Stage::Entries;
+            self.sessions.put_back(token, held, proven);
         }
         Ok(Reply {
             msg_type: reply_type,
@@ -353,7 +353,7 @@ impl OwnerService {
         })
     }
 
-    fn hello_device(&self, body: &[u8], peer: Option<String>) -> Result<Reply, To2Error> {
+    fn hello_device(&self, body: &[u8], peer: Option<SocketAddr>) -> Result<Reply, To2Error> {
         let m = |source| To2Error::Message {
             msg: msg_type::TO2_HELLO_DEVICE,
             source,
@@ -421,8 +421,9 @@ impl OwnerService {
             .clone()
             .unwrap_or_else(|| voucher.header().rv_info.clone());
         let token = new_token().map_err(To2Error::Internal)?;
-        self.sessions.put(
+        self.sessions.open(
             &token,
+            peer.map(|a| a.ip()),
             To2Session {
                 stage: Stage::Entries,
                 guid,
@@ -443,7 +444,7 @@ impl OwnerService {
                 csr: None,
                 mqtt: Mqtt::NotOffered,
                 pending: VecDeque::new(),
-                peer,
+                peer: peer.map(|a| a.to_string()),
             },
         )?;
         tracing::debug!(%guid, "TO2: HelloDevice accepted");

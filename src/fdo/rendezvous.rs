@@ -12,11 +12,12 @@
 
 use super::crypto;
 use super::msg::{self, msg_type, Eat, Nonce, To0OwnerSign, To1HelloRv, To1HelloRvAck};
-use super::session::{new_token, ProtocolFailure, Reply, Sessions};
+use super::session::{new_token, ProtocolFailure, Reply, SessionLimits, SessionStats, Sessions};
 use super::types::{Guid, PublicKey};
 use super::voucher::VerifiedChain;
 use super::{ErrorCode, FdoError};
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -244,17 +245,16 @@ pub type OwnerPolicy = Arc<dyn Fn(&VerifiedChain) -> bool + Send + Sync>;
 pub struct RvConfig {
     /// Longest registration granted.
     pub max_wait: Duration,
-    /// Idle time after which a TO0/TO1 session is dropped.
-    pub session_ttl: Duration,
-    pub max_sessions: usize,
+    /// Each of the TO0 and TO1 session tables (a session there never proves anything before
+    /// its last message, so it lives `unproven_ttl`).
+    pub sessions: SessionLimits,
 }
 
 impl Default for RvConfig {
     fn default() -> Self {
         RvConfig {
             max_wait: Duration::from_secs(30 * 24 * 3600),
-            session_ttl: Duration::from_secs(60),
-            max_sessions: 10_000,
+            sessions: SessionLimits::default(),
         }
     }
 }
@@ -276,8 +276,8 @@ pub struct Rendezvous {
 impl Rendezvous {
     pub fn new(cfg: RvConfig, store: Arc<dyn RvStore>, policy: Option<OwnerPolicy>) -> Rendezvous {
         Rendezvous {
-            to0: Sessions::new(cfg.session_ttl, cfg.max_sessions),
-            to1: Sessions::new(cfg.session_ttl, cfg.max_sessions),
+            to0: Sessions::new(cfg.sessions.clone()),
+            to1: Sessions::new(cfg.sessions.clone()),
             cfg,
             store,
             policy,
@@ -286,6 +286,14 @@ impl Rendezvous {
 
     pub fn store(&self) -> &Arc<dyn RvStore> {
         &self.store
+    }
+
+    /// Counters of the TO0 and TO1 session tables.
+    pub fn session_stats(&self) -> [(&'static str, Arc<SessionStats>); 2] {
+        [
+            ("to0", self.to0.stats.clone()),
+            ("to1", self.to1.stats.clone()),
+        ]
     }
 
     /// Whether this server handles `msg` (TO0 and TO1 requests).
@@ -299,15 +307,22 @@ impl Rendezvous {
         )
     }
 
-    /// Handle one request. Any error ends the session.
-    pub fn handle(&self, msg: u8, token: Option<&str>, body: &[u8]) -> Result<Reply, RvError> {
+    /// Handle one request from `peer` (its address keys the per-peer session limits). Any
+    /// error ends the session.
+    pub fn handle(
+        &self,
+        msg: u8,
+        token: Option<&str>,
+        body: &[u8],
+        peer: Option<IpAddr>,
+    ) -> Result<Reply, RvError> {
         let m = |source| RvError::Message { msg, source };
         match msg {
             msg_type::TO0_HELLO => {
                 msg::decode_to0_hello(body).map_err(m)?;
                 let nonce = Nonce::random().map_err(RvError::Internal)?;
                 let token = new_token().map_err(RvError::Internal)?;
-                self.to0.put(&token, nonce)?;
+                self.to0.open(&token, peer, nonce)?;
                 Ok(Reply {
                     msg_type: msg_type::TO0_HELLO_ACK,
                     body: msg::to0_hello_ack(&nonce),
@@ -337,8 +352,9 @@ impl Rendezvous {
                 }
                 let nonce = Nonce::random().map_err(RvError::Internal)?;
                 let token = new_token().map_err(RvError::Internal)?;
-                self.to1.put(
+                self.to1.open(
                     &token,
+                    peer,
                     To1Session {
                         guid: hello.guid,
                         nonce,
@@ -459,7 +475,10 @@ mod tests {
     fn rv() -> Rendezvous {
         Rendezvous::new(
             RvConfig {
-                max_sessions: 4,
+                sessions: SessionLimits {
+                    max: 4,
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             Arc::new(MemoryRvStore::new(10)),
@@ -473,26 +492,36 @@ mod tests {
         let mut tokens = Vec::new();
         for _ in 0..4 {
             tokens.push(
-                r.handle(msg_type::TO0_HELLO, None, &msg::to0_hello())
+                r.handle(msg_type::TO0_HELLO, None, &msg::to0_hello(), None)
                     .unwrap()
                     .token,
             );
         }
+        // Full of sessions that proved nothing: a new one evicts the oldest.
+        r.handle(msg_type::TO0_HELLO, None, &msg::to0_hello(), None)
+            .unwrap();
         let e = r
-            .handle(msg_type::TO0_HELLO, None, &msg::to0_hello())
+            .handle(msg_type::TO0_OWNER_SIGN, Some(&tokens[0]), &[0x80], None)
             .unwrap_err();
-        assert_eq!(e.error_code(), ErrorCode::InternalServerError);
+        assert_eq!(e.error_code(), ErrorCode::InvalidJwtToken, "evicted");
+        assert_eq!(
+            r.to0
+                .stats
+                .evicted
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
         // A bad OwnerSign consumes its session; the token cannot be used again.
         let e = r
-            .handle(msg_type::TO0_OWNER_SIGN, Some(&tokens[0]), &[0x80])
+            .handle(msg_type::TO0_OWNER_SIGN, Some(&tokens[1]), &[0x80], None)
             .unwrap_err();
         assert_eq!(e.error_code(), ErrorCode::MessageBodyError);
         let e = r
-            .handle(msg_type::TO0_OWNER_SIGN, Some(&tokens[0]), &[0x80])
+            .handle(msg_type::TO0_OWNER_SIGN, Some(&tokens[1]), &[0x80], None)
             .unwrap_err();
         assert_eq!(e.error_code(), ErrorCode::InvalidJwtToken);
         let e = r
-            .handle(msg_type::TO2_HELLO_DEVICE, None, &[0x80])
+            .handle(msg_type::TO2_HELLO_DEVICE, None, &[0x80], None)
             .unwrap_err();
         assert_eq!(e.error_code(), ErrorCode::InvalidMessageError);
     }
@@ -535,9 +564,9 @@ mod tests {
         fn handler_never_panics(msg in prop_oneof![Just(20u8), Just(22), Just(30), Just(32), any::<u8>()],
                                 bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let r = rv();
-            let t = r.handle(msg_type::TO0_HELLO, None, &msg::to0_hello()).unwrap().token;
-            let _ = r.handle(msg, Some(&t), &bytes);
-            let _ = r.handle(msg, None, &bytes);
+            let t = r.handle(msg_type::TO0_HELLO, None, &msg::to0_hello(), None).unwrap().token;
+            let _ = r.handle(msg, Some(&t), &bytes, None);
+            let _ = r.handle(msg, None, &bytes, None);
         }
     }
 }

@@ -17,6 +17,7 @@ use super::owner_service::{
 };
 use super::registry::StoreOwnerBackend;
 use super::rendezvous::{Rendezvous, RvConfig, StoreRvStore};
+use super::session::{SessionLimits, SessionStats};
 use super::to1_proxy::{To1Proxy, To1Stats};
 use super::{crypto::Curve, owner, FdoError, Guid, OwnershipVoucher};
 use crate::ca::CaHandle;
@@ -80,11 +81,21 @@ pub struct FdoConfig {
     /// Time allowed for one HTTP request (headers, body, answer).
     #[serde(with = "crate::duration")]
     pub request_timeout: Duration,
-    /// Idle time after which an unfinished TO0/TO1/TO2 session is dropped.
+    /// Idle time after which an unfinished TO2 session is dropped once the device has
+    /// proven its key (ProveDevice).
     #[serde(with = "crate::duration")]
     pub session_ttl: Duration,
-    /// Open protocol sessions per service.
+    /// Lifetime of a session that has proven nothing yet (every TO0 and TO1 session, TO2
+    /// before ProveDevice): anyone can open one, so it is short.
+    #[serde(with = "crate::duration")]
+    pub unproven_session_ttl: Duration,
+    /// Open protocol sessions per table (TO0, TO1, TO2, cloud TO1). When a table is full, a
+    /// new session evicts the oldest one that has proven nothing; only a table full of
+    /// proven sessions refuses.
     pub max_sessions: usize,
+    /// Unproven sessions one peer (IPv4 address, IPv6 /64) may hold per table; its next
+    /// one evicts its own oldest.
+    pub max_sessions_per_peer: usize,
     /// Registrations the rendezvous server keeps.
     pub max_registrations: usize,
     /// The cloud rendezvous server (`host:port`, plain HTTP; port default 8041). While the
@@ -118,7 +129,9 @@ impl Default for FdoConfig {
             max_connections: 1024,
             request_timeout: Duration::from_secs(10),
             session_ttl: Duration::from_secs(120),
+            unproven_session_ttl: Duration::from_secs(10),
             max_sessions: 10_000,
+            max_sessions_per_peer: 64,
             max_registrations: 100_000,
             cloud_rendezvous: String::new(),
             forward_timeout: Duration::from_secs(3),
@@ -287,6 +300,17 @@ impl FdoConfig {
         if self.max_sessions == 0 {
             return Err(("fdo.max_sessions", "must be at least 1".into()));
         }
+        if self.max_sessions_per_peer == 0 {
+            return Err(("fdo.max_sessions_per_peer", "must be at least 1".into()));
+        }
+        if self.unproven_session_ttl < Duration::from_secs(1)
+            || self.unproven_session_ttl > self.session_ttl
+        {
+            return Err((
+                "fdo.unproven_session_ttl",
+                "must be at least 1s and at most fdo.session_ttl".into(),
+            ));
+        }
         if self.max_registrations == 0 {
             return Err(("fdo.max_registrations", "must be at least 1".into()));
         }
@@ -315,6 +339,16 @@ impl FdoConfig {
             }
         }
         Ok(())
+    }
+
+    /// The limits of each session table.
+    pub fn session_limits(&self) -> SessionLimits {
+        SessionLimits {
+            ttl: self.session_ttl,
+            unproven_ttl: self.unproven_session_ttl,
+            max: self.max_sessions,
+            max_per_peer: self.max_sessions_per_peer,
+        }
     }
 
     /// The owner addresses in force for a listener bound to `bound`.
@@ -368,6 +402,8 @@ pub struct FdoService {
     pub owner: Option<Arc<StoreOwnerBackend>>,
     /// Counters of the TO1 determination unit (when the rendezvous server runs).
     pub to1_stats: Option<Arc<To1Stats>>,
+    /// Counters of the session tables, by table name.
+    pub session_stats: Vec<(&'static str, Arc<SessionStats>)>,
 }
 
 impl FdoService {
@@ -433,8 +469,7 @@ pub fn start(
     let rv = if cfg.rendezvous {
         let rv = Arc::new(Rendezvous::new(
             RvConfig {
-                session_ttl: cfg.session_ttl,
-                max_sessions: cfg.max_sessions,
+                sessions: cfg.session_limits(),
                 ..RvConfig::default()
             },
             Arc::new(StoreRvStore::open(store, cfg.max_registrations)?),
@@ -461,8 +496,7 @@ pub fn start(
             cloud,
             role.uplink.clone(),
             cfg.forward_timeout,
-            cfg.session_ttl,
-            cfg.max_sessions,
+            cfg.session_limits(),
         )));
         Some(rv)
     } else {
@@ -511,8 +545,7 @@ pub fn start(
         tracing::info!(servers = ?mqtt_servers, "FDO owner: devices get these MQTT servers");
         let service = Arc::new(OwnerService::new(
             OwnerConfig {
-                session_ttl: cfg.session_ttl,
-                max_sessions: cfg.max_sessions,
+                sessions: cfg.session_limits(),
                 new_rv_info: None,
                 mqtt_servers,
             },
@@ -531,6 +564,16 @@ pub fn start(
         ..HttpLimits::default()
     };
     let server_stats = server.to1.as_ref().map(|p| p.stats.clone());
+    let mut session_stats = Vec::new();
+    if let Some(rv) = &server.rendezvous {
+        session_stats.extend(rv.session_stats());
+    }
+    if let Some(p) = &server.to1 {
+        session_stats.push(("to1_cloud", p.session_stats()));
+    }
+    if let Some(o) = &server.owner {
+        session_stats.push(("to2", o.session_stats()));
+    }
     tracker.spawn(http::serve_with(listener, server, limits, shutdown.clone()));
     if let Some(backend) = &owner_backend {
         let mut targets = Vec::new();
@@ -583,6 +626,7 @@ pub fn start(
         vouchers_changed,
         owner: owner_backend,
         to1_stats: server_stats,
+        session_stats,
     })
 }
 

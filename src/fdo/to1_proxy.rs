@@ -33,11 +33,12 @@
 use super::client::{self, Endpoint, HttpReply};
 use super::msg::{msg_type, To1HelloRv};
 use super::rendezvous::{Rendezvous, RvError};
-use super::session::{Reply, Sessions};
+use super::session::{Reply, SessionLimits, SessionStats, Sessions};
 use super::types::ErrorMessage;
 use super::{ErrorCode, Guid};
 use crate::uplink::detect::LinkState;
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,14 +122,13 @@ impl To1Proxy {
         cloud: Option<Endpoint>,
         uplink: Option<watch::Receiver<LinkState>>,
         timeout: Duration,
-        session_ttl: Duration,
-        max_sessions: usize,
+        sessions: SessionLimits,
     ) -> To1Proxy {
         To1Proxy {
             cloud,
             uplink,
             timeout,
-            cloud_sessions: Sessions::new(session_ttl, max_sessions),
+            cloud_sessions: Sessions::new(sessions),
             stats: Arc::new(To1Stats::default()),
         }
     }
@@ -138,33 +138,48 @@ impl To1Proxy {
         matches!(msg, msg_type::TO1_HELLO_RV | msg_type::TO1_PROVE_TO_RV)
     }
 
-    /// Handle TO1.HelloRV (30) or TO1.ProveToRV (32).
+    /// Counters of the table of cloud sessions.
+    pub fn session_stats(&self) -> Arc<SessionStats> {
+        self.cloud_sessions.stats.clone()
+    }
+
+    /// Handle TO1.HelloRV (30) or TO1.ProveToRV (32) from `peer`.
     pub async fn handle(
         &self,
         local: &Rendezvous,
         msg: u8,
         token: Option<&str>,
         body: &[u8],
+        peer: Option<IpAddr>,
     ) -> To1Answer {
         if msg == msg_type::TO1_PROVE_TO_RV {
-            return self.prove(local, token, body).await;
+            return self.prove(local, token, body, peer).await;
         }
         // HelloRV: a new session. A message that does not decode is refused locally (the
         // cloud would refuse it too).
         let guid = match To1HelloRv::decode(body) {
             Ok(h) => h.guid,
-            Err(_) => return To1Answer::Local(local.handle(msg, token, body)),
+            Err(_) => return To1Answer::Local(local.handle(msg, token, body, peer)),
         };
         let link = self.uplink.as_ref().map(|rx| *rx.borrow());
         // As logged: `online`, `offline` or `disabled`.
         let state = link.map_or("disabled", LinkState::as_str);
         let cloud = match (&self.cloud, link) {
             (None, _) => {
-                return self.local(local, guid, state, "no cloud rendezvous configured", body)
+                return self.local(
+                    local,
+                    peer,
+                    guid,
+                    state,
+                    "no cloud rendezvous configured",
+                    body,
+                )
             }
-            (Some(_), None) => return self.local(local, guid, state, "uplink disabled", body),
+            (Some(_), None) => {
+                return self.local(local, peer, guid, state, "uplink disabled", body)
+            }
             (Some(_), Some(LinkState::Offline)) => {
-                return self.local(local, guid, state, "uplink offline", body)
+                return self.local(local, peer, guid, state, "uplink offline", body)
             }
             (Some(c), Some(LinkState::Online)) => c,
         };
@@ -174,7 +189,7 @@ impl To1Proxy {
                     // Unreachable: `forward` requires a token on HelloRVAck.
                     return To1Answer::Failed(ErrorCode::InternalServerError, "no token".into());
                 };
-                if let Err(e) = self.cloud_sessions.put(t, guid) {
+                if let Err(e) = self.cloud_sessions.open(t, peer, guid) {
                     tracing::warn!(%guid, error = %e, "TO1: cannot track the cloud session");
                     return To1Answer::Failed(ErrorCode::InternalServerError, e.to_string());
                 }
@@ -191,6 +206,7 @@ impl To1Proxy {
                     self.stats.cloud_unknown.fetch_add(1, Ordering::Relaxed);
                     return self.local(
                         local,
+                        peer,
                         guid,
                         state,
                         "not registered at the cloud rendezvous, registered here",
@@ -212,7 +228,7 @@ impl To1Proxy {
                 self.stats.forward_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%guid, uplink = state, target = %cloud, error = %e, "TO1: forwarding to the cloud rendezvous failed; answering locally");
                 let reason = format!("cloud rendezvous unreachable ({e})");
-                self.local(local, guid, state, &reason, body)
+                self.local(local, peer, guid, state, &reason, body)
             }
         }
     }
@@ -224,6 +240,7 @@ impl To1Proxy {
     fn local(
         &self,
         local: &Rendezvous,
+        peer: Option<IpAddr>,
         guid: Guid,
         state: &str,
         reason: &str,
@@ -231,15 +248,21 @@ impl To1Proxy {
     ) -> To1Answer {
         self.stats.local.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%guid, uplink = state, target = "local", reason, "TO1: answered by the local rendezvous");
-        To1Answer::Local(local.handle(msg_type::TO1_HELLO_RV, None, body))
+        To1Answer::Local(local.handle(msg_type::TO1_HELLO_RV, None, body, peer))
     }
 
     /// ProveToRV: to whoever started the session.
-    async fn prove(&self, local: &Rendezvous, token: Option<&str>, body: &[u8]) -> To1Answer {
+    async fn prove(
+        &self,
+        local: &Rendezvous,
+        token: Option<&str>,
+        body: &[u8],
+        peer: Option<IpAddr>,
+    ) -> To1Answer {
         let msg = msg_type::TO1_PROVE_TO_RV;
         let guid = token.and_then(|t| self.cloud_sessions.take(t));
         let (Some(guid), Some(cloud)) = (guid, &self.cloud) else {
-            return To1Answer::Local(local.handle(msg, token, body));
+            return To1Answer::Local(local.handle(msg, token, body, peer));
         };
         match self.forward(cloud, msg, token, body).await {
             Ok(r) => {
@@ -344,8 +367,10 @@ mod tests {
                 cloud,
                 Some(rx),
                 Duration::from_secs(2),
-                Duration::from_secs(60),
-                4,
+                SessionLimits {
+                    max: 4,
+                    ..Default::default()
+                },
             ),
             tx,
         )
@@ -368,16 +393,16 @@ mod tests {
         let local = rv();
         let (p, tx) = proxy(Some(cloud), LinkState::Offline);
         // Offline: local (not registered here: error 6 from the local server).
-        let a = p.handle(&local, 30, None, &hello(1)).await;
+        let a = p.handle(&local, 30, None, &hello(1), None).await;
         assert!(matches!(a, To1Answer::Local(Err(_))), "{a:?}");
         assert_eq!(code(&a), Some(6));
         // Online: the cloud's error 6 is relayed (no local registration to fall back to).
         tx.send_replace(LinkState::Online);
-        let a = p.handle(&local, 30, None, &hello(1)).await;
+        let a = p.handle(&local, 30, None, &hello(1), None).await;
         assert!(matches!(a, To1Answer::Relayed(_)), "{a:?}");
         assert_eq!(code(&a), Some(6));
         // Garbage is refused locally, never forwarded.
-        let a = p.handle(&local, 30, None, &[0xff]).await;
+        let a = p.handle(&local, 30, None, &[0xff], None).await;
         assert!(matches!(a, To1Answer::Local(Err(_))), "{a:?}");
         let s = &p.stats;
         assert_eq!(s.local.load(Ordering::Relaxed), 1);
@@ -394,12 +419,12 @@ mod tests {
         };
         let local = rv();
         let (p, _tx) = proxy(Some(dead), LinkState::Online);
-        let a = p.handle(&local, 30, None, &hello(2)).await;
+        let a = p.handle(&local, 30, None, &hello(2), None).await;
         assert!(matches!(a, To1Answer::Local(_)), "{a:?}");
         assert_eq!(p.stats.forward_failed.load(Ordering::Relaxed), 1);
         assert_eq!(p.stats.local.load(Ordering::Relaxed), 1);
         // A ProveToRV with a token the cloud never gave goes to the local server.
-        let a = p.handle(&local, 32, Some("abc"), &[0x80]).await;
+        let a = p.handle(&local, 32, Some("abc"), &[0x80], None).await;
         assert!(
             matches!(a, To1Answer::Local(Err(RvError::NoSession(32)))),
             "{a:?}"
@@ -431,7 +456,7 @@ mod tests {
         });
         let local = rv();
         let (p, tx) = proxy(Some(ep), LinkState::Online);
-        let a = p.handle(&local, 30, None, &hello(3)).await;
+        let a = p.handle(&local, 30, None, &hello(3), None).await;
         let To1Answer::Relayed(r) = a else {
             panic!("{a:?}")
         };
@@ -439,7 +464,7 @@ mod tests {
         srv.await.unwrap();
         // Offline now, but the session is the cloud's: forwarded (and failing), never local.
         tx.send_replace(LinkState::Offline);
-        let a = p.handle(&local, 32, Some("cloudtok"), &[0x80]).await;
+        let a = p.handle(&local, 32, Some("cloudtok"), &[0x80], None).await;
         assert!(
             matches!(a, To1Answer::Failed(ErrorCode::InternalServerError, _)),
             "{a:?}"
@@ -447,7 +472,7 @@ mod tests {
         assert_eq!(p.stats.forwarded.load(Ordering::Relaxed), 1);
         assert_eq!(p.stats.forward_failed.load(Ordering::Relaxed), 1);
         // The token was used up.
-        let a = p.handle(&local, 32, Some("cloudtok"), &[0x80]).await;
+        let a = p.handle(&local, 32, Some("cloudtok"), &[0x80], None).await;
         assert!(
             matches!(a, To1Answer::Local(Err(RvError::NoSession(32)))),
             "{a:?}"
@@ -461,20 +486,24 @@ mod tests {
             None,
             None,
             Duration::from_secs(1),
-            Duration::from_secs(5),
-            4,
+            SessionLimits {
+                max: 4,
+                ..Default::default()
+            },
         );
-        let a = p.handle(&local, 30, None, &hello(4)).await;
+        let a = p.handle(&local, 30, None, &hello(4), None).await;
         assert!(matches!(a, To1Answer::Local(_)));
         let (cloud, _stop) = cloud_server().await;
         let p = To1Proxy::new(
             Some(cloud),
             None,
             Duration::from_secs(1),
-            Duration::from_secs(5),
-            4,
+            SessionLimits {
+                max: 4,
+                ..Default::default()
+            },
         );
-        let a = p.handle(&local, 30, None, &hello(4)).await;
+        let a = p.handle(&local, 30, None, &hello(4), None).await;
         assert!(matches!(a, To1Answer::Local(_)));
         assert_eq!(p.stats.local.load(Ordering::Relaxed), 1);
         assert_eq!(p.stats.forwarded.load(Ordering::Relaxed), 0);
