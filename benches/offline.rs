@@ -1284,6 +1284,13 @@ fn memory_run(
         *st.lost_at.lock().unwrap() = Some(Instant::now());
         proxy.set(Fault::Reset);
         std::thread::sleep(p.outage);
+        // The proxy resets a connection when its pumps see Reset; one not polled during the
+        // outage (a loaded machine) would survive it and never come "back". Hold the outage
+        // until every client has lost its connection.
+        let t_out = Instant::now();
+        while st.connected.load(Ordering::SeqCst) > 0 && t_out.elapsed() < p.timeout {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let t0 = Instant::now();
         *st.restored_at.lock().unwrap() = Some(t0);
         proxy.set(Fault::Pass);
