@@ -5,9 +5,19 @@
 //!
 //! Every mutating call flushes before it returns, so anything the gateway acknowledges is on
 //! disk. A schema version is written on first open and checked on every open.
+//!
+//! "On disk" means on stable storage, power cuts included: sled's own `flush` ends in
+//! `sync_file_range`, which neither flushes the device's write cache nor the file's
+//! metadata, and its blob files are not synced at all. [`Store::flush`] therefore adds the
+//! missing `fdatasync`s (see [`Durable`]), group-committed so that concurrent callers share
+//! one.
 
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// Version of the on-disk layout. Bump on any incompatible change and add a migration.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -29,6 +39,221 @@ pub enum StoreError {
     Schema { found: u32, expected: u32 },
     #[error("corrupt record under {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("store sync of {path}: {source}")]
+    Sync {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("store flush failed: {0}")]
+    Flush(String),
+}
+
+/// The environment knob that turns the `fdatasync`s of [`Store::flush`] off (sled's own
+/// flush still runs). For benchmarks only: it gives up durability against power loss.
+pub const UNSAFE_SKIP_FDATASYNC: &str = "OUTPOST_UNSAFE_SKIP_FDATASYNC";
+
+/// Upper bound of the blob files whose synced size is remembered (more than that is
+/// forgotten, which only means they are synced again).
+const MAX_TRACKED_BLOBS: usize = 1 << 20;
+
+/// Durability against power loss for a sled directory, with group commit.
+///
+/// One flush is: (1) `fdatasync` of every blob file (`blobs/*`, values sled keeps outside
+/// its log) that is new or has grown since it was last synced, and an `fsync` of the blobs
+/// directory when files were added; (2) sled's flush (its log buffers written out with
+/// `sync_file_range`); (3) `fdatasync` of sled's `db` file through one long-lived handle.
+///
+/// Group commit by flush number: a write made before `flush` is called is covered by
+/// every flush that *starts* after the call. So a caller that finds a flush in progress
+/// waits for the next one, and every caller that arrives while one is in progress shares
+/// that next one; only one caller (the leader) runs it.
+struct Durable {
+    dir: PathBuf,
+    /// `None` with [`UNSAFE_SKIP_FDATASYNC`].
+    db_file: Option<File>,
+    state: Mutex<FlushState>,
+    finished: Condvar,
+    /// Only the leader of a flush touches it (never contended).
+    blobs: Mutex<HashMap<OsString, u64>>,
+}
+
+#[derive(Default)]
+struct FlushState {
+    /// Number of the last flush started.
+    started: u64,
+    in_progress: bool,
+    /// Number of the last flush finished (successfully or not).
+    finished: u64,
+    /// Number of the last flush that succeeded.
+    succeeded: u64,
+    last_error: Option<String>,
+}
+
+fn sync_path(path: &Path, data_only: bool) -> Result<(), StoreError> {
+    let err = |source| StoreError::Sync {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = File::open(path).map_err(err)?;
+    if data_only {
+        f.sync_data().map_err(err)
+    } else {
+        f.sync_all().map_err(err)
+    }
+}
+
+impl Durable {
+    /// Sync what sled created at open (conf, db, the blobs directory, the store directory
+    /// and its parent) and keep a handle on `db` for every later flush.
+    fn open(dir: &Path) -> Result<Durable, StoreError> {
+        let skip = std::env::var_os(UNSAFE_SKIP_FDATASYNC).is_some_and(|v| v == "1");
+        let db_path = dir.join("db");
+        let db_file = if skip {
+            tracing::warn!(
+                store = %dir.display(),
+                "{UNSAFE_SKIP_FDATASYNC}=1: acknowledged writes are NOT durable against power loss"
+            );
+            None
+        } else {
+            for (p, data_only) in [
+                (dir.join("conf"), false),
+                (db_path.clone(), false),
+                (dir.join("blobs"), false),
+                (dir.to_path_buf(), false),
+            ] {
+                if p.exists() {
+                    sync_path(&p, data_only)?;
+                }
+            }
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_path(parent, false)?;
+            }
+            Some(File::open(&db_path).map_err(|source| StoreError::Sync {
+                path: db_path.clone(),
+                source,
+            })?)
+        };
+        Ok(Durable {
+            dir: dir.to_path_buf(),
+            db_file,
+            state: Mutex::new(FlushState::default()),
+            finished: Condvar::new(),
+            blobs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Make every write made before this call durable (group commit).
+    fn flush(&self, db: &sled::Db) -> Result<(), StoreError> {
+        let mut st = self
+            .state
+            .lock()
+            .map_err(|_| StoreError::Flush("flush state poisoned".into()))?;
+        // The first flush that starts after this point covers our writes.
+        let target = st.started + 1;
+        loop {
+            if st.finished >= target {
+                return if st.succeeded >= target {
+                    Ok(())
+                } else {
+                    Err(StoreError::Flush(
+                        st.last_error.clone().unwrap_or_else(|| "unknown".into()),
+                    ))
+                };
+            }
+            if st.in_progress {
+                st = self
+                    .finished
+                    .wait(st)
+                    .map_err(|_| StoreError::Flush("flush state poisoned".into()))?;
+                continue;
+            }
+            st.started += 1;
+            st.in_progress = true;
+            let n = st.started;
+            drop(st);
+            let result = self.flush_once(db);
+            st = self
+                .state
+                .lock()
+                .map_err(|_| StoreError::Flush("flush state poisoned".into()))?;
+            st.in_progress = false;
+            st.finished = n;
+            match &result {
+                Ok(()) => st.succeeded = n,
+                Err(e) => {
+                    tracing::error!(error = %e, "store flush failed");
+                    st.last_error = Some(e.to_string());
+                }
+            }
+            self.finished.notify_all();
+        }
+    }
+
+    fn flush_once(&self, db: &sled::Db) -> Result<(), StoreError> {
+        let Some(db_file) = &self.db_file else {
+            db.flush()?;
+            return Ok(());
+        };
+        self.sync_blobs()?;
+        db.flush()?;
+        db_file.sync_data().map_err(|source| StoreError::Sync {
+            path: self.dir.join("db"),
+            source,
+        })
+    }
+
+    /// `fdatasync` every blob file that is new or grew since its last sync; `fsync` the
+    /// directory when files were added. Files that disappeared are forgotten.
+    fn sync_blobs(&self) -> Result<(), StoreError> {
+        let dir = self.dir.join("blobs");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(StoreError::Sync { path: dir, source }),
+        };
+        let mut known = self
+            .blobs
+            .lock()
+            .map_err(|_| StoreError::Flush("blob state poisoned".into()))?;
+        let mut seen = HashMap::with_capacity(known.len());
+        let mut added = false;
+        for entry in entries {
+            let entry = entry.map_err(|source| StoreError::Sync {
+                path: dir.clone(),
+                source,
+            })?;
+            let name = entry.file_name();
+            let path = entry.path();
+            let f = match File::open(&path) {
+                Ok(f) => f,
+                // Removed by sled meanwhile (superseded): nothing to make durable.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(StoreError::Sync { path, source }),
+            };
+            let len = f
+                .metadata()
+                .map_err(|source| StoreError::Sync {
+                    path: path.clone(),
+                    source,
+                })?
+                .len();
+            let old = known.get(&name).copied();
+            if old != Some(len) {
+                f.sync_data()
+                    .map_err(|source| StoreError::Sync { path, source })?;
+                added |= old.is_none();
+            }
+            if seen.len() < MAX_TRACKED_BLOBS {
+                seen.insert(name, len);
+            }
+        }
+        *known = seen;
+        if added {
+            sync_path(&dir, false)?;
+        }
+        Ok(())
+    }
 }
 
 impl From<sled::Error> for StoreError {
@@ -207,16 +432,15 @@ pub type TableEntry = (Vec<u8>, Vec<u8>);
 /// A named key-value table of opaque records (e.g. the rendezvous registrations).
 #[derive(Clone)]
 pub struct Table {
-    db: sled::Db,
+    store: Store,
     tree: sled::Tree,
 }
 
 impl Table {
-    /// Insert or replace, flushed before returning.
+    /// Insert or replace, durable before returning.
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.tree.insert(key, value)?;
-        self.db.flush()?;
-        Ok(())
+        self.store.flush()
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -283,6 +507,7 @@ pub struct Store {
     certs: sled::Tree,
     certs_by_id: sled::Tree,
     vouchers: sled::Tree,
+    durable: Arc<Durable>,
 }
 
 impl Store {
@@ -309,10 +534,11 @@ impl Store {
             }
         };
         let meta = db.open_tree(META)?;
+        let durable = Arc::new(Durable::open(dir)?);
         match meta.get(KEY_SCHEMA)? {
             None => {
                 meta.insert(KEY_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
-                db.flush()?;
+                durable.flush(&db)?;
             }
             Some(v) => {
                 let found = <[u8; 4]>::try_from(v.as_ref())
@@ -335,6 +561,7 @@ impl Store {
             vouchers: db.open_tree(VOUCHERS)?,
             meta,
             db,
+            durable,
         })
     }
 
@@ -348,14 +575,15 @@ impl Store {
     /// A named key-value table.
     pub fn table(&self, name: &str) -> Result<Table, StoreError> {
         Ok(Table {
-            db: self.db.clone(),
+            store: self.clone(),
             tree: self.db.open_tree(format!("table/{name}"))?,
         })
     }
 
+    /// Make every write made before this call durable against power loss (group commit:
+    /// concurrent callers share one flush; see [`Durable`]).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        self.durable.flush(&self.db)
     }
 
     /// Insert or replace a certificate record (flushed before returning).
@@ -591,6 +819,35 @@ mod tests {
         s.put_cert(&rec("01", "dev")).unwrap();
         s.put_cert(&rec("02", "dev1")).unwrap();
         assert_eq!(s.certs_for_device("dev").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn flush_syncs_new_blobs_and_groups_concurrent_callers() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let log = s.log("q").unwrap();
+        // Far above sled's inline threshold: stored as a blob file.
+        log.insert(1, &vec![7u8; 1 << 20]).unwrap();
+        s.flush().unwrap();
+        let tracked = s.durable.blobs.lock().unwrap().len();
+        assert!(tracked >= 1, "the blob file was not synced");
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let t = s.table("t").unwrap();
+                    for j in 0..50u32 {
+                        t.put(&[i, j as u8], b"v").unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let st = s.durable.state.lock().unwrap();
+        assert_eq!((st.finished, st.succeeded), (st.started, st.started));
+        assert!(!st.in_progress);
     }
 
     #[test]
