@@ -226,8 +226,35 @@ fn guest_side() {
     }
 }
 
+/// `dmsetup message lw 0 mark LABEL`, as the DM_TARGET_MSG ioctl itself: starting dmsetup
+/// takes long under TCG, and the mark must follow the PUBACK closely (a flush that happens
+/// in between would hide a message that was acknowledged before it was on disk).
 fn mark(label: &str) {
-    run(Command::new("dmsetup").args(["message", "lw", "0", "mark", label]));
+    const DM_IOCTL_SIZE: usize = 312; // sizeof(struct dm_ioctl)
+    const DM_TARGET_MSG: u64 = (3 << 30) | ((DM_IOCTL_SIZE as u64) << 16) | (0xfd << 8) | 14;
+    let message = format!("mark {label}\0");
+    let mut buf = vec![0u8; DM_IOCTL_SIZE + 8 + message.len()];
+    let len = buf.len() as u32;
+    let le32 = |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+    le32(&mut buf, 0, 4); // version 4.0.0
+    le32(&mut buf, 12, len); // data_size
+    le32(&mut buf, 16, DM_IOCTL_SIZE as u32); // data_start
+    buf[48..50].copy_from_slice(b"lw"); // name
+                                        // struct dm_target_msg { u64 sector = 0; char message[]; }
+    buf[DM_IOCTL_SIZE + 8..].copy_from_slice(message.as_bytes());
+    let control = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/mapper/control")
+        .expect("device-mapper control");
+    use std::os::fd::AsRawFd;
+    let r = unsafe { libc::ioctl(control.as_raw_fd(), DM_TARGET_MSG as _, buf.as_mut_ptr()) };
+    assert_eq!(
+        r,
+        0,
+        "DM_TARGET_MSG {label}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 fn sectors(dev: &str) -> u64 {
@@ -302,7 +329,7 @@ fn record() {
         }
         acked += PER_BATCH;
         mark(&format!("ack-{acked}"));
-        std::thread::sleep(Duration::from_millis(150));
+        std::thread::sleep(Duration::from_millis(100));
     }
     let _ = gw.kill();
     let _ = gw.wait();
