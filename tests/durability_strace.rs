@@ -320,14 +320,14 @@ fn voucher_import_reply_and_to2_done_come_after_an_fdatasync_covering_them() {
         .to_string();
     drop(agent);
     let trace = t.finish();
-    // The imported voucher record names its GUID; the admin reply is one JSON document.
-    let voucher = format!("\"guid\":\"{}\"", dev.guid);
-    assert_ack_after_covering_fdatasync(&trace, "voucher import", voucher.as_bytes(), |b| {
-        b.starts_with(b"{") && contains(b, dev.guid.as_bytes())
-    });
     // TO2: the certificate record of the new GUID is stored before TO2.Done2 (71) is sent.
     let cert = format!("\"device_id\":\"{client_id}\"");
     assert_ack_after_covering_fdatasync(&trace, "TO2.Done2", cert.as_bytes(), |b| {
         contains(&b.to_ascii_lowercase(), b"message-type: 71\r\n")
+    });
+    // The imported voucher record names its GUID; the admin reply is one JSON document.
+    let voucher = format!("\"guid\":\"{}\"", dev.guid);
+    assert_ack_after_covering_fdatasync(&trace, "voucher import", voucher.as_bytes(), |b| {
+        b.starts_with(b"{") && contains(b, dev.guid.as_bytes())
     });
 }
