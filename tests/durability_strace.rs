@@ -295,3 +295,39 @@ fn admin_issue_device_reply_comes_after_an_fdatasync_covering_the_certificate() 
         b.starts_with(b"{") && contains(b, b"BEGIN CERTIFICATE")
     });
 }
+
+#[test]
+fn voucher_import_reply_and_to2_done_come_after_an_fdatasync_covering_them() {
+    use common::roles::{extend_to, make_device, s, Agent};
+    let t = Traced::start("");
+    let fdo = t.gw.ep.fdo.expect("gateway FDO listener");
+    let work = tempfile::tempdir().unwrap();
+    let dev = make_device(work.path(), "dev-strace", fdo);
+    let owner = t.gw.cli(&["voucher", "owner-cert"]);
+    assert!(owner.status.success());
+    let v = extend_to(&dev, &String::from_utf8_lossy(&owner.stdout), "gw");
+    let out = t.gw.cli(&["voucher", "import", s(&v)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut agent = Agent::start(&dev.cred, &work.path().join("state"), &[]);
+    let onboarded = agent.expect("onboarded", Duration::from_secs(60));
+    let client_id = onboarded["client_id"]
+        .as_str()
+        .expect("client id")
+        .to_string();
+    drop(agent);
+    let trace = t.finish();
+    // TO2: the certificate record of the new GUID is stored before TO2.Done2 (71) is sent.
+    let cert = format!("\"device_id\":\"{client_id}\"");
+    assert_ack_after_covering_fdatasync(&trace, "TO2.Done2", cert.as_bytes(), |b| {
+        contains(&b.to_ascii_lowercase(), b"message-type: 71\r\n")
+    });
+    // The imported voucher record names its GUID; the admin reply is one JSON document.
+    let voucher = format!("\"guid\":\"{}\"", dev.guid);
+    assert_ack_after_covering_fdatasync(&trace, "voucher import", voucher.as_bytes(), |b| {
+        b.starts_with(b"{") && contains(b, dev.guid.as_bytes())
+    });
+}
