@@ -1,3 +1,5 @@
+// Outpost: upstream's own warnings (dead code, elided lifetimes) are not ours to fix here.
+#![allow(dead_code, mismatched_lifetime_syntaxes)]
 use std::fmt;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
