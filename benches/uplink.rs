@@ -38,7 +38,8 @@
 //! BENCH_INGEST (40000 messages per measured row), BENCH_RUNS (3), BENCH_PING (1000),
 //! BENCH_BACKLOG (1000000), BENCH_DIRECT (BENCH_BACKLOG / 2, for each direct run),
 //! BENCH_INFLIGHT (100), BENCH_PROBE_MS (5), BENCH_IDLE_S (3), BENCH_OUTAGES (20),
-//! BENCH_TIMEOUT_S (900), BENCH_PHASES (`ingest,drain,detect`), BENCH_DRAIN_VIA_PROXY (0; 1:
+//! BENCH_TIMEOUT_S (900), BENCH_PHASES (`ingest,drain,detect`; also `durability`: fdatasync
+//! against `OUTPOST_UNSAFE_SKIP_FDATASYNC=1` side by side and one fdatasync's cost), BENCH_DRAIN_VIA_PROXY (0; 1:
 //! the drain goes through the proxy, outage = its blackhole); profiling: BENCH_PERF (a
 //! directory: `perf record` of the gateway per phase), BENCH_PERF_ARGS (`record -F 499 -g`).
 //!
@@ -1047,6 +1048,153 @@ fn ingest_phase(rt: &tokio::runtime::Runtime, p: &Params) {
 }
 
 // ------------------------------------------------------------------------------------------
+// Phase "durability" (issue 10): durable ingest with the store's fdatasyncs against the same
+// gateway build with them skipped (`OUTPOST_UNSAFE_SKIP_FDATASYNC=1`: sled's flush only, the
+// guarantee before issue 10), in one run, plus the cost of one fdatasync on this disk.
+
+fn durability_phase(rt: &tokio::runtime::Runtime, p: &Params) {
+    println!();
+    println!("== D. Durability against power loss: fdatasync vs skipped, TLS, link Offline ==");
+    let skip_var = outpost::store::UNSAFE_SKIP_FDATASYNC;
+    let mut rigs = Vec::new();
+    for skip in [false, true] {
+        if skip {
+            std::env::set_var(skip_var, "1");
+        } else {
+            std::env::remove_var(skip_var);
+        }
+        let rig = Rig::start(p, true);
+        std::env::remove_var(skip_var);
+        rig.must_be_online(true);
+        rig.proxy.set(Fault::Blackhole);
+        rig.must_be_online(false);
+        rigs.push((if skip { "skip-fdatasync" } else { "durable" }, rig));
+    }
+    let ids: Vec<String> = (0..p.devices).map(|i| format!("dev-{i}")).collect();
+    let tls: Vec<Vec<Arc<rustls::ClientConfig>>> = rigs
+        .iter()
+        .map(|(_, rig)| {
+            ids.iter()
+                .map(|id| common::device_tls_config(&rig.gw.issue(id)))
+                .collect()
+        })
+        .collect();
+    let per_conn = (p.ingest / p.devices).max(1);
+    let warm = (p.window * 10).min(per_conn);
+    let limit = p.timeout;
+    println!(
+        "load: {} TLS connections x window {}, QoS 1, {} B, {} messages per row and run; unloaded: 1 x 1, {} messages; {} runs, medians",
+        p.devices, p.window, p.size, per_conn * p.devices, p.ping, p.runs
+    );
+    // (mode, row) -> (loaded, unloaded)
+    let mut res: HashMap<(usize, Row), (Vec<LoadResult>, Vec<LoadResult>)> = HashMap::new();
+    for run in 0..p.runs {
+        println!("  run {}, load avg {}", run + 1, loadavg());
+        let modes: Vec<usize> = if run % 2 == 0 { vec![0, 1] } else { vec![1, 0] };
+        for m in modes {
+            let (name, rig) = &rigs[m];
+            let order = if run % 2 == 0 {
+                [Row::Other, Row::UplinkOffline]
+            } else {
+                [Row::UplinkOffline, Row::Other]
+            };
+            for row in order {
+                let target = |i: usize| Target::Tls(rig.gw.mqtts(), tls[m][i].clone());
+                let (r, one) = rt.block_on(async {
+                    let mut conns = Vec::new();
+                    for (i, id) in ids.iter().enumerate() {
+                        conns.push((open(&target(i), id).await, row.topic(id)));
+                    }
+                    let r =
+                        run_load(conns, TAG_INGEST, warm, per_conn, p.window, p.size, limit).await;
+                    let c = open(&target(0), &ids[0]).await;
+                    let one = run_load(
+                        vec![(c, row.topic(&ids[0]))],
+                        TAG_INGEST,
+                        20,
+                        p.ping,
+                        1,
+                        p.size,
+                        limit,
+                    )
+                    .await;
+                    (r, one)
+                });
+                println!(
+                    "    {name:<15} {:<44} {:>9.0} msg/s  p99 {:>7.2} ms | unloaded p99 {:>6.2} ms",
+                    row.label(),
+                    r.rate,
+                    r.p99,
+                    one.p99
+                );
+                let e = res.entry((m, row)).or_default();
+                e.0.push(r);
+                e.1.push(one);
+            }
+        }
+    }
+    println!();
+    println!("Durability, medians of {} runs:", p.runs);
+    println!(
+        "  {:<16}{:>12}{:>12}{:>8}{:>14}{:>16}{:>14}",
+        "mode", "uplink/s", "other/s", "ratio", "p99 added ms", "1-in-fl p99 ms", "1-in-fl added"
+    );
+    for (m, (name, rig)) in rigs.iter().enumerate() {
+        let med = |row: Row, loaded: bool, f: fn(&LoadResult) -> f64| {
+            let (l, u) = &res[&(m, row)];
+            median(
+                &(if loaded { l } else { u })
+                    .iter()
+                    .map(f)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let (ru, ro) = (
+            med(Row::UplinkOffline, true, |r| r.rate),
+            med(Row::Other, true, |r| r.rate),
+        );
+        println!(
+            "  {name:<16}{ru:>12.0}{ro:>12.0}{:>7.2}x{:>+14.2}{:>16.2}{:>+14.2}",
+            ru / ro,
+            med(Row::UplinkOffline, true, |r| r.p99) - med(Row::Other, true, |r| r.p99),
+            med(Row::UplinkOffline, false, |r| r.p99),
+            med(Row::UplinkOffline, false, |r| r.p99) - med(Row::Other, false, |r| r.p99),
+        );
+        println!(
+            "  {:<16}group commits: {} for {} appended messages",
+            "",
+            rig.metric("outpost_uplink_queue_group_commits_total"),
+            rig.metric("outpost_uplink_queue_appended_total")
+        );
+    }
+    flush_cost(rigs[0].1.gw.data_dir.as_path());
+}
+
+/// The cost of one fdatasync on the disk of `dir`: append then fdatasync, p50/p99.
+fn flush_cost(dir: &Path) {
+    use std::io::Write;
+    let path = dir.join("bench-fdatasync.tmp");
+    for size in [128usize, 4096, 65536] {
+        let mut f = std::fs::File::create(&path).expect("create");
+        let buf = vec![0x5au8; size];
+        let mut us: Vec<u32> = Vec::new();
+        for _ in 0..300 {
+            f.write_all(&buf).expect("write");
+            let t = Instant::now();
+            f.sync_data().expect("fdatasync");
+            us.push(t.elapsed().as_micros() as u32);
+        }
+        us.sort_unstable();
+        println!(
+            "  one fdatasync after appending {size:>6} B (this disk, 300 samples): p50 {:.3} ms  p99 {:.3} ms",
+            pct_ms(&us, 50.0),
+            pct_ms(&us, 99.0)
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+// ------------------------------------------------------------------------------------------
 // Phase 2: drain rate (and local latency during the drain), then phase 3 on the same rig.
 
 fn wait_tally(tallies: &Tallies, tag: u8, n: u64, limit: Duration) -> bool {
@@ -1439,6 +1587,9 @@ fn main() {
         .expect("runtime");
     if p.phase("ingest") {
         ingest_phase(&rt, &p);
+    }
+    if p.phase("durability") {
+        durability_phase(&rt, &p);
     }
     if p.phase("drain") {
         // The production path (the gateway straight to the cloud broker) unless asked.
