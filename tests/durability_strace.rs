@@ -298,20 +298,10 @@ fn admin_issue_device_reply_comes_after_an_fdatasync_covering_the_certificate() 
 
 #[test]
 fn voucher_import_reply_and_to2_done_come_after_an_fdatasync_covering_them() {
-    use common::roles::{extend_to, make_device, s, Agent};
+    use common::roles::{made_for_gateway, Agent};
     let t = Traced::start("");
-    let fdo = t.gw.ep.fdo.expect("gateway FDO listener");
     let work = tempfile::tempdir().unwrap();
-    let dev = make_device(work.path(), "dev-strace", fdo);
-    let owner = t.gw.cli(&["voucher", "owner-cert"]);
-    assert!(owner.status.success());
-    let v = extend_to(&dev, &String::from_utf8_lossy(&owner.stdout), "gw");
-    let out = t.gw.cli(&["voucher", "import", s(&v)]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dev = made_for_gateway(&t.gw, work.path(), "dev-strace");
     let mut agent = Agent::start(&dev.cred, &work.path().join("state"), &[]);
     let onboarded = agent.expect("onboarded", Duration::from_secs(60));
     let client_id = onboarded["client_id"]

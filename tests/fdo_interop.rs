@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::roles::{extend_to, make_device, registry, s};
+use common::roles::{made_for_gateway, registry};
 use common::Gateway;
 use outpost::fdo::client::{self, DeviceOptions};
 use outpost::fdo::DeviceCredential;

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::roles::{extend_to, make_device, registry, s, Agent, Cloud};
+use common::roles::{extend_to, made_for_gateway, make_device, registry, s, Agent, Cloud};
 use common::{base_config, expect_publish, mqtt_subscribe, plain_session, tls_args, Gateway};
 use std::process::Command;
 use std::time::Duration;
@@ -184,18 +184,8 @@ fn device_onboards_against_the_cloud_and_publishes_through_the_gateway() {
 #[test]
 fn device_onboards_against_the_gateway_as_rendezvous_and_owner() {
     let gw = Gateway::start();
-    let fdo = gw.ep.fdo.expect("gateway FDO listener");
     let work = tempfile::tempdir().unwrap();
-    let dev = make_device(work.path(), "dev-gw", fdo);
-    let owner = gw.cli(&["voucher", "owner-cert"]);
-    assert!(owner.status.success());
-    let v = extend_to(&dev, &String::from_utf8_lossy(&owner.stdout), "gw");
-    let out = gw.cli(&["voucher", "import", s(&v)]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dev = made_for_gateway(&gw, work.path(), "dev-gw");
 
     let mut agent = Agent::start(&dev.cred, &work.path().join("state"), &[]);
     let onboarded = agent.expect("onboarded", Duration::from_secs(30));

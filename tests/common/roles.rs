@@ -236,6 +236,24 @@ pub fn extend_to(m: &Made, owner_pem: &str, tag: &str) -> PathBuf {
     out
 }
 
+/// A device made for the running gateway `gw`: made with the gateway's FDO listener as its
+/// rendezvous server, its voucher extended to the gateway's owner key and imported there
+/// (which starts the gateway's TO0 for it).
+pub fn made_for_gateway(gw: &super::Gateway, work: &Path, name: &str) -> Made {
+    let fdo = gw.ep.fdo.expect("gateway FDO listener");
+    let dev = make_device(work, name, fdo);
+    let owner = gw.cli(&["voucher", "owner-cert"]);
+    assert!(owner.status.success(), "owner-cert failed");
+    let v = extend_to(&dev, &String::from_utf8_lossy(&owner.stdout), "gw");
+    let out = gw.cli(&["voucher", "import", s(&v)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dev
+}
+
 /// A running `outpost device`, its stdout events collected.
 pub struct Agent {
     pub child: Child,
