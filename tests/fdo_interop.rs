@@ -15,17 +15,7 @@ use outpost::fdo::DeviceCredential;
 const LEGACY: &str = "outpost_fdo_eat_ueid_legacy_key_total";
 
 async fn onboard(gw: &Gateway, work: &std::path::Path, name: &str, ueid_key: i64) -> String {
-    let fdo = gw.ep.fdo.expect("gateway FDO listener");
-    let dev = make_device(work, name, fdo);
-    let owner = gw.cli(&["voucher", "owner-cert"]);
-    assert!(owner.status.success());
-    let v = extend_to(&dev, &String::from_utf8_lossy(&owner.stdout), "gw");
-    let out = gw.cli(&["voucher", "import", s(&v)]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dev = made_for_gateway(gw, work, name);
     let cred = DeviceCredential::read(&dev.cred).expect("device credential");
     let opts = DeviceOptions {
         eat_ueid_key: ueid_key,
