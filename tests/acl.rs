@@ -268,13 +268,7 @@ async fn denied_qos1_and_qos2_publishes_are_acknowledged_dropped_and_the_client_
         .await;
 
     // Everything the watcher got before the sentinel: the allowed messages only.
-    let mut got: Vec<Vec<u8>> = watcher
-        .payloads_until(b"sentinel")
-        .await
-        .into_iter()
-        .map(|(_, p)| p)
-        .collect();
-    got.sort();
+    let got = watcher.sorted_payloads_until(b"sentinel").await;
     assert_eq!(
         got,
         vec![b"ok-q0".to_vec(), b"ok-q1".to_vec(), b"ok-q2".to_vec()]

@@ -188,26 +188,12 @@ fn spawn_umask_000(gw: &mut Gateway) {
 
 #[test]
 fn an_existing_loose_data_dir_is_tightened_at_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    std::fs::create_dir(&data_dir).unwrap();
-    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let config_path = dir.path().join("outpost.toml");
-    std::fs::write(&config_path, base_config(&data_dir, "")).unwrap();
-    let mut gw = Gateway {
-        dir,
-        data_dir: data_dir.clone(),
-        config_path,
-        child: None,
-        ep: outpost::Endpoints {
-            gateway_id: String::new(),
-            mqtts: "127.0.0.1:1".parse().unwrap(),
-            plain: None,
-            metrics: None,
-            fdo: None,
-            pid: 0,
-        },
-    };
+    let mut gw = Gateway::unstarted(|data_dir| {
+        std::fs::create_dir(data_dir).unwrap();
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        base_config(data_dir, "")
+    });
+    let data_dir = gw.data_dir.clone();
 
     spawn_umask_000(&mut gw);
     let store = data_dir.join("store");
@@ -365,13 +351,7 @@ async fn retained_messages_are_capped_per_device() {
         .await;
     dev.expect_exact(PUBACK, &9u16.to_be_bytes(), "PUBACK")
         .await;
-    let mut got: Vec<Vec<u8>> = late
-        .payloads_until(b"sentinel")
-        .await
-        .into_iter()
-        .map(|(_, p)| p)
-        .collect();
-    got.sort();
+    let got = late.sorted_payloads_until(b"sentinel").await;
     assert_eq!(
         got,
         vec![b"r1".to_vec(), b"r2".to_vec()],
@@ -394,13 +374,7 @@ async fn retained_messages_are_capped_per_device() {
     assert_eq!(later.subscribe(1, &[("devices/dev-b/+", 0)]).await, vec![0]);
     dev.send(&wire::publish("devices/dev-b/end", b"sentinel", 1, 12))
         .await;
-    let mut got: Vec<Vec<u8>> = later
-        .payloads_until(b"sentinel")
-        .await
-        .into_iter()
-        .map(|(_, p)| p)
-        .collect();
-    got.sort();
+    let got = later.sorted_payloads_until(b"sentinel").await;
     assert_eq!(got, vec![b"r2".to_vec(), b"r3-again".to_vec()]);
 }
 

@@ -601,11 +601,24 @@ impl Gateway {
     /// Write the config and create the data dir and CA (with `ca list`), without starting:
     /// for set-ups that need the gateway CA before the gateway runs. Start with `spawn`.
     pub fn prepare_custom(make: impl FnOnce(&Path) -> String) -> Gateway {
+        let gw = Gateway::unstarted(make);
+        let out = gw.cli(&["ca", "list"]);
+        assert!(
+            out.status.success(),
+            "ca list: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        gw
+    }
+
+    /// Only write the config (`make` gets the data dir, which does not exist yet unless
+    /// `make` creates it): nothing else is touched before the first start.
+    pub fn unstarted(make: impl FnOnce(&Path) -> String) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = dir.path().join("data");
         let config_path = dir.path().join("outpost.toml");
         std::fs::write(&config_path, make(&data_dir)).expect("write config");
-        let gw = Gateway {
+        Gateway {
             dir,
             data_dir,
             config_path,
@@ -618,14 +631,7 @@ impl Gateway {
                 fdo: None,
                 pid: 0,
             },
-        };
-        let out = gw.cli(&["ca", "list"]);
-        assert!(
-            out.status.success(),
-            "ca list: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        gw
+        }
     }
 }
 

@@ -733,6 +733,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
         }
     }
 
+    /// The payloads of [`payloads_until`](Self::payloads_until), sorted (for checks that do
+    /// not depend on the order of delivery).
+    pub async fn sorted_payloads_until(&mut self, sentinel: &[u8]) -> Vec<Vec<u8>> {
+        let mut got: Vec<Vec<u8>> = self
+            .payloads_until(sentinel)
+            .await
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        got.sort();
+        got
+    }
+
     /// True if the peer closes the connection within `limit`.
     pub async fn closed_within(&mut self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
