@@ -313,23 +313,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     }
     if let Some(l) = metrics_l {
         let (m, u, s) = (metrics.clone(), uplink.clone(), shutdown.clone());
-        let to1 = fdo_svc.as_ref().and_then(|f| f.to1_stats.clone());
-        let fdo_on = fdo_svc.is_some();
-        let sessions = fdo_svc
-            .as_ref()
-            .map(|f| f.session_stats.clone())
-            .unwrap_or_default();
+        let fdo_metrics = fdo_svc.as_ref().map(|f| f.metrics());
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
             let mut text = m.render();
             u.render_metrics(&mut text);
-            if let Some(t) = &to1 {
-                t.render(&mut text);
-            }
-            if fdo_on {
-                fdo::stats::render(&mut text);
-            }
-            if !sessions.is_empty() {
-                fdo::session::SessionStats::render(&sessions, &mut text);
+            if let Some(f) = &fdo_metrics {
+                f.render(&mut text);
             }
             text
         });

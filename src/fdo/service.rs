@@ -407,12 +407,33 @@ pub struct FdoService {
 }
 
 impl FdoService {
-    /// Prometheus lines of the FDO services.
-    pub fn render_metrics(&self, out: &mut String) {
-        if let Some(s) = &self.to1_stats {
-            s.render(out);
+    /// What the metrics endpoint renders of the FDO services (clonable, for its closure).
+    pub fn metrics(&self) -> FdoMetrics {
+        FdoMetrics {
+            to1: self.to1_stats.clone(),
+            sessions: self.session_stats.clone(),
+        }
+    }
+}
+
+/// The FDO services' counters: the TO1 determination unit, the session tables and what
+/// peers send beyond the specification (`stats.rs`).
+#[derive(Debug, Clone)]
+pub struct FdoMetrics {
+    to1: Option<Arc<To1Stats>>,
+    sessions: Vec<(&'static str, Arc<SessionStats>)>,
+}
+
+impl FdoMetrics {
+    /// Prometheus lines.
+    pub fn render(&self, out: &mut String) {
+        if let Some(t) = &self.to1 {
+            t.render(out);
         }
         super::stats::render(out);
+        if !self.sessions.is_empty() {
+            SessionStats::render(&self.sessions, out);
+        }
     }
 }
 

@@ -514,6 +514,7 @@ impl Upstream<'_> {
                         let skip = 2 + topic.len() + if qos > 0 { 2 } else { 0 };
                         let payload_len = body.len().saturating_sub(skip);
                         let mut unretain = false;
+                        let retain_changed = payload_len == 0 || flags & 1 == 1;
                         if payload_len == 0 {
                             // The core clears the topic's retained message on any empty
                             // payload, retained or not.
@@ -532,10 +533,14 @@ impl Upstream<'_> {
                                 unretain = true;
                             }
                         }
-                        self.shared.metrics.retained_bytes.store(
-                            self.shared.bounds.retained_bytes() as i64,
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
+                        // Only a retained or an empty publish changes it: the plain telemetry
+                        // path takes no bounds lock.
+                        if retain_changed {
+                            self.shared.metrics.retained_bytes.store(
+                                self.shared.bounds.retained_bytes() as i64,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
+                        }
                         if let Some(up) = &self.shared.uplink {
                             if up.mapping.up(&topic).is_some() {
                                 durable.push(crate::uplink::queue::Message {
