@@ -354,14 +354,16 @@ where
     };
     // Packets the client sent right behind CONNECT (it need not wait for CONNACK) may have
     // arrived in the same read: handle them now, not only after the next read.
+    let mut held = HeldQueue::default();
     if !buf.is_empty() {
         match upstream_state.process(buf).await {
-            Ok(out) if !out.is_empty() => {
-                if let Err(e) = bwr.write_all(&out).await {
-                    return End::Io(e);
+            Ok(batch) => {
+                if let Some(out) = held.push(batch) {
+                    if let Err(e) = bwr.write_all(&out).await {
+                        return End::Io(e);
+                    }
                 }
             }
-            Ok(_) => {}
             Err(end) => return end,
         }
     }
@@ -383,8 +385,26 @@ where
                 return End::TakenOver;
             }
             _ = cancel.cancelled() => {
-                // Drain: read nothing more from the client, let the core's answers to what
-                // it already sent reach it, then close (TLS close_notify), within the grace.
+                // Drain: read nothing more from the client; what was read and is waiting for
+                // its flush goes to the core once flushed; let the core's answers reach the
+                // client, then close (TLS close_notify), within the grace.
+                let grace = tokio::time::Instant::now() + shared.cfg.shutdown_grace;
+                while !held.0.is_empty() {
+                    match tokio::time::timeout_at(grace, held.head_ready()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(end)) => return end,
+                        Err(_) => return End::Shutdown,
+                    }
+                    match held.take_ready() {
+                        Ok(out) if !out.is_empty() => {
+                            if let Err(e) = bwr.write_all(&out).await {
+                                return End::Io(e);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(end) => return end,
+                    }
+                }
                 if upstream_state.ltx.send(Local::Drain).await.is_ok() {
                     let _ = tokio::time::timeout(shared.cfg.shutdown_grace, &mut downstream.0).await;
                 }
@@ -405,13 +425,8 @@ where
                 return End::Expired;
             }
             end = &mut downstream.0 => return end.unwrap_or(End::CoreClosed),
-            r = read_more(&mut crd, buf, &mut chunk) => {
-                match r {
-                    Ok(0) => { let _ = bwr.shutdown().await; return End::ClientClosed; }
-                    Ok(n) => shared.metrics.add(|m| &m.bytes_in, n as u64),
-                    Err(e) => return End::Io(e),
-                }
-                let out = match upstream_state.process(buf).await {
+            r = held.head_ready() => {
+                let out = match r.and_then(|()| held.take_ready()) {
                     Ok(out) => out,
                     Err(end) => return end,
                 };
@@ -421,8 +436,44 @@ where
                     }
                 }
             }
+            r = read_more(&mut crd, buf, &mut chunk), if !held.is_full() => {
+                match r {
+                    Ok(0) => {
+                        // What the client sent before it closed still goes to the core
+                        // once durable; then the core sees the close.
+                        if let Err(end) = flush_held(&mut held, &mut bwr).await {
+                            return end;
+                        }
+                        let _ = bwr.shutdown().await;
+                        return End::ClientClosed;
+                    }
+                    Ok(n) => shared.metrics.add(|m| &m.bytes_in, n as u64),
+                    Err(e) => return End::Io(e),
+                }
+                let batch = match upstream_state.process(buf).await {
+                    Ok(batch) => batch,
+                    Err(end) => return end,
+                };
+                if let Some(out) = held.push(batch) {
+                    if let Err(e) = bwr.write_all(&out).await {
+                        return End::Io(e);
+                    }
+                }
+            }
         }
     }
+}
+
+/// Forward every held batch to the core as its flush completes.
+async fn flush_held<W: AsyncWrite + Unpin>(held: &mut HeldQueue, core: &mut W) -> Result<(), End> {
+    while !held.0.is_empty() {
+        held.head_ready().await?;
+        let out = held.take_ready()?;
+        if !out.is_empty() {
+            core.write_all(&out).await.map_err(End::Io)?;
+        }
+    }
+    Ok(())
 }
 
 fn count_retain_refused(shared: &Shared, r: super::bounds::RetainRefusal) {
@@ -494,8 +545,10 @@ impl Upstream<'_> {
         self.ltx.send(msg).await.map_err(|_| End::CoreClosed)
     }
 
-    /// Take every complete frame out of `buf`; return the bytes to forward to the core.
-    async fn process(&mut self, buf: &mut BytesMut) -> Result<BytesMut, End> {
+    /// Take every complete frame out of `buf`; return the bytes to forward to the core and,
+    /// when the batch carried uplink messages, the queue's answer to wait for before they
+    /// may be forwarded (see [`Held`]).
+    async fn process(&mut self, buf: &mut BytesMut) -> Result<Held, End> {
         let mut out = BytesMut::new();
         // Uplink messages of this batch: made durable together before any is forwarded, so
         // the broker's PUBACK to the device means "on disk".
@@ -677,11 +730,88 @@ impl Upstream<'_> {
             }
             buf.advance(total);
         }
+        let mut durable_rx = None;
         if let (Some(up), false) = (&self.shared.uplink, durable.is_empty()) {
-            if let Err(e) = up.queue.append(durable).await {
+            // Submitted, not awaited: the connection goes on reading while the group commit
+            // runs, so the next batches join the same or an overlapping flush.
+            match up.queue.submit(durable).await {
+                Ok(rx) => durable_rx = Some(rx),
+                Err(e) => return Err(End::UplinkRefused(e.to_string())),
+            }
+        }
+        Ok(Held {
+            durable: durable_rx,
+            out,
+        })
+    }
+}
+
+/// Bytes for the core held back until the uplink messages among them (or in an earlier
+/// batch) are durable: the core's PUBACK to the device must mean "on disk". Batches leave in
+/// the order they were read, so nothing overtakes a publish that waits for its flush.
+struct Held {
+    /// The queue's answer for this batch's uplink messages (`None`: nothing to wait for).
+    durable: Option<tokio::sync::oneshot::Receiver<Result<(), crate::uplink::queue::QueueError>>>,
+    out: BytesMut,
+}
+
+/// Batches read from the client, waiting for their flush (at most [`MAX_HELD`]).
+#[derive(Default)]
+struct HeldQueue(std::collections::VecDeque<Held>);
+
+/// Batches a connection may have waiting for the group commit before it stops reading from
+/// the client (each is one read of at most `READ_MAX` bytes).
+const MAX_HELD: usize = 64;
+
+impl HeldQueue {
+    fn is_full(&self) -> bool {
+        self.0.len() >= MAX_HELD
+    }
+
+    /// Queue `held` behind the earlier batches; returns the bytes that may go to the core now.
+    fn push(&mut self, held: Held) -> Option<BytesMut> {
+        if self.0.is_empty() && held.durable.is_none() {
+            return (!held.out.is_empty()).then_some(held.out);
+        }
+        self.0.push_back(held);
+        None
+    }
+
+    /// Wait until the oldest batch is durable (pending forever when none waits). Cancel-safe.
+    async fn head_ready(&mut self) -> Result<(), End> {
+        let Some(head) = self.0.front_mut() else {
+            return std::future::pending().await;
+        };
+        if let Some(rx) = head.durable.as_mut() {
+            let r = rx.await;
+            head.durable = None;
+            match r {
+                Ok(Ok(())) => {}
                 // MQTT 3.1.1 has no negative PUBACK: close without acknowledging, so the
                 // device keeps the messages and sends them again later.
-                return Err(End::UplinkRefused(e.to_string()));
+                Ok(Err(e)) => return Err(End::UplinkRefused(e.to_string())),
+                Err(_) => return Err(End::UplinkRefused("uplink queue stopped".into())),
+            }
+        }
+        Ok(())
+    }
+
+    /// The bytes of every batch at the front whose flush is done (in order).
+    fn take_ready(&mut self) -> Result<BytesMut, End> {
+        let mut out = BytesMut::new();
+        while let Some(head) = self.0.front_mut() {
+            if let Some(rx) = head.durable.as_mut() {
+                match rx.try_recv() {
+                    Ok(Ok(())) => head.durable = None,
+                    Ok(Err(e)) => return Err(End::UplinkRefused(e.to_string())),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                        return Err(End::UplinkRefused("uplink queue stopped".into()))
+                    }
+                }
+            }
+            if let Some(h) = self.0.pop_front() {
+                out.unsplit(h.out);
             }
         }
         Ok(out)

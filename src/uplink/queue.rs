@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -222,6 +222,91 @@ pub struct ReadCache {
     chunk: Option<Chunk>,
 }
 
+/// Threads that run the owner's group commits (at most `store`'s overlapping flushes).
+const FLUSHERS: usize = 4;
+/// Their stack: they only call `Store::flush`.
+const FLUSHER_STACK: usize = 256 * 1024;
+
+/// Where durable progress is published.
+struct Published {
+    /// Highest sequence number on disk.
+    durable: watch::Sender<u64>,
+    /// Highest sent mark on disk.
+    sent: watch::Sender<u64>,
+}
+
+/// One batch's group commit, handed from the owner to a flusher.
+struct FlushJob {
+    /// Answered once the flush is done (failed appends fail, the rest take its outcome).
+    replies: Vec<Reply>,
+    /// A sent mark to publish once flushed.
+    mark: Option<u64>,
+    /// The highest sequence number this batch wrote, if it wrote.
+    durable: Option<u64>,
+}
+
+impl FlushJob {
+    fn run(self, store: &Store, published: &Published, stats: &QueueStats) {
+        let FlushJob {
+            mut replies,
+            mark,
+            durable,
+        } = self;
+        match store.flush() {
+            Ok(()) => {
+                // Flushes may end out of order: one that ends covers every write made before
+                // it started, so publishing the highest seen is exact.
+                if let Some(mark) = mark {
+                    published.sent.send_if_modified(|m| {
+                        let newer = mark > *m;
+                        *m = (*m).max(mark);
+                        newer
+                    });
+                }
+                if let Some(seq) = durable {
+                    stats.group_commits.fetch_add(1, Ordering::Relaxed);
+                    published.durable.send_if_modified(|d| {
+                        let newer = seq > *d;
+                        *d = (*d).max(seq);
+                        newer
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "uplink queue flush failed");
+                let reason = e.to_string();
+                for (_, r) in replies.iter_mut() {
+                    if r.is_ok() {
+                        *r = Err(QueueError::Store(StoreError::Db(reason.clone())));
+                    }
+                }
+            }
+        }
+        for (reply, r) in replies {
+            let _ = reply.send(r);
+        }
+    }
+}
+
+/// A flusher thread: run handed-over group commits until the owner is gone.
+fn flusher(
+    store: &Store,
+    jobs: &Mutex<std::sync::mpsc::Receiver<FlushJob>>,
+    published: &Published,
+    stats: &QueueStats,
+) {
+    loop {
+        let job = match jobs.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        match job {
+            Ok(job) => job.run(store, published, stats),
+            Err(_) => return,
+        }
+    }
+}
+
 /// An append's answer, held until the group commit.
 type Reply = (
     oneshot::Sender<Result<(), QueueError>>,
@@ -355,7 +440,6 @@ impl QueueHandle {
             mark,
             mark_pending: None,
             mark_urgent: false,
-            sent_durable: None,
             acked_through: store.meta_u64(ACKED_KEY)?.unwrap_or(0),
             acked_written: 0,
             gone_above: BTreeSet::new(),
@@ -369,7 +453,10 @@ impl QueueHandle {
         owner.open()?;
         let (durable_tx, durable_rx) = watch::channel(owner.next - 1);
         let (sent_tx, sent_rx) = watch::channel(mark);
-        owner.sent_durable = Some(sent_tx);
+        let published = Arc::new(Published {
+            durable: durable_tx,
+            sent: sent_tx,
+        });
         let (tx, mut rx) = mpsc::channel::<Command>(1024);
         let handle = QueueHandle {
             tx,
@@ -382,6 +469,27 @@ impl QueueHandle {
         let join = std::thread::Builder::new()
             .name("outpost-queue".into())
             .spawn(move || {
+                // The flushers: the owner hands each batch's group commit to one of them and
+                // goes on with the next batch, so flushes overlap (see `Store::flush`).
+                let (jobs, job_rx) = std::sync::mpsc::channel::<FlushJob>();
+                let job_rx = Arc::new(Mutex::new(job_rx));
+                let mut flushers = Vec::new();
+                for i in 0..FLUSHERS {
+                    let (store, rx, published, stats) = (
+                        owner.store.clone(),
+                        job_rx.clone(),
+                        published.clone(),
+                        owner.stats.clone(),
+                    );
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("outpost-flush-{i}"))
+                        .stack_size(FLUSHER_STACK)
+                        .spawn(move || flusher(&store, &rx, &published, &stats));
+                    match spawned {
+                        Ok(j) => flushers.push(j),
+                        Err(e) => tracing::error!(error = %e, "cannot start a queue flusher"),
+                    }
+                }
                 let mut batch = Vec::new();
                 let mut stop = false;
                 while let Some(first) = rx.blocking_recv() {
@@ -392,10 +500,24 @@ impl QueueHandle {
                             Err(_) => break,
                         }
                     }
-                    stop |= owner.handle(std::mem::take(&mut batch), &durable_tx);
+                    let (done, job) = owner.handle(std::mem::take(&mut batch));
+                    stop |= done;
+                    if let Some(job) = job {
+                        // No flusher (none could start): flush here.
+                        if flushers.is_empty() {
+                            job.run(&owner.store, &published, &owner.stats);
+                        } else if let Err(std::sync::mpsc::SendError(job)) = jobs.send(job) {
+                            job.run(&owner.store, &published, &owner.stats);
+                        }
+                    }
                     if stop {
                         break;
                     }
+                }
+                // Every handed-over flush completes (and is answered) before the last one.
+                drop(jobs);
+                for j in flushers {
+                    let _ = j.join();
                 }
                 if let Err(e) = owner.store.flush() {
                     tracing::error!(error = %e, "queue flush at shutdown failed");
@@ -410,12 +532,25 @@ impl QueueHandle {
         if msgs.is_empty() {
             return Ok(());
         }
+        self.submit(msgs).await?.await.map_err(|_| QueueError::Stopped)?
+    }
+
+    /// Hand messages to the owner without waiting for the flush: the receiver answers once
+    /// they are on disk (or refused). Appends are stored in the order they are submitted.
+    pub async fn submit(
+        &self,
+        msgs: Vec<Message>,
+    ) -> Result<oneshot::Receiver<Result<(), QueueError>>, QueueError> {
         let (reply, rx) = oneshot::channel();
+        if msgs.is_empty() {
+            let _ = reply.send(Ok(()));
+            return Ok(rx);
+        }
         self.tx
             .send(Command::Append { msgs, reply })
             .await
             .map_err(|_| QueueError::Stopped)?;
-        rx.await.map_err(|_| QueueError::Stopped)?
+        Ok(rx)
     }
 
     /// Ask for messages up to `seq` to be allowed out: the mark is recorded, then published on
@@ -548,7 +683,6 @@ struct Owner {
     mark_pending: Option<u64>,
     /// The forwarder waits for `mark_pending`: flush now.
     mark_urgent: bool,
-    sent_durable: Option<watch::Sender<u64>>,
     /// Everything up to here is gone.
     acked_through: u64,
     /// `acked_through` as last written to the store.
@@ -597,8 +731,9 @@ impl Owner {
         Ok(())
     }
 
-    /// Handle one batch; returns true when told to stop.
-    fn handle(&mut self, cmds: Vec<Command>, durable: &watch::Sender<u64>) -> bool {
+    /// Handle one batch; returns true when told to stop, and the group commit to run (its
+    /// replies wait for it).
+    fn handle(&mut self, cmds: Vec<Command>) -> (bool, Option<FlushJob>) {
         let chunks_before = self.stats.chunks.load(Ordering::Relaxed);
         let mut stop = false;
         let mut replies = Vec::new();
@@ -651,37 +786,25 @@ impl Owner {
         // pending (a lost removal is a resend, bounded by `removals_per_flush`); other marks
         // ride along with whichever comes first.
         let flush = wrote || self.mark_urgent || self.unflushed_removals >= self.removals_per_flush;
-        if flush {
+        let job = if flush {
             // Group commit: one flush for every append of this batch (and everything else).
-            if let Err(e) = self.store.flush() {
-                tracing::error!(error = %e, "uplink queue flush failed");
-                self.fail_appends(&mut replies, &e.to_string());
-                for (reply, r) in replies {
-                    let _ = reply.send(r);
-                }
-                return stop;
-            }
             self.unflushed_removals = 0;
             self.mark_urgent = false;
-            if let (Some(mark), Some(tx)) = (self.mark_pending.take(), &self.sent_durable) {
-                tx.send_if_modified(|m| {
-                    let newer = mark > *m;
-                    *m = (*m).max(mark);
-                    newer
-                });
+            Some(FlushJob {
+                replies,
+                mark: self.mark_pending.take(),
+                durable: wrote.then_some(self.next - 1),
+            })
+        } else {
+            for (reply, r) in replies {
+                let _ = reply.send(r);
             }
-            if wrote {
-                self.stats.group_commits.fetch_add(1, Ordering::Relaxed);
-                durable.send_replace(self.next - 1);
-            }
-        }
+            None
+        };
         self.stats
             .unflushed_removals
             .store(self.unflushed_removals, Ordering::Relaxed);
-        for (reply, r) in replies {
-            let _ = reply.send(r);
-        }
-        stop
+        (stop, job)
     }
 
     /// Answer every accepted append of this batch with `reason` (its chunk is not durable).
