@@ -227,7 +227,7 @@ async fn handle(req: Request, svc: &Services) -> Reply {
 }
 
 /// The device registry of a store (also used by the CLI when nothing runs).
-pub fn registry(store: &Store) -> Result<Vec<RegistryEntry>, crate::fdo::FdoError> {
+pub fn registry(store: &Store) -> Result<Vec<RegistryEntry>, crate::fdo_wire::FdoError> {
     crate::fdo::registry::read(store)
 }
 

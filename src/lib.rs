@@ -12,6 +12,7 @@ pub mod config;
 pub mod device;
 pub mod duration;
 pub mod fdo;
+pub mod fdo_wire;
 pub mod frontdoor;
 pub mod mdns;
 pub mod metrics;

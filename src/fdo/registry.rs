@@ -6,12 +6,12 @@
 //! the owner key is its OVPubKey) is stored too, so the device can be onboarded again.
 //! Every write is flushed before TO2.Done2 is sent.
 
-use super::crypto::SigningKey;
 use super::owner::{self, OwnerKey};
 use super::owner_service::{OnboardRecord, OwnerBackend};
-use super::types::{Guid, PublicKey};
-use super::voucher::OwnershipVoucher;
-use super::FdoError;
+use crate::fdo_wire::crypto::SigningKey;
+use crate::fdo_wire::types::{Guid, PublicKey};
+use crate::fdo_wire::voucher::OwnershipVoucher;
+use crate::fdo_wire::FdoError;
 use crate::store::{Log, Store, VoucherRecord};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -356,7 +356,7 @@ impl OwnerBackend for StoreOwnerBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fdo::crypto::Curve;
+    use crate::fdo_wire::crypto::Curve;
 
     fn entry(guid: &str, at: i64, by: &str) -> RegistryEntry {
         RegistryEntry {
