@@ -54,11 +54,11 @@ use outpost::config::CaConfig;
 use outpost::fdo::client::{self, DeviceOptions, Endpoint};
 use outpost::fdo::http::{self, FdoServer};
 use outpost::fdo::owner;
+use outpost::fdo::owner_backend::StoreOwnerBackend;
 use outpost::fdo::owner_service::{
     BoxFuture, CredentialIssuer, IssueRequest, IssuedCredential, OnboardRecord, OwnerBackend,
     OwnerConfig, OwnerService,
 };
-use outpost::fdo::registry::StoreOwnerBackend;
 use outpost::fdo::rendezvous::{Rendezvous, RvConfig, StoreRvStore};
 use outpost::fdo_wire::crypto::{self, Curve, SigningKey};
 use outpost::fdo_wire::kex::{CipherSuite, KexParty, KexSuite};

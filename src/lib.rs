@@ -16,6 +16,7 @@ pub mod fdo_wire;
 pub mod frontdoor;
 pub mod mdns;
 pub mod metrics;
+pub mod registry;
 pub mod store;
 pub mod switching;
 pub mod sync;

@@ -14,13 +14,13 @@
 //!   only after it has been applied and flushed.
 //! * **Apply** is idempotent (the registry is indexed by GUID, revocations by serial) and
 //!   the same on both sides: a registration of a voucher GUID that is already registered
-//!   under another new GUID is a conflict, resolved by [`fdo::registry::conflict_loser`]
+//!   under another new GUID is a conflict, resolved by [`crate::registry::conflict_loser`]
 //!   (earliest onboarding wins); each side revokes the loser's certificate (with its own CA
 //!   if it issued it, otherwise as a foreign revocation the front door enforces), so both
 //!   converge whatever the order in which they learn things.
 
 use crate::ca::{CaHandle, ForeignRevocation};
-use crate::fdo::registry::{conflict_loser, Appended, Registry, RegistryEntry};
+use crate::registry::{conflict_loser, Appended, Registry, RegistryEntry};
 use crate::store::Store;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;

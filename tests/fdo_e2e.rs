@@ -521,7 +521,7 @@ async fn truncated_random_and_unknown_messages_get_error_255() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_store_backend_registers_the_device_and_its_certificate() {
     use outpost::fdo::owner;
-    use outpost::fdo::registry::StoreOwnerBackend;
+    use outpost::fdo::owner_backend::StoreOwnerBackend;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("fdo");
     let store = Store::open(&dir.path().join("store")).unwrap();

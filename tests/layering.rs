@@ -1,6 +1,7 @@
 //! The layering of the crate, checked on its sources: the FDO wire format (`src/fdo_wire/`)
-//! is a leaf that names no other module of the crate. A `use` that breaks it fails here,
-//! naming the file and line.
+//! is a leaf that names no other module of the crate, and the device registry
+//! (`src/registry.rs`) stands on the store and the wire format only, never on the FDO
+//! services (`src/fdo/`). A `use` that breaks either fails here, naming the file and line.
 
 use std::path::{Path, PathBuf};
 
@@ -67,6 +68,22 @@ fn the_fdo_wire_format_is_a_leaf() {
     assert!(
         bad.is_empty(),
         "the FDO wire format leaves its leaf:\n{}",
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn the_registry_stands_on_the_store_and_the_wire_format_only() {
+    let mut bad = Vec::new();
+    check(
+        &src("registry.rs"),
+        &["registry", "store", "fdo_wire"],
+        true,
+        &mut bad,
+    );
+    assert!(
+        bad.is_empty(),
+        "the registry reaches past the store and the wire format:\n{}",
         bad.join("\n")
     );
 }

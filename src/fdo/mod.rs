@@ -4,7 +4,8 @@
 //! - [`rendezvous`]: the rendezvous server (TO0 registrations, TO1 answers);
 //! - [`owner_service`]: the owner side of TO2 with devmod and the `outpost:mqtt` module;
 //! - [`owner`]: the owner and installer keys of a gateway or cloud, rotation, voucher import;
-//! - [`registry`]: the owner backend on the store (vouchers, owner keys, device registry);
+//! - [`owner_backend`]: the owner backend on the store (vouchers, owner keys, recording
+//!   into the device registry of [`crate::registry`]);
 //! - [`to1_proxy`]: the determination unit in front of the rendezvous server (TO1 answered
 //!   by the cloud while online, locally otherwise);
 //! - [`http`]: the HTTP server for `POST /fdo/101/msg/{n}` (axum on hyper, bounded);
@@ -19,8 +20,8 @@
 pub mod client;
 pub mod http;
 pub mod owner;
+pub mod owner_backend;
 pub mod owner_service;
-pub mod registry;
 pub mod rendezvous;
 pub mod report;
 pub mod service;

@@ -11,11 +11,11 @@
 use super::client::{self, Endpoint};
 use super::http::{self, FdoServer, HttpLimits};
 use super::owner;
+use super::owner_backend::StoreOwnerBackend;
 use super::owner_service::{
     BoxFuture, CredentialIssuer, IssueRequest, IssuedCredential, OwnerBackend, OwnerConfig,
     OwnerService,
 };
-use super::registry::StoreOwnerBackend;
 use super::rendezvous::{Rendezvous, RvConfig, StoreRvStore};
 use super::session::{SessionLimits, SessionStats};
 use super::to1_proxy::{To1Proxy, To1Stats};
