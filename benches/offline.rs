@@ -334,10 +334,10 @@ impl Site {
 }
 
 fn restore_phase(p: &Params) {
-    use outpost::fdo::crypto::{self, Curve};
-    use outpost::fdo::manufacturer::{DeviceOptions as MfgOptions, Manufacturer};
-    use outpost::fdo::types::{RendezvousInfo, RvDirective, RvProtocol};
-    use outpost::fdo::PublicKey;
+    use outpost::fdo_wire::crypto::{self, Curve};
+    use outpost::fdo_wire::manufacturer::{DeviceOptions as MfgOptions, Manufacturer};
+    use outpost::fdo_wire::types::{RendezvousInfo, RvDirective, RvProtocol};
+    use outpost::fdo_wire::PublicKey;
     let n = p.registrations;
     println!();
     println!("== Restore -> registry consistency, {n} offline registrations ==");

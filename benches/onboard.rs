@@ -52,22 +52,23 @@ mod support;
 use outpost::ca::{Ca, CaHandle, CA_CERT, CA_KEY};
 use outpost::config::CaConfig;
 use outpost::fdo::client::{self, DeviceOptions, Endpoint};
-use outpost::fdo::crypto::{self, Curve, SigningKey};
 use outpost::fdo::http::{self, FdoServer};
-use outpost::fdo::kex::{CipherSuite, KexParty, KexSuite};
-use outpost::fdo::manufacturer::{DeviceOptions as MfgOptions, Manufacturer};
-use outpost::fdo::msg::{
-    transport, Eat, HelloDevice, Nonce, ProveOvHdr, ProveOvHdrPayload, SetupDevicePayload,
-    SignedMsg, To1dPayload, To2Addr,
-};
+use outpost::fdo::owner;
+use outpost::fdo::owner_backend::StoreOwnerBackend;
 use outpost::fdo::owner_service::{
     BoxFuture, CredentialIssuer, IssueRequest, IssuedCredential, OnboardRecord, OwnerBackend,
     OwnerConfig, OwnerService,
 };
-use outpost::fdo::registry::StoreOwnerBackend;
 use outpost::fdo::rendezvous::{Rendezvous, RvConfig, StoreRvStore};
-use outpost::fdo::types::{Guid, PublicKey, RendezvousInfo, RvDirective, RvProtocol, SigInfo};
-use outpost::fdo::{owner, DeviceCredential, OwnershipVoucher};
+use outpost::fdo_wire::crypto::{self, Curve, SigningKey};
+use outpost::fdo_wire::kex::{CipherSuite, KexParty, KexSuite};
+use outpost::fdo_wire::manufacturer::{DeviceOptions as MfgOptions, Manufacturer};
+use outpost::fdo_wire::msg::{
+    transport, Eat, HelloDevice, Nonce, ProveOvHdr, ProveOvHdrPayload, SetupDevicePayload,
+    SignedMsg, To1dPayload, To2Addr,
+};
+use outpost::fdo_wire::types::{Guid, PublicKey, RendezvousInfo, RvDirective, RvProtocol, SigInfo};
+use outpost::fdo_wire::{DeviceCredential, OwnershipVoucher};
 use outpost::store::Store;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -786,7 +787,7 @@ fn device_side(k: &FloorKit, s: &OwnerOutputs) -> usize {
     let owner_vk = s.prove.owner_key.verifying_key().unwrap();
     s.prove.signed.verify(&owner_vk, "ProveOVHdr").unwrap();
     let mfg_vk = k.mfg_pub.verifying_key().unwrap();
-    outpost::fdo::cose::verify(k.voucher.entries()[0].sign1(), &mfg_vk, "OVEntry").unwrap();
+    outpost::fdo_wire::cose::verify(k.voucher.entries()[0].sign1(), &mfg_vk, "OVEntry").unwrap();
     s.to1d.verify(&owner_vk, "to1d").unwrap();
     let kex = KexParty::new(KexSuite::Ecdh256).unwrap();
     let xb = kex.param().to_vec();
@@ -810,8 +811,8 @@ fn device_side(k: &FloorKit, s: &OwnerOutputs) -> usize {
     e1.signed.raw.len() + e2.signed.raw.len() + sek.len() + csr.len()
 }
 
-fn cbor_array_bytes(b: Vec<u8>) -> outpost::fdo::cbor::Value {
-    outpost::fdo::cbor::Value::Array(vec![outpost::fdo::cbor::Value::Bytes(b)])
+fn cbor_array_bytes(b: Vec<u8>) -> outpost::fdo_wire::cbor::Value {
+    outpost::fdo_wire::cbor::Value::Array(vec![outpost::fdo_wire::cbor::Value::Bytes(b)])
 }
 
 /// What each side sends that the other verifies (made once).
@@ -856,8 +857,8 @@ fn owner_side(k: &FloorKit, o: &OwnerOutputs) -> usize {
         .verify(&dk.verifying_key().unwrap(), "TO2")
         .unwrap();
     let xb = match &eat.fdo {
-        Some(outpost::fdo::cbor::Value::Array(a)) => match a.first() {
-            Some(outpost::fdo::cbor::Value::Bytes(b)) => b.clone(),
+        Some(outpost::fdo_wire::cbor::Value::Array(a)) => match a.first() {
+            Some(outpost::fdo_wire::cbor::Value::Bytes(b)) => b.clone(),
             _ => unreachable!(),
         },
         _ => unreachable!(),

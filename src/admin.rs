@@ -7,7 +7,7 @@
 
 use crate::ca::{CaError, CaHandle, Issued};
 use crate::fdo::owner::Imported;
-use crate::fdo::registry::RegistryEntry;
+use crate::registry::RegistryEntry;
 use crate::store::{CertRecord, Store};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;
@@ -227,8 +227,8 @@ async fn handle(req: Request, svc: &Services) -> Reply {
 }
 
 /// The device registry of a store (also used by the CLI when nothing runs).
-pub fn registry(store: &Store) -> Result<Vec<RegistryEntry>, crate::fdo::FdoError> {
-    crate::fdo::registry::read(store)
+pub fn registry(store: &Store) -> Result<Vec<RegistryEntry>, crate::fdo_wire::FdoError> {
+    crate::registry::read(store)
 }
 
 /// Bind the admin socket (replacing a stale one: the store lock proves no other gateway

@@ -21,7 +21,7 @@
 
 use crate::fdo::client::{self, DeviceOptions, MqttCredentials};
 use crate::fdo::service::parse_mqtt_url;
-use crate::fdo::{DeviceCredential, FdoError};
+use crate::fdo_wire::{DeviceCredential, FdoError};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -69,7 +69,7 @@ pub struct AgentOptions {
 impl Default for AgentOptions {
     fn default() -> Self {
         AgentOptions {
-            cred: PathBuf::from(crate::fdo::credential::FILE_NAME),
+            cred: PathBuf::from(crate::fdo_wire::credential::FILE_NAME),
             state_dir: PathBuf::from("outpost-device"),
             interval: Duration::from_secs(30),
             keep_alive: Duration::from_secs(15),
@@ -121,7 +121,7 @@ fn save_state(dir: &Path, m: &MqttCredentials) -> Result<MqttState, DeviceError>
         let p = dir.join(name);
         crate::ca::write_file(&p, text.as_bytes(), mode).map_err(|e| state_err(&p)(e.to_string()))
     };
-    crate::fdo::private_dir(dir).map_err(|e| state_err(dir)(e.to_string()))?;
+    crate::fdo_wire::private_dir(dir).map_err(|e| state_err(dir)(e.to_string()))?;
     w(MQTT_KEY, &m.key_pem, 0o600)?;
     w(MQTT_CERT, &m.cert_pem, 0o644)?;
     w(MQTT_CA, &m.ca_pem, 0o644)?;

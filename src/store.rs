@@ -57,6 +57,14 @@ pub enum StoreError {
     Flush(String),
 }
 
+/// A store failure under an FDO operation (the wire format of `fdo_wire` knows no store, so
+/// the conversion that lets its callers use `?` on the store lives here).
+impl From<StoreError> for crate::fdo_wire::FdoError {
+    fn from(e: StoreError) -> Self {
+        crate::fdo_wire::FdoError::Store(crate::fdo_wire::StoreFailure::new(e))
+    }
+}
+
 /// The environment knob that turns the `fdatasync`s of [`Store::flush`] off (sled's own
 /// flush still runs). For benchmarks only: it gives up durability against power loss.
 pub const UNSAFE_SKIP_FDATASYNC: &str = "OUTPOST_UNSAFE_SKIP_FDATASYNC";

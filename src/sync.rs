@@ -14,13 +14,13 @@
 //!   only after it has been applied and flushed.
 //! * **Apply** is idempotent (the registry is indexed by GUID, revocations by serial) and
 //!   the same on both sides: a registration of a voucher GUID that is already registered
-//!   under another new GUID is a conflict, resolved by [`fdo::registry::conflict_loser`]
+//!   under another new GUID is a conflict, resolved by [`crate::registry::conflict_loser`]
 //!   (earliest onboarding wins); each side revokes the loser's certificate (with its own CA
 //!   if it issued it, otherwise as a foreign revocation the front door enforces), so both
 //!   converge whatever the order in which they learn things.
 
 use crate::ca::{CaHandle, ForeignRevocation};
-use crate::fdo::registry::{conflict_loser, Appended, Registry, RegistryEntry};
+use crate::registry::{conflict_loser, Appended, Registry, RegistryEntry};
 use crate::store::Store;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -119,7 +119,7 @@ pub enum SyncError {
     #[error("unreadable sync message: {0}")]
     Message(String),
     #[error("registry: {0}")]
-    Registry(#[from] crate::fdo::FdoError),
+    Registry(#[from] crate::fdo_wire::FdoError),
     #[error("CA: {0}")]
     Ca(#[from] crate::ca::CaError),
     #[error("store: {0}")]
@@ -197,7 +197,7 @@ impl Applier {
                 .filter(|o| o.guid != e.guid)
                 .collect();
             let a = reg.append(&e)?;
-            Ok::<_, crate::fdo::FdoError>((a, others))
+            Ok::<_, crate::fdo_wire::FdoError>((a, others))
         })
         .await
         .map_err(|e| SyncError::Join(e.to_string()))??;
@@ -441,8 +441,9 @@ pub fn delegate(
     gateway: &str,
     voucher: &[u8],
     to_pem: &str,
-) -> Result<crate::fdo::Guid, SyncError> {
-    use crate::fdo::{crypto, owner, OwnershipVoucher, PublicKey};
+) -> Result<crate::fdo_wire::Guid, SyncError> {
+    use crate::fdo::owner;
+    use crate::fdo_wire::{crypto, OwnershipVoucher, PublicKey};
     crate::acl::validate_identity(gateway)
         .map_err(|e| SyncError::Message(format!("gateway {gateway:?}: {e}")))?;
     let v = OwnershipVoucher::from_file_bytes(voucher)?;

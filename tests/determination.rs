@@ -13,9 +13,9 @@ use cloud::{Cloud as Mosquitto, CloudPki, Fault, Proxy};
 use common::roles::{extend_to, make_device, s, Agent, Cloud, Made};
 use common::{base_config, wait_metric, Gateway};
 use outpost::fdo::client::{post, Endpoint, HttpReply};
-use outpost::fdo::msg::{msg_type, Eat, SignedMsg, To1HelloRv, To1HelloRvAck, To1dPayload};
-use outpost::fdo::types::SigInfo;
-use outpost::fdo::DeviceCredential;
+use outpost::fdo_wire::msg::{msg_type, Eat, SignedMsg, To1HelloRv, To1HelloRvAck, To1dPayload};
+use outpost::fdo_wire::types::SigInfo;
+use outpost::fdo_wire::DeviceCredential;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -346,7 +346,7 @@ fn prove_to_rv(
         r.msg_type,
         Some(msg_type::TO1_RV_REDIRECT),
         "{r:?}: {:?}",
-        outpost::fdo::types::ErrorMessage::decode(&r.body)
+        outpost::fdo_wire::types::ErrorMessage::decode(&r.body)
     );
     let to1d = SignedMsg::decode(&r.body, "RVRedirect").unwrap();
     To1dPayload::decode(to1d.payload()).unwrap().addrs[0].port

@@ -6,17 +6,17 @@
 
 use outpost::ca::{Ca, CaHandle};
 use outpost::config::CaConfig;
-use outpost::fdo::cbor::{self, Value};
 use outpost::fdo::client::{self, ClientError, DeviceOptions, Endpoint, Misbehave};
-use outpost::fdo::crypto::{self, Curve, SigningKey};
 use outpost::fdo::http::{self, FdoServer};
-use outpost::fdo::manufacturer::{DeviceOptions as MfgOptions, Manufacturer};
-use outpost::fdo::msg::{self, transport, To2Addr};
 use outpost::fdo::owner_service::{MemoryOwnerBackend, OwnerConfig, OwnerService};
 use outpost::fdo::rendezvous::{MemoryRvStore, Rendezvous, RvConfig};
-use outpost::fdo::types::{ErrorMessage, HashAlg, RendezvousInfo, RvDirective, RvProtocol};
-use outpost::fdo::voucher::{OvEntryPayload, OwnershipVoucher};
-use outpost::fdo::{DeviceCredential, ErrorCode};
+use outpost::fdo_wire::cbor::{self, Value};
+use outpost::fdo_wire::crypto::{self, Curve, SigningKey};
+use outpost::fdo_wire::manufacturer::{DeviceOptions as MfgOptions, Manufacturer};
+use outpost::fdo_wire::msg::{self, transport, To2Addr};
+use outpost::fdo_wire::types::{ErrorMessage, HashAlg, RendezvousInfo, RvDirective, RvProtocol};
+use outpost::fdo_wire::voucher::{OvEntryPayload, OwnershipVoucher};
+use outpost::fdo_wire::{DeviceCredential, ErrorCode};
 use outpost::store::Store;
 use std::sync::Arc;
 
@@ -260,8 +260,8 @@ async fn p384_device_uses_ecdh384_and_a256gcm() {
     client::onboard(
         &cred,
         &DeviceOptions {
-            kex: Some(outpost::fdo::kex::KexSuite::Ecdh256),
-            cipher: Some(outpost::fdo::kex::CipherSuite::A128Gcm),
+            kex: Some(outpost::fdo_wire::kex::KexSuite::Ecdh256),
+            cipher: Some(outpost::fdo_wire::kex::CipherSuite::A128Gcm),
             ..Default::default()
         },
     )
@@ -471,7 +471,7 @@ async fn truncated_random_and_unknown_messages_get_error_255() {
         nonce: msg::Nonce([1; 16]),
         kex_suite: "ECDH256".into(),
         cipher_suite: 1,
-        sig_info: outpost::fdo::types::SigInfo::for_curve(Curve::P256),
+        sig_info: outpost::fdo_wire::types::SigInfo::for_curve(Curve::P256),
     }
     .encode();
     let check = |r: client::HttpReply, code: ErrorCode, prev: u8| {
@@ -521,7 +521,7 @@ async fn truncated_random_and_unknown_messages_get_error_255() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_store_backend_registers_the_device_and_its_certificate() {
     use outpost::fdo::owner;
-    use outpost::fdo::registry::StoreOwnerBackend;
+    use outpost::fdo::owner_backend::StoreOwnerBackend;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("fdo");
     let store = Store::open(&dir.path().join("store")).unwrap();

@@ -10,7 +10,7 @@ mod common;
 use common::roles::{made_for_gateway, registry};
 use common::Gateway;
 use outpost::fdo::client::{self, DeviceOptions};
-use outpost::fdo::DeviceCredential;
+use outpost::fdo_wire::DeviceCredential;
 
 const LEGACY: &str = "outpost_fdo_eat_ueid_legacy_key_total";
 

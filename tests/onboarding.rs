@@ -317,12 +317,12 @@ fn fdo_listener_survives_stalled_and_garbage_clients() {
 fn flood(
     fdo: std::net::SocketAddr,
     from: std::net::IpAddr,
-    guid: outpost::fdo::Guid,
+    guid: outpost::fdo_wire::Guid,
     threads: usize,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Vec<std::thread::JoinHandle<usize>> {
-    use outpost::fdo::msg::{self, HelloDevice, Nonce, To1HelloRv};
-    use outpost::fdo::types::SigInfo;
+    use outpost::fdo_wire::msg::{self, HelloDevice, Nonce, To1HelloRv};
+    use outpost::fdo_wire::types::SigInfo;
     use std::io::{Read, Write};
     use std::sync::atomic::Ordering;
     let sig = SigInfo {
@@ -440,7 +440,7 @@ fn device_onboards_while_a_peer_floods_new_fdo_sessions() {
     let fdo = gw.ep.fdo.expect("FDO listener");
     let work = tempfile::tempdir().unwrap();
     let dev = make_device(work.path(), "dev-flood", fdo);
-    let guid = outpost::fdo::Guid(
+    let guid = outpost::fdo_wire::Guid(
         hex::decode(&dev.guid)
             .expect("hex GUID")
             .try_into()

@@ -265,7 +265,7 @@ fn cloud_registrations_and_revocations_flow_down_and_bind_the_gateway_offline() 
 /// operational credentials are written like the agent writes them.
 fn onboard_copy_at(owner: SocketAddr, cred: &std::path::Path, state: &std::path::Path) -> String {
     use outpost::fdo::client::{to2, DeviceOptions, Endpoint};
-    let cred = outpost::fdo::DeviceCredential::read(cred).unwrap();
+    let cred = outpost::fdo_wire::DeviceCredential::read(cred).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -422,11 +422,11 @@ fn partition_conflict_resolves_the_same_way_in_either_order() {
 }
 
 /// `n` devices owned by the gateway (vouchers imported), made in-process; their credentials.
-fn many_devices(site: &Site, n: usize) -> Vec<outpost::fdo::DeviceCredential> {
-    use outpost::fdo::crypto::{self, Curve};
-    use outpost::fdo::manufacturer::{DeviceOptions, Manufacturer};
-    use outpost::fdo::types::{RendezvousInfo, RvDirective, RvProtocol};
-    use outpost::fdo::PublicKey;
+fn many_devices(site: &Site, n: usize) -> Vec<outpost::fdo_wire::DeviceCredential> {
+    use outpost::fdo_wire::crypto::{self, Curve};
+    use outpost::fdo_wire::manufacturer::{DeviceOptions, Manufacturer};
+    use outpost::fdo_wire::types::{RendezvousInfo, RvDirective, RvProtocol};
+    use outpost::fdo_wire::PublicKey;
     let fdo = site.gw.ep.fdo.unwrap();
     let mfg =
         Manufacturer::open_or_create(&site.work.path().join("mfg-many"), Curve::P256).unwrap();
@@ -461,7 +461,7 @@ fn many_devices(site: &Site, n: usize) -> Vec<outpost::fdo::DeviceCredential> {
     creds
 }
 
-fn onboard_all(creds: Vec<outpost::fdo::DeviceCredential>) -> Vec<String> {
+fn onboard_all(creds: Vec<outpost::fdo_wire::DeviceCredential>) -> Vec<String> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

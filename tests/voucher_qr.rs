@@ -51,7 +51,7 @@ fn voucher_printed_as_qr_code_imports_and_the_device_onboards() {
     let other = work.path().join("other.png");
     std::fs::write(
         &other,
-        outpost::fdo::qr::data_png(b"WIFI:S:shop-floor;T:WPA;P:hunter2;;", 4).unwrap(),
+        outpost::fdo_wire::qr::data_png(b"WIFI:S:shop-floor;T:WPA;P:hunter2;;", 4).unwrap(),
     )
     .unwrap();
     let e = fails(gw.cli(&["voucher", "import", s(&other)]));

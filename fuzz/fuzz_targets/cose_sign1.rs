@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use outpost::fdo::cose::{self, Tagging};
+use outpost::fdo_wire::cose::{self, Tagging};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(s) = cose::decode(data, 64 * 1024, Tagging::Optional, "fuzz") {

@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use outpost::fdo::DeviceCredential;
+use outpost::fdo_wire::DeviceCredential;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(c) = DeviceCredential::decode(data) {

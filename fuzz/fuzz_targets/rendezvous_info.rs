@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use outpost::fdo::RendezvousInfo;
+use outpost::fdo_wire::RendezvousInfo;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(info) = RendezvousInfo::decode(data) {

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use outpost::fdo::OwnershipVoucher;
+use outpost::fdo_wire::OwnershipVoucher;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(v) = OwnershipVoucher::from_file_bytes(data) {

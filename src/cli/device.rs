@@ -8,7 +8,7 @@ use std::path::PathBuf;
 pub struct DeviceArgs {
     /// The device credential file (from `outpost voucher init-device`); replaced after
     /// onboarding.
-    #[arg(long, default_value = outpost::fdo::credential::FILE_NAME)]
+    #[arg(long, default_value = outpost::fdo_wire::credential::FILE_NAME)]
     cred: PathBuf,
     /// Where the operational MQTT credentials are kept.
     #[arg(long, default_value = "outpost-device")]

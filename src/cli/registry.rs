@@ -17,7 +17,7 @@ pub async fn registry(config: Config, json: bool) -> anyhow::Result<()> {
     };
     // A device registered twice (a partition): the loser is marked, by the same rule the
     // sync applies on both sides.
-    let superseded = outpost::fdo::registry::superseded(&entries);
+    let superseded = outpost::registry::superseded(&entries);
     if json {
         let mut out = Vec::with_capacity(entries.len());
         for e in &entries {

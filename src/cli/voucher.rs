@@ -6,11 +6,12 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 use outpost::admin::{self, Reply, Request};
 use outpost::config::Config;
-use outpost::fdo::crypto::{self, Curve, SigningKey};
-use outpost::fdo::manufacturer::{self, DeviceOptions, Manufacturer};
+use outpost::fdo::owner;
 use outpost::fdo::owner::KeyKind;
-use outpost::fdo::types::RvProtocol;
-use outpost::fdo::{owner, qr, DeviceCredential, OwnershipVoucher, PublicKey};
+use outpost::fdo_wire::crypto::{self, Curve, SigningKey};
+use outpost::fdo_wire::manufacturer::{self, DeviceOptions, Manufacturer};
+use outpost::fdo_wire::types::RvProtocol;
+use outpost::fdo_wire::{qr, DeviceCredential, OwnershipVoucher, PublicKey};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -182,7 +183,7 @@ pub enum VoucherCmd {
 /// accepted size.
 pub fn read_voucher(p: &Path) -> anyhow::Result<OwnershipVoucher> {
     use std::io::Read;
-    let limit = qr::MAX_PNG_FILE.max(2 * outpost::fdo::voucher::MAX_VOUCHER) as u64;
+    let limit = qr::MAX_PNG_FILE.max(2 * outpost::fdo_wire::voucher::MAX_VOUCHER) as u64;
     let mut bytes = Vec::new();
     std::fs::File::open(p)
         .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
@@ -215,7 +216,7 @@ pub async fn voucher_command(cmd: VoucherCmd, config: Config) -> anyhow::Result<
             if rv_dns.is_empty() && rv_ip.is_empty() {
                 rv_dns.push(outpost::fdo::DEFAULT_RV_DNS.to_string());
             }
-            let rv_info = outpost::fdo::manufacturer::RvServers {
+            let rv_info = outpost::fdo_wire::manufacturer::RvServers {
                 dns: rv_dns,
                 ips: rv_ip,
                 dev_port: rv_port,
@@ -232,7 +233,7 @@ pub async fn voucher_command(cmd: VoucherCmd, config: Config) -> anyhow::Result<
                 curve,
             })?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let cred_path = out.join(outpost::fdo::credential::FILE_NAME);
+            let cred_path = out.join(outpost::fdo_wire::credential::FILE_NAME);
             cred.write(&cred_path)
                 .with_context(|| format!("writing {}", cred_path.display()))?;
             write_out(&out, "voucher.pem", &voucher.to_pem(), 0o644)?;

@@ -12,25 +12,25 @@
 //! by that key, and Owner2Key's signature on SetupDevice. A failed check is reported to the
 //! owner with message 255 before the device gives up.
 
-use super::cbor::{self, Value};
-use super::credential::DeviceCredential;
-use super::crypto::{self, Curve, SigningKey};
-use super::encrypt::SessionCipher;
-use super::kex::{CipherSuite, KexParty, KexSuite};
-use super::msg::{
+use super::owner_service::MQTT_MODULE;
+use crate::fdo_wire::cbor::{self, Value};
+use crate::fdo_wire::credential::DeviceCredential;
+use crate::fdo_wire::crypto::{self, Curve, SigningKey};
+use crate::fdo_wire::encrypt::SessionCipher;
+use crate::fdo_wire::kex::{CipherSuite, KexParty, KexSuite};
+use crate::fdo_wire::msg::{
     self, msg_type, DeviceServiceInfo, DeviceServiceInfoReady, Eat, HelloDevice, Nonce,
     OwnerServiceInfo, ProveOvHdr, ServiceInfo, SetupDevicePayload, SignedMsg, To0OwnerSign, To0d,
     To1HelloRv, To1HelloRvAck, To1dPayload, To2Addr,
 };
-use super::owner_service::MQTT_MODULE;
-use super::types::{rv_var, ErrorMessage, Guid, HMac, PublicKey, RvProtocol, SigInfo};
-use super::voucher::{OvEntry, OvHeader, OwnershipVoucher};
-use super::{ErrorCode, FdoError};
+use crate::fdo_wire::types::{rv_var, ErrorMessage, Guid, HMac, PublicKey, RvProtocol, SigInfo};
+use crate::fdo_wire::voucher::{OvEntry, OvHeader, OwnershipVoucher};
+use crate::fdo_wire::{ErrorCode, FdoError};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MAX_HEADER: usize = 16 * 1024;
-const MAX_BODY: usize = super::encrypt::MAX_ENCRYPTED + 1024;
+const MAX_BODY: usize = crate::fdo_wire::encrypt::MAX_ENCRYPTED + 1024;
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_SI_ROUNDS: usize = 64;
 
@@ -631,7 +631,7 @@ fn verify_entries(
             }));
         }
         let vk = key.verifying_key().map_err(|e| v(e.to_string()))?;
-        super::cose::verify(e.sign1(), &vk, "OVEntry")
+        crate::fdo_wire::cose::verify(e.sign1(), &vk, "OVEntry")
             .map_err(|_| v(format!("entry {i} is not signed by the previous owner")))?;
         let hh = crypto::hash(p.hash_hdr_info.alg, &[&hdr_info]).map_err(|e| v(e.to_string()))?;
         if hh != p.hash_hdr_info {

@@ -10,8 +10,8 @@ use super::owner_service::OwnerService;
 use super::rendezvous::Rendezvous;
 use super::session::{bearer, ProtocolFailure, Reply};
 use super::to1_proxy::{To1Answer, To1Proxy};
-use super::types::ErrorMessage;
-use super::ErrorCode;
+use crate::fdo_wire::types::ErrorMessage;
+use crate::fdo_wire::ErrorCode;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
 /// Largest request body.
-pub const MAX_BODY: usize = super::encrypt::MAX_ENCRYPTED + 1024;
+pub const MAX_BODY: usize = crate::fdo_wire::encrypt::MAX_ENCRYPTED + 1024;
 
 /// The services behind one HTTP listener.
 #[derive(Clone, Default)]
@@ -233,7 +233,7 @@ fn error_response(prev: u8, code: ErrorCode, message: String) -> Response {
     };
     cbor_response(
         StatusCode::INTERNAL_SERVER_ERROR,
-        super::msg::msg_type::ERROR,
+        crate::fdo_wire::msg::msg_type::ERROR,
         None,
         e.encode(),
     )
@@ -299,7 +299,7 @@ async fn handle(
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok()),
     );
-    if msg == super::msg::msg_type::ERROR {
+    if msg == crate::fdo_wire::msg::msg_type::ERROR {
         if let Some(owner) = &server.owner {
             let e = owner.device_error(token, &body);
             tracing::warn!(peer = peer.as_deref().unwrap_or("-"), error = %e, "FDO peer reported an error; session closed");

@@ -22,18 +22,18 @@
 //! declares ES384 works); `maxDeviceMessageSize` and `maxOwnerServiceInfoSz` values below
 //! 256 bytes (devices send 17) mean "default" (1300).
 
-use super::cbor::{self, Value};
-use super::crypto::{self, Curve, SigningKey};
-use super::encrypt::SessionCipher;
-use super::kex::{CipherSuite, KexParty, KexSuite};
-use super::msg::{
+use super::session::{new_token, ProtocolFailure, Reply, SessionLimits, SessionStats, Sessions};
+use crate::fdo_wire::cbor::{self, Value};
+use crate::fdo_wire::crypto::{self, Curve, SigningKey};
+use crate::fdo_wire::encrypt::SessionCipher;
+use crate::fdo_wire::kex::{CipherSuite, KexParty, KexSuite};
+use crate::fdo_wire::msg::{
     self, msg_type, DeviceServiceInfo, DeviceServiceInfoReady, Eat, HelloDevice, OwnerServiceInfo,
     ProveOvHdr, ProveOvHdrPayload, ServiceInfo, SetupDevicePayload, SignedMsg,
 };
-use super::session::{new_token, ProtocolFailure, Reply, SessionLimits, SessionStats, Sessions};
-use super::types::{Guid, HMac, HashAlg, PublicKey, RendezvousInfo};
-use super::voucher::{OvHeader, OwnershipVoucher};
-use super::{ErrorCode, FdoError};
+use crate::fdo_wire::types::{Guid, HMac, HashAlg, PublicKey, RendezvousInfo};
+use crate::fdo_wire::voucher::{OvHeader, OwnershipVoucher};
+use crate::fdo_wire::{ErrorCode, FdoError};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -307,7 +307,7 @@ impl OwnerService {
         if let Some(t) = token {
             let _ = self.sessions.take(t);
         }
-        match super::types::ErrorMessage::decode(body) {
+        match crate::fdo_wire::types::ErrorMessage::decode(body) {
             Ok(e) => To2Error::DeviceError {
                 code: e.code,
                 message: e.message,
@@ -766,7 +766,10 @@ impl OwnerService {
                 };
                 let mut out = Vec::new();
                 cbor::write_head(4, 5, &mut out);
-                cbor::encode_into(&cbor::uint_value(super::PROTOCOL_VERSION), &mut out);
+                cbor::encode_into(
+                    &cbor::uint_value(crate::fdo_wire::PROTOCOL_VERSION),
+                    &mut out,
+                );
                 cbor::encode_into(&Value::Bytes(new_header.encode()), &mut out);
                 cbor::encode_into(&hmac.to_value(), &mut out);
                 match s.voucher.cert_chain() {

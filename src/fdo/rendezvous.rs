@@ -10,12 +10,12 @@
 //! TO1: HelloRV (30) → HelloRVAck (31, NonceTO1Proof) → ProveToRV (32, EAT signed by the
 //! device key of the registered voucher) → RVRedirect (33, to1d as the owner sent it).
 
-use super::crypto;
-use super::msg::{self, msg_type, Eat, Nonce, To0OwnerSign, To1HelloRv, To1HelloRvAck};
 use super::session::{new_token, ProtocolFailure, Reply, SessionLimits, SessionStats, Sessions};
-use super::types::{Guid, PublicKey};
-use super::voucher::VerifiedChain;
-use super::{ErrorCode, FdoError};
+use crate::fdo_wire::crypto;
+use crate::fdo_wire::msg::{self, msg_type, Eat, Nonce, To0OwnerSign, To1HelloRv, To1HelloRvAck};
+use crate::fdo_wire::types::{Guid, PublicKey};
+use crate::fdo_wire::voucher::VerifiedChain;
+use crate::fdo_wire::{ErrorCode, FdoError};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -141,8 +141,8 @@ impl RvStore for MemoryRvStore {
 impl Registration {
     /// CBOR `[guid, to1d, deviceKey, ownerKey, expiresAt]` (the store's format).
     pub fn encode(&self) -> Vec<u8> {
-        use super::cbor::{int_value, Value};
-        super::cbor::encode(&Value::Array(vec![
+        use crate::fdo_wire::cbor::{int_value, Value};
+        crate::fdo_wire::cbor::encode(&Value::Array(vec![
             Value::Bytes(self.guid.0.to_vec()),
             Value::Bytes(self.to1d.clone()),
             self.device_key.to_value(),
@@ -152,7 +152,7 @@ impl Registration {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Registration, FdoError> {
-        use super::cbor;
+        use crate::fdo_wire::cbor;
         const W: &str = "stored registration";
         let [g, to1d, dk, ok, exp] = cbor::array_n(cbor::decode(bytes, 1 << 20, W)?, W)?;
         let g = cbor::bytes(g, W)?;

@@ -1,9 +1,9 @@
 //! Human-readable description of a voucher with its verification (`outpost voucher show`).
 
-use super::credential::DeviceCredential;
 use super::owner;
-use super::voucher::{OwnershipVoucher, VerifiedChain};
-use super::FdoError;
+use crate::fdo_wire::credential::DeviceCredential;
+use crate::fdo_wire::voucher::{OwnershipVoucher, VerifiedChain};
+use crate::fdo_wire::FdoError;
 use std::fmt::Write;
 
 /// Describe `v` and verify it: the chain always, the header HMAC when the device's

@@ -10,17 +10,18 @@
 
 use super::client::{self, Endpoint};
 use super::http::{self, FdoServer, HttpLimits};
-use super::msg::{transport, To2Addr};
+use super::owner;
+use super::owner_backend::StoreOwnerBackend;
 use super::owner_service::{
     BoxFuture, CredentialIssuer, IssueRequest, IssuedCredential, OwnerBackend, OwnerConfig,
     OwnerService,
 };
-use super::registry::StoreOwnerBackend;
 use super::rendezvous::{Rendezvous, RvConfig, StoreRvStore};
 use super::session::{SessionLimits, SessionStats};
 use super::to1_proxy::{To1Proxy, To1Stats};
-use super::{crypto::Curve, owner, FdoError, Guid, OwnershipVoucher};
 use crate::ca::CaHandle;
+use crate::fdo_wire::msg::{transport, To2Addr};
+use crate::fdo_wire::{crypto::Curve, FdoError, Guid, OwnershipVoucher};
 use crate::store::Store;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -557,7 +558,7 @@ pub fn start(
         }
         let mut extra_pem = String::new();
         for p in &cfg.server_trust {
-            let text = std::fs::read_to_string(p).map_err(super::file_err(p))?;
+            let text = std::fs::read_to_string(p).map_err(crate::fdo_wire::file_err(p))?;
             extra_pem.push_str(&text);
             if !extra_pem.ends_with('\n') {
                 extra_pem.push('\n');

@@ -3,7 +3,7 @@
 //! message is processed, so a replayed or concurrent message for the same session finds
 //! nothing and fails.
 
-use super::{ErrorCode, FdoError};
+use crate::fdo_wire::{ErrorCode, FdoError};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +25,7 @@ pub trait ProtocolFailure: std::error::Error {
 
 /// A new random session token (128 bits, hex).
 pub fn new_token() -> Result<String, FdoError> {
-    Ok(hex::encode(super::crypto::random_bytes(16)?))
+    Ok(hex::encode(crate::fdo_wire::crypto::random_bytes(16)?))
 }
 
 /// Limits of one session table.

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub static EAT_UEID_LEGACY_KEY: AtomicU64 = AtomicU64::new(0);
 
 /// Count an accepted EAT.
-pub fn eat_accepted(eat: &super::msg::Eat) {
+pub fn eat_accepted(eat: &crate::fdo_wire::msg::Eat) {
     if eat.ueid_legacy_key {
         EAT_UEID_LEGACY_KEY.fetch_add(1, Ordering::Relaxed);
     }

@@ -31,11 +31,11 @@
 //! TO0 (20, 22) is never forwarded (it is handled by the local rendezvous only), nor is TO2.
 
 use super::client::{self, Endpoint, HttpReply};
-use super::msg::{msg_type, To1HelloRv};
 use super::rendezvous::{Rendezvous, RvError};
 use super::session::{Reply, SessionLimits, SessionStats, Sessions};
-use super::types::ErrorMessage;
-use super::{ErrorCode, Guid};
+use crate::fdo_wire::msg::{msg_type, To1HelloRv};
+use crate::fdo_wire::types::ErrorMessage;
+use crate::fdo_wire::{ErrorCode, Guid};
 use crate::uplink::detect::LinkState;
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -335,7 +335,7 @@ mod tests {
     fn hello(g: u8) -> Vec<u8> {
         To1HelloRv {
             guid: Guid([g; 16]),
-            sig_info: crate::fdo::types::SigInfo {
+            sig_info: crate::fdo_wire::types::SigInfo {
                 sg_type: -7,
                 info: Vec::new(),
             },
@@ -441,9 +441,9 @@ mod tests {
             let (mut s, _) = l.accept().await.unwrap();
             let mut buf = vec![0u8; 4096];
             let _ = s.read(&mut buf).await;
-            let body = crate::fdo::msg::To1HelloRvAck {
-                nonce: crate::fdo::msg::Nonce([7; 16]),
-                sig_info: crate::fdo::types::SigInfo {
+            let body = crate::fdo_wire::msg::To1HelloRvAck {
+                nonce: crate::fdo_wire::msg::Nonce([7; 16]),
+                sig_info: crate::fdo_wire::types::SigInfo {
                     sg_type: -7,
                     info: Vec::new(),
                 },

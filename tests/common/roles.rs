@@ -345,7 +345,10 @@ impl Drop for Agent {
 
 /// Onboard every device at once (TO1 + TO2, retrying as a device does); their GUIDs, in the
 /// order they finished. `mqtt`: ask for the `outpost:mqtt` service info too.
-pub async fn onboard_all(creds: Vec<outpost::fdo::DeviceCredential>, mqtt: bool) -> Vec<String> {
+pub async fn onboard_all(
+    creds: Vec<outpost::fdo_wire::DeviceCredential>,
+    mqtt: bool,
+) -> Vec<String> {
     use outpost::fdo::client::{onboard_with_retry, DeviceOptions};
     let mut set = tokio::task::JoinSet::new();
     for c in creds {

@@ -134,8 +134,8 @@ impl DeviceCredential {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fdo::crypto::Curve;
-    use crate::fdo::types::{HashAlg, RvDirective};
+    use crate::fdo_wire::crypto::Curve;
+    use crate::fdo_wire::types::{HashAlg, RvDirective};
     use proptest::prelude::*;
 
     pub(crate) fn sample() -> DeviceCredential {

@@ -976,7 +976,7 @@ mod tests {
 
     #[test]
     fn public_key_encodings_agree() {
-        use crate::fdo::crypto::SigningKey;
+        use crate::fdo_wire::crypto::SigningKey;
         for curve in [Curve::P256, Curve::P384] {
             let k = SigningKey::generate(curve).unwrap();
             let x509 = k.public_key();

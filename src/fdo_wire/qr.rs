@@ -292,8 +292,8 @@ pub fn data_png(data: &[u8], scale: u32) -> Result<Vec<u8>, FdoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fdo::crypto::{Curve, SigningKey};
-    use crate::fdo::manufacturer::{DeviceOptions, Manufacturer};
+    use crate::fdo_wire::crypto::{Curve, SigningKey};
+    use crate::fdo_wire::manufacturer::{DeviceOptions, Manufacturer};
     use proptest::prelude::*;
 
     fn voucher(curve: Curve, extend: usize) -> OwnershipVoucher {
@@ -310,9 +310,9 @@ mod tests {
             SigningKey::from_pem(&std::fs::read_to_string(mfg.key_path()).unwrap()).unwrap();
         for _ in 0..extend {
             let next = SigningKey::generate(curve).unwrap();
-            let (pem, _) = crate::fdo::crypto::make_cert(
+            let (pem, _) = crate::fdo_wire::crypto::make_cert(
                 &next,
-                &crate::fdo::crypto::CertSpec {
+                &crate::fdo_wire::crypto::CertSpec {
                     common_name: "Outpost owner qr-test",
                     organization: "Outpost",
                     is_ca: false,
@@ -321,9 +321,12 @@ mod tests {
                 None,
             )
             .unwrap();
-            let (vk, cert) = crate::fdo::crypto::public_key_from_pem(&pem).unwrap();
-            let pk =
-                crate::fdo::PublicKey::encoded_like(&v.header().mfg_pub_key, &vk, cert.as_deref());
+            let (vk, cert) = crate::fdo_wire::crypto::public_key_from_pem(&pem).unwrap();
+            let pk = crate::fdo_wire::PublicKey::encoded_like(
+                &v.header().mfg_pub_key,
+                &vk,
+                cert.as_deref(),
+            );
             v = v.extend(&key, &pk).unwrap();
             key = next;
         }

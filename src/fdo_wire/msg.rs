@@ -949,8 +949,8 @@ pub fn decode_nonce_msg(bytes: &[u8], what: &'static str) -> Result<Nonce, FdoEr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fdo::crypto::Curve;
-    use crate::fdo::types::HashAlg;
+    use crate::fdo_wire::crypto::Curve;
+    use crate::fdo_wire::types::HashAlg;
     use proptest::prelude::*;
 
     fn nonce(b: u8) -> Nonce {
