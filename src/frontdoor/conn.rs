@@ -457,7 +457,7 @@ where
                         if let Some((_, q)) = &mut drain {
                             *q = tokio::time::Instant::now() + DRAIN_QUIET;
                         }
-                        if let Err(end) = up.from_core(&mut core_buf) {
+                        if let Err(end) = up.forward_core_frames(&mut core_buf) {
                             return end;
                         }
                     }
@@ -808,7 +808,7 @@ impl Upstream<'_> {
     /// Core → client: take every complete frame out of `buf` into `to_client`, merging
     /// partial SUBACKs. A SUBACK template is always in `pending` before the SUBSCRIBE it
     /// applies to went to the core.
-    fn from_core(&mut self, buf: &mut BytesMut) -> Result<(), End> {
+    fn forward_core_frames(&mut self, buf: &mut BytesMut) -> Result<(), End> {
         let metrics = &self.shared.metrics;
         let start = self.to_client.len();
         // The core is trusted; its frames are bounded by its own packet limit.
