@@ -79,8 +79,9 @@ const READ_MAX: usize = 16 * 1024;
 const READ_MIN: usize = 1024;
 /// Stop reading the routing core while this much waits for a slow client...
 const CLIENT_OUT_PAUSE_CORE: usize = READ_MAX;
-/// ... and stop reading the client while this much of the front door's own answers (acks
-/// of denied publishes, SUBACKs) waits for it to read.
+/// ... and stop reading the client while this much waits for it to read (the core's frames
+/// and the front door's own answers: acks of denied publishes, SUBACKs), so a client that
+/// sends without reading cannot make its answers pile up.
 const CLIENT_OUT_PAUSE_CLIENT: usize = 64 * 1024;
 /// How long a new connection waits for the previous session of its identity to end.
 const TAKE_OVER_LIMIT: Duration = Duration::from_secs(5);
