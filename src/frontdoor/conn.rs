@@ -1,19 +1,25 @@
 //! One client connection: CONNECT checks, then a two-way MQTT proxy to the routing core that
 //! enforces the ACL on every PUBLISH and SUBSCRIBE, and cuts the session when its
 //! certificate is revoked or expires.
+//!
+//! One task per connection runs both directions: it never waits on one socket while the
+//! other has something to say (writes are polled alongside reads, each direction is bounded
+//! by its own buffer), and an idle connection holds no read or write buffer of its own.
 
 use super::mqtt::{self, MqttError};
 use super::{dial_core, serial_of, Shared};
 use crate::acl::DeniedPublish;
 use crate::acl::{validate_identity, Rules};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use std::collections::{HashMap, HashSet};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 /// Identity taken from a verified client certificate.
 #[derive(Debug, Clone)]
@@ -64,26 +70,19 @@ enum End {
     TakenOver,
 }
 
-/// Messages from the client-side pump to the writer of the client socket.
-enum Local {
-    /// Bytes the front door answers itself (acks for dropped publishes, SUBACKs).
-    Send(Bytes),
-    /// A SUBSCRIBE went to the core with some filters removed: merge its SUBACK.
-    /// `None` = take the core's code, `Some(c)` = our code for a refused filter.
-    ExpectSuback(u16, Vec<Option<u8>>),
-    /// Shutdown: keep forwarding what the core still sends until every QoS 1/2 publish the
-    /// client already sent has its PUBACK/PUBREC and the core has been quiet for
-    /// `DRAIN_QUIET`, then close cleanly.
-    Drain,
-}
-
-/// Read buffers are sized to need: a read reserves `chunk` bytes, which starts at
-/// `READ_MIN`, doubles (up to `READ_MAX`) while reads fill what was reserved, and falls back
-/// to `READ_MIN` after a small read; an empty buffer that grew past twice the chunk is given
-/// back. An idle connection (a PINGREQ now and then) so holds about `READ_MIN` per direction
-/// instead of `READ_MAX`, and a burst still reads up to `READ_MAX` at a time.
-const READ_MIN: usize = 1024;
+/// Buffers are sized to need and given back when empty: a read lands on the stack (up to
+/// `READ_MAX` at a time) and only what is left of a partial frame is kept on the heap until
+/// the rest arrives; what waits to be written is kept until it is written. An idle
+/// connection (a PINGREQ now and then) so holds no buffer of its own between packets.
 const READ_MAX: usize = 16 * 1024;
+/// `READ_MIN` is what the CONNECT read reserves.
+const READ_MIN: usize = 1024;
+/// Stop reading the routing core while this much waits for a slow client...
+const CLIENT_OUT_PAUSE_CORE: usize = READ_MAX;
+/// ... and stop reading the client while this much waits for it to read (the core's frames
+/// and the front door's own answers: acks of denied publishes, SUBACKs), so a client that
+/// sends without reading cannot make its answers pile up.
+const CLIENT_OUT_PAUSE_CLIENT: usize = 64 * 1024;
 /// How long a new connection waits for the previous session of its identity to end.
 const TAKE_OVER_LIMIT: Duration = Duration::from_secs(5);
 const DRAIN_QUIET: Duration = Duration::from_millis(50);
@@ -146,24 +145,28 @@ async fn read_connect<R: AsyncRead + Unpin>(
     }
 }
 
-async fn session<S>(stream: S, peer: &Peer, shared: &Arc<Shared>, cancel: &CancellationToken) -> End
+async fn session<S>(
+    mut stream: S,
+    peer: &Peer,
+    shared: &Arc<Shared>,
+    cancel: &CancellationToken,
+) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = &shared.cfg.limits;
-    let (mut crd, mut cwr) = tokio::io::split(stream);
-    let mut buf = BytesMut::with_capacity(READ_MIN);
+    let mut buf = BytesMut::new();
 
     let connect = tokio::select! {
         _ = cancel.cancelled() => return End::Shutdown,
-        r = tokio::time::timeout(limits.connect_timeout, read_connect(&mut crd, &mut buf, limits.max_packet_size)) => match r {
+        r = tokio::time::timeout(limits.connect_timeout, read_connect(&mut stream, &mut buf, limits.max_packet_size)) => match r {
             Err(_) => {
                 shared.metrics.inc(|m| &m.connect_timeouts);
                 tracing::info!("no CONNECT in time: closed");
                 return End::ClientClosed;
             }
             Ok(Err(End::Malformed(MqttError::Protocol { name, level }))) => {
-                refuse(&mut cwr, mqtt::CONNACK_BAD_PROTOCOL).await;
+                refuse(&mut stream, mqtt::CONNACK_BAD_PROTOCOL).await;
                 return End::Malformed(MqttError::Protocol { name, level });
             }
             Ok(Err(e)) => return e,
@@ -178,7 +181,7 @@ where
                 if !connect.client_id.is_empty() && connect.client_id != cert.id {
                     shared.metrics.inc(|m| &m.connections_refused_identity);
                     tracing::warn!(client_id = %connect.client_id, "client id does not match certificate identity: refused");
-                    refuse(&mut cwr, mqtt::CONNACK_ID_REJECTED).await;
+                    refuse(&mut stream, mqtt::CONNACK_ID_REJECTED).await;
                     return End::ClientClosed;
                 }
                 (
@@ -197,7 +200,7 @@ where
                 if validate_identity(&id).is_err() {
                     shared.metrics.inc(|m| &m.connections_refused_identity);
                     tracing::warn!(client_id = %id, "client id is not a valid identity: refused");
-                    refuse(&mut cwr, mqtt::CONNACK_ID_REJECTED).await;
+                    refuse(&mut stream, mqtt::CONNACK_ID_REJECTED).await;
                     return End::ClientClosed;
                 }
                 (id, &shared.local_rules, None, None)
@@ -220,7 +223,7 @@ where
         if !rules.may_publish(&identity, &w.topic) {
             shared.metrics.inc(|m| &m.acl_denied_publish);
             tracing::warn!(device = %identity, topic = %w.topic, "will topic denied by ACL: refused");
-            refuse(&mut cwr, mqtt::CONNACK_NOT_AUTHORIZED).await;
+            refuse(&mut stream, mqtt::CONNACK_NOT_AUTHORIZED).await;
             return End::ClientClosed;
         }
         // A retained will is a retained message the core may store: counted like one now.
@@ -251,7 +254,7 @@ where
             Some(l) => l,
             None => {
                 tracing::warn!(client = %identity, "previous session did not end in time: refused");
-                refuse(&mut cwr, mqtt::CONNACK_ID_REJECTED).await;
+                refuse(&mut stream, mqtt::CONNACK_ID_REJECTED).await;
                 return End::ClientClosed;
             }
         },
@@ -259,8 +262,7 @@ where
     let clean = connect.clean_session;
     shared.bounds.session_start(&core_id, clean);
     let end = connected_session(
-        &mut crd,
-        cwr,
+        &mut stream,
         &mut buf,
         peer,
         shared,
@@ -281,9 +283,8 @@ where
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn connected_session<R, W>(
-    mut crd: &mut R,
-    cwr: W,
+async fn connected_session<S>(
+    client: &mut S,
     buf: &mut BytesMut,
     _peer: &Peer,
     shared: &Arc<Shared>,
@@ -297,19 +298,16 @@ async fn connected_session<R, W>(
     kicked: &CancellationToken,
 ) -> End
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let limits = &shared.cfg.limits;
-    let mut chunk = READ_MIN;
-    let core = match dial_core(&shared.broker).await {
+    let mut core = match dial_core(&shared.broker).await {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "routing core unreachable");
             return End::Io(e);
         }
     };
-    let (brd, mut bwr) = core.into_split();
     let rewritten = mqtt::Connect {
         client_id: core_id.clone(),
         // rumqttd refuses keep-alive 0 ("never"); the longest interval is the closest.
@@ -322,24 +320,13 @@ where
         password: Some(shared.broker.secret.as_bytes().to_vec()),
         ..connect
     };
-    if let Err(e) = bwr.write_all(&mqtt::encode_connect(&rewritten)).await {
+    if let Err(e) = core.write_all(&mqtt::encode_connect(&rewritten)).await {
         return End::Io(e);
     }
+    drop(rewritten);
     tracing::info!(client = %identity, core_id = %core_id, "session started");
 
-    let (ltx, lrx) = mpsc::channel::<Local>(64);
-    let metrics = shared.metrics.clone();
-    // The core -> client direction runs as its own task: if both directions shared one task,
-    // a client that stops reading (or a burst of locally answered packets) could leave each
-    // side waiting for the other forever.
-    // QoS 1/2 publishes forwarded to the core and not yet acknowledged (for the drain).
-    let awaiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut downstream = AbortOnDrop(tokio::spawn(
-        pump_to_client(brd, cwr, lrx, metrics, awaiting.clone())
-            .instrument(tracing::Span::current()),
-    ));
-
-    let mut upstream_state = Upstream {
+    let mut up = Upstream {
         identity: &identity,
         core_id: &core_id,
         filters: HashSet::new(),
@@ -349,19 +336,24 @@ where
         max_packet: limits.max_packet_size,
         dropped_qos2: HashSet::new(),
         shared,
-        ltx,
-        awaiting,
+        to_client: BytesMut::new(),
+        pending: HashMap::new(),
+        awaiting: 0,
     };
+    // Client -> core bytes not yet written. The client is read only while this is empty, so
+    // it holds at most one read's worth.
+    let mut to_core = BytesMut::new();
+    // Core -> client bytes the core sent that do not make a whole frame yet.
+    let mut core_buf = BytesMut::new();
     // Packets the client sent right behind CONNECT (it need not wait for CONNACK) may have
     // arrived in the same read: handle them now, not only after the next read.
+    // Batches waiting for their uplink flush before they may go to the core (in order).
     let mut held = HeldQueue::default();
     if !buf.is_empty() {
-        match upstream_state.process(buf).await {
+        match up.process(buf).await {
             Ok(batch) => {
                 if let Some(out) = held.push(batch) {
-                    if let Err(e) = bwr.write_all(&out).await {
-                        return End::Io(e);
-                    }
+                    to_core = out;
                 }
             }
             Err(end) => return end,
@@ -376,38 +368,55 @@ where
         .unwrap_or(Duration::from_secs(100 * 365 * 24 * 3600));
     let expiry = tokio::time::sleep(expiry);
     tokio::pin!(expiry);
+    // Bytes handed to the client stream that may still sit in its (TLS) buffer: flush them.
+    let mut client_dirty = false;
+    // The core closed its side: forward what is left, then close.
+    let mut core_open = true;
+    // Shutdown: read nothing more from the client, let the core's answers to what it already
+    // sent reach it, then close (TLS close_notify), within the grace: (grace ends, quiet
+    // until). Quiet = no QoS 1/2 publish of the client awaiting its PUBACK/PUBREC and the core
+    // silent for `DRAIN_QUIET`.
+    let mut drain: Option<(tokio::time::Instant, tokio::time::Instant)> = None;
+    let far = tokio::time::Instant::now() + Duration::from_secs(30 * 365 * 24 * 3600);
 
     loop {
+        // An idle connection keeps no buffer: give back what the last burst used.
+        release_if_empty(buf);
+        release_if_empty(&mut to_core);
+        release_if_empty(&mut core_buf);
+        release_if_empty(&mut up.to_client);
+        if kicked.is_cancelled() {
+            shared.metrics.inc(|m| &m.sessions_taken_over);
+            return End::TakenOver;
+        }
+        if drain.is_none() && cancel.is_cancelled() {
+            let now = tokio::time::Instant::now();
+            drain = Some((now + shared.cfg.shutdown_grace, now + DRAIN_QUIET));
+        }
+        if !core_open && up.to_client.is_empty() && !client_dirty {
+            let _ = client.shutdown().await;
+            return End::CoreClosed;
+        }
+        let (grace, quiet) = drain.unwrap_or((far, far));
+        let quiet_now =
+            drain.is_some() && up.awaiting == 0 && up.to_client.is_empty() && !client_dirty;
+        let read_client = drain.is_none()
+            && core_open
+            && to_core.is_empty()
+            && !held.is_full()
+            && up.to_client.len() < CLIENT_OUT_PAUSE_CLIENT;
+        let read_core = core_open && up.to_client.len() < CLIENT_OUT_PAUSE_CORE;
+        // Not biased: neither direction may starve the other.
         tokio::select! {
-            biased;
-            _ = kicked.cancelled() => {
-                shared.metrics.inc(|m| &m.sessions_taken_over);
-                return End::TakenOver;
-            }
-            _ = cancel.cancelled() => {
-                // Drain: read nothing more from the client; what was read and is waiting for
-                // its flush goes to the core once flushed; let the core's answers reach the
-                // client, then close (TLS close_notify), within the grace.
-                let grace = tokio::time::Instant::now() + shared.cfg.shutdown_grace;
-                while !held.0.is_empty() {
-                    match tokio::time::timeout_at(grace, held.head_ready()).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(end)) => return end,
-                        Err(_) => return End::Shutdown,
-                    }
-                    match held.take_ready() {
-                        Ok(out) if !out.is_empty() => {
-                            if let Err(e) = bwr.write_all(&out).await {
-                                return End::Io(e);
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(end) => return end,
-                    }
-                }
-                if upstream_state.ltx.send(Local::Drain).await.is_ok() {
-                    let _ = tokio::time::timeout(shared.cfg.shutdown_grace, &mut downstream.0).await;
-                }
+            _ = kicked.cancelled() => {}
+            _ = cancel.cancelled(), if drain.is_none() => {}
+            _ = tokio::time::sleep_until(grace), if drain.is_some() => return End::Shutdown,
+            _ = tokio::time::sleep_until(quiet), if quiet_now => {
+                let _ = tokio::time::timeout_at(grace, async {
+                    let _ = client.flush().await;
+                    let _ = client.shutdown().await;
+                })
+                .await;
                 return End::Shutdown;
             }
             changed = revocations.changed(), if serial.is_some() => {
@@ -424,43 +433,162 @@ where
                 shared.metrics.inc(|m| &m.expired_disconnects);
                 return End::Expired;
             }
-            end = &mut downstream.0 => return end.unwrap_or(End::CoreClosed),
-            r = held.head_ready() => {
-                let out = match r.and_then(|()| held.take_ready()) {
-                    Ok(out) => out,
-                    Err(end) => return end,
-                };
-                if !out.is_empty() {
-                    if let Err(e) = bwr.write_all(&out).await {
+            io = client_io(client, &up.to_client, &mut client_dirty, buf, read_client) => match io {
+                ClientIo::Wrote(n) => up.to_client.advance(n),
+                ClientIo::Flushed => {}
+                ClientIo::Read(0) => {
+                    // What the client sent before it closed still goes to the core once
+                    // durable; then the core sees the close.
+                    let rest = async {
+                        core.write_all(&to_core).await.map_err(End::Io)?;
+                        flush_held(&mut held, &mut core).await
+                    };
+                    if let Err(end) = rest.await {
+                        return end;
+                    }
+                    let _ = core.shutdown().await;
+                    return End::ClientClosed;
+                }
+                ClientIo::Read(n) => {
+                    shared.metrics.add(|m| &m.bytes_in, n as u64);
+                    match up.process(buf).await {
+                        Ok(batch) => {
+                            if let Some(out) = held.push(batch) {
+                                to_core = out;
+                            }
+                        }
+                        Err(end) => return end,
+                    }
+                    // Most writes to the core complete at once: no extra turn of the loop.
+                    if let Err(e) = try_write_core(&core, &mut to_core) {
                         return End::Io(e);
                     }
+                }
+                ClientIo::Err(e) => return End::Io(e),
+            },
+            r = held.head_ready(), if to_core.is_empty() => {
+                match r.and_then(|()| held.take_ready()) {
+                    Ok(out) => to_core = out,
+                    Err(end) => return end,
+                }
+                if let Err(e) = try_write_core(&core, &mut to_core) {
+                    return End::Io(e);
                 }
             }
-            r = read_more(&mut crd, buf, &mut chunk), if !held.is_full() => {
-                match r {
-                    Ok(0) => {
-                        // What the client sent before it closed still goes to the core
-                        // once durable; then the core sees the close.
-                        if let Err(end) = flush_held(&mut held, &mut bwr).await {
+            w = core.writable(), if !to_core.is_empty() => {
+                if let Err(e) = w.and_then(|()| try_write_core(&core, &mut to_core)) {
+                    return End::Io(e);
+                }
+            }
+            r = core.readable(), if read_core => {
+                match r.and_then(|()| try_read_core(&core, &mut core_buf)) {
+                    Ok(Some(0)) => core_open = false,
+                    Ok(Some(_)) => {
+                        if let Some((_, q)) = &mut drain {
+                            *q = tokio::time::Instant::now() + DRAIN_QUIET;
+                        }
+                        if let Err(end) = up.forward_core_frames(&mut core_buf) {
                             return end;
                         }
-                        let _ = bwr.shutdown().await;
-                        return End::ClientClosed;
                     }
-                    Ok(n) => shared.metrics.add(|m| &m.bytes_in, n as u64),
+                    Ok(None) => {}
                     Err(e) => return End::Io(e),
-                }
-                let batch = match upstream_state.process(buf).await {
-                    Ok(batch) => batch,
-                    Err(end) => return end,
-                };
-                if let Some(out) = held.push(batch) {
-                    if let Err(e) = bwr.write_all(&out).await {
-                        return End::Io(e);
-                    }
                 }
             }
         }
+    }
+}
+
+/// What one turn of the client side did.
+enum ClientIo {
+    /// Bytes of `to_client` written.
+    Wrote(usize),
+    /// Everything written has left the stream's buffer.
+    Flushed,
+    /// Bytes read into the buffer (0: the client closed).
+    Read(usize),
+    Err(std::io::Error),
+}
+
+/// Write to and flush the client stream, and read from it (when `read`), in one future, so
+/// that neither waits for the other. A read lands on the stack and only its bytes are
+/// appended to `buf`: nothing is allocated for a read that has not arrived.
+fn client_io<'a, S: AsyncRead + AsyncWrite + Unpin>(
+    client: &'a mut S,
+    out: &'a [u8],
+    dirty: &'a mut bool,
+    buf: &'a mut BytesMut,
+    read: bool,
+) -> impl std::future::Future<Output = ClientIo> + 'a {
+    std::future::poll_fn(move |cx| {
+        if !out.is_empty() {
+            match Pin::new(&mut *client).poll_write(cx, out) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(ClientIo::Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => {
+                    *dirty = true;
+                    return Poll::Ready(ClientIo::Wrote(n));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(ClientIo::Err(e)),
+                Poll::Pending => {}
+            }
+        } else if *dirty {
+            match Pin::new(&mut *client).poll_flush(cx) {
+                Poll::Ready(Ok(())) => {
+                    *dirty = false;
+                    return Poll::Ready(ClientIo::Flushed);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(ClientIo::Err(e)),
+                Poll::Pending => {}
+            }
+        }
+        if read {
+            let mut tmp = [MaybeUninit::<u8>::uninit(); READ_MAX];
+            let mut rb = ReadBuf::uninit(&mut tmp);
+            match Pin::new(&mut *client).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    buf.extend_from_slice(rb.filled());
+                    return Poll::Ready(ClientIo::Read(rb.filled().len()));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(ClientIo::Err(e)),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    })
+}
+
+/// Write what the core will take now; the rest waits for the next `writable`.
+fn try_write_core(core: &TcpStream, out: &mut BytesMut) -> std::io::Result<()> {
+    while !out.is_empty() {
+        match core.try_write(out) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => out.advance(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Read what the core has sent (on the stack, then appended to `buf`). `None`: nothing yet
+/// (a spurious wake-up); `Some(0)`: the core closed.
+fn try_read_core(core: &TcpStream, buf: &mut BytesMut) -> std::io::Result<Option<usize>> {
+    let mut tmp = [0u8; READ_MAX];
+    match core.try_read(&mut tmp) {
+        Ok(n) => {
+            buf.extend_from_slice(&tmp[..n]);
+            Ok(Some(n))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn release_if_empty(b: &mut BytesMut) {
+    if b.is_empty() && b.capacity() > 0 {
+        *b = BytesMut::new();
     }
 }
 
@@ -490,29 +618,6 @@ async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, code: u8) {
     let _ = w.shutdown().await;
 }
 
-/// Read more into `buf`, sized by `chunk` (see `READ_MIN`). Cancel-safe: nothing is read
-/// if the future is dropped before it completes.
-async fn read_more<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    buf: &mut BytesMut,
-    chunk: &mut usize,
-) -> std::io::Result<usize> {
-    if buf.is_empty() && buf.capacity() > *chunk * 2 {
-        *buf = BytesMut::new();
-    }
-    buf.reserve(*chunk);
-    let room = buf.capacity() - buf.len();
-    let n = rd.read_buf(buf).await?;
-    *chunk = if n >= room {
-        (*chunk * 2).min(READ_MAX)
-    } else if n < READ_MIN {
-        READ_MIN
-    } else {
-        *chunk
-    };
-    Ok(n)
-}
-
 struct Upstream<'a> {
     identity: &'a str,
     /// The identity as the core knows it (`local~X` for local clients): what bounds count.
@@ -527,8 +632,14 @@ struct Upstream<'a> {
     /// QoS 2 publishes we refused and acknowledged with PUBREC: their PUBREL is ours too.
     dropped_qos2: HashSet<u16>,
     shared: &'a Shared,
-    ltx: mpsc::Sender<Local>,
-    awaiting: Arc<std::sync::atomic::AtomicUsize>,
+    /// Bytes for the client not yet written: the core's frames and the front door's own
+    /// answers (acks for dropped publishes, SUBACKs), in the order they were produced.
+    to_client: BytesMut,
+    /// A SUBSCRIBE went to the core with some filters removed: merge its SUBACK.
+    /// `None` = take the core's code, `Some(c)` = our code for a refused filter.
+    pending: HashMap<u16, Vec<Option<u8>>>,
+    /// QoS 1/2 publishes forwarded to the core and not yet acknowledged (for the drain).
+    awaiting: usize,
 }
 
 impl Upstream<'_> {
@@ -541,13 +652,12 @@ impl Upstream<'_> {
         ok
     }
 
-    async fn local(&self, msg: Local) -> Result<(), End> {
-        self.ltx.send(msg).await.map_err(|_| End::CoreClosed)
+    /// A packet the front door answers itself.
+    fn local(&mut self, packet: &[u8]) {
+        self.to_client.extend_from_slice(packet);
     }
 
-    /// Take every complete frame out of `buf`; return the bytes to forward to the core and,
-    /// when the batch carried uplink messages, the queue's answer to wait for before they
-    /// may be forwarded (see [`Held`]).
+    /// Take every complete frame out of `buf`; return the bytes to forward to the core.
     async fn process(&mut self, buf: &mut BytesMut) -> Result<Held, End> {
         let mut out = BytesMut::new();
         // Uplink messages of this batch: made durable together before any is forwarded, so
@@ -608,8 +718,7 @@ impl Upstream<'_> {
                             }
                         }
                         if qos > 0 {
-                            self.awaiting
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            self.awaiting += 1;
                         }
                         let start = out.len();
                         out.extend_from_slice(&buf[..total]);
@@ -625,12 +734,10 @@ impl Upstream<'_> {
                             return Err(End::DeniedPublish(topic));
                         }
                         match (qos, pid) {
-                            (1, Some(p)) => {
-                                self.local(Local::Send(mqtt::ack(mqtt::PUBACK, p))).await?
-                            }
+                            (1, Some(p)) => self.local(&mqtt::ack(mqtt::PUBACK, p)),
                             (2, Some(p)) => {
                                 self.dropped_qos2.insert(p);
-                                self.local(Local::Send(mqtt::ack(mqtt::PUBREC, p))).await?
+                                self.local(&mqtt::ack(mqtt::PUBREC, p))
                             }
                             _ => {}
                         }
@@ -639,8 +746,7 @@ impl Upstream<'_> {
                 mqtt::PUBREL => {
                     let pid = mqtt::parse_pid(body).map_err(End::Malformed)?;
                     if self.dropped_qos2.remove(&pid) {
-                        self.local(Local::Send(mqtt::ack(mqtt::PUBCOMP, pid)))
-                            .await?;
+                        self.local(&mqtt::ack(mqtt::PUBCOMP, pid));
                     } else {
                         out.extend_from_slice(&buf[..total]);
                     }
@@ -694,12 +800,11 @@ impl Upstream<'_> {
                             .iter()
                             .map(|c| c.unwrap_or(mqtt::SUBACK_FAILURE))
                             .collect();
-                        self.local(Local::Send(mqtt::suback(sub.pid, &codes)))
-                            .await?;
+                        self.local(&mqtt::suback(sub.pid, &codes));
                     } else if allowed.len() == sub.filters.len() {
                         out.extend_from_slice(&buf[..total]);
                     } else {
-                        self.local(Local::ExpectSuback(sub.pid, template)).await?;
+                        self.pending.insert(sub.pid, template);
                         out.extend_from_slice(&mqtt::encode_subscribe(&mqtt::Subscribe {
                             pid: sub.pid,
                             filters: allowed,
@@ -818,106 +923,58 @@ impl HeldQueue {
     }
 }
 
-/// Core → client: forward frames, merge partial SUBACKs, interleave the front door's own
-/// packets. Local packets are taken first so that a SUBACK template always arrives before
-/// the SUBACK it applies to.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-async fn pump_to_client<R, W>(
-    mut core: R,
-    mut client: W,
-    mut local: mpsc::Receiver<Local>,
-    metrics: Arc<crate::metrics::Metrics>,
-    awaiting: Arc<std::sync::atomic::AtomicUsize>,
-) -> End
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = BytesMut::with_capacity(READ_MIN);
-    let mut chunk = READ_MIN;
-    let mut pending: HashMap<u16, Vec<Option<u8>>> = HashMap::new();
-    let mut local_open = true;
-    let mut quiet_until: Option<tokio::time::Instant> = None;
-    loop {
-        let quiet = quiet_until.unwrap_or_else(tokio::time::Instant::now);
-        tokio::select! {
-            biased;
-            msg = local.recv(), if local_open => match msg {
-                Some(Local::Send(b)) => {
-                    if let Err(e) = client.write_all(&b).await { return End::Io(e); }
+impl Upstream<'_> {
+    /// Core → client: take every complete frame out of `buf` into `to_client`, merging
+    /// partial SUBACKs. A SUBACK template is always in `pending` before the SUBSCRIBE it
+    /// applies to went to the core.
+    fn forward_core_frames(&mut self, buf: &mut BytesMut) -> Result<(), End> {
+        let metrics = &self.shared.metrics;
+        let start = self.to_client.len();
+        // The core is trusted; its frames are bounded by its own packet limit.
+        loop {
+            let (ptype, hdr, total) = match mqtt::frame(buf, usize::MAX) {
+                Ok(Some((t, _, h, n))) => (t, h, n),
+                Ok(None) => break,
+                Err(e) => return Err(End::Malformed(e)),
+            };
+            let out = &mut self.to_client;
+            match ptype {
+                mqtt::PUBLISH => {
+                    metrics.inc(|m| &m.messages_out);
+                    out.extend_from_slice(&buf[..total]);
                 }
-                Some(Local::ExpectSuback(pid, t)) => { pending.insert(pid, t); }
-                Some(Local::Drain) => quiet_until = Some(tokio::time::Instant::now() + DRAIN_QUIET),
-                None => local_open = false,
-            },
-            _ = tokio::time::sleep_until(quiet),
-                if quiet_until.is_some() && awaiting.load(std::sync::atomic::Ordering::Relaxed) == 0 => {
-                let _ = client.flush().await;
-                let _ = client.shutdown().await;
-                return End::Shutdown;
-            }
-            r = read_more(&mut core, &mut buf, &mut chunk) => {
-                match r {
-                    Ok(0) => { let _ = client.shutdown().await; return End::CoreClosed; }
-                    Ok(_) => {}
-                    Err(e) => return End::Io(e),
+                // Acknowledgements of the client's own QoS 1/2 publishes.
+                mqtt::PUBACK | mqtt::PUBREC => {
+                    self.awaiting = self.awaiting.saturating_sub(1);
+                    out.extend_from_slice(&buf[..total]);
                 }
-                if quiet_until.is_some() {
-                    quiet_until = Some(tokio::time::Instant::now() + DRAIN_QUIET);
-                }
-                let mut out = BytesMut::new();
-                // The core is trusted; its frames are bounded by its own packet limit.
-                loop {
-                    let (ptype, hdr, total) = match mqtt::frame(&buf, usize::MAX) {
-                        Ok(Some((t, _, h, n))) => (t, h, n),
-                        Ok(None) => break,
-                        Err(e) => return End::Malformed(e),
-                    };
-                    match ptype {
-                        mqtt::PUBLISH => {
-                            metrics.inc(|m| &m.messages_out);
-                            out.extend_from_slice(&buf[..total]);
+                mqtt::SUBACK if !self.pending.is_empty() => {
+                    let body = &buf[hdr..total];
+                    let pid = mqtt::parse_pid(body).unwrap_or(0);
+                    match self.pending.remove(&pid) {
+                        Some(template) => {
+                            let mut core_codes = body.get(2..).unwrap_or(&[]).iter().copied();
+                            let codes: Vec<u8> = template
+                                .into_iter()
+                                .map(|c| {
+                                    c.unwrap_or_else(|| {
+                                        core_codes.next().unwrap_or(mqtt::SUBACK_FAILURE)
+                                    })
+                                })
+                                .collect();
+                            out.extend_from_slice(&mqtt::suback(pid, &codes));
                         }
-                        // Acknowledgements of the client's own QoS 1/2 publishes.
-                        mqtt::PUBACK | mqtt::PUBREC => {
-                            let _ = awaiting.fetch_update(
-                                std::sync::atomic::Ordering::Relaxed,
-                                std::sync::atomic::Ordering::Relaxed,
-                                |n| n.checked_sub(1),
-                            );
-                            out.extend_from_slice(&buf[..total]);
-                        }
-                        mqtt::SUBACK if !pending.is_empty() => {
-                            let body = &buf[hdr..total];
-                            let pid = mqtt::parse_pid(body).unwrap_or(0);
-                            match pending.remove(&pid) {
-                                Some(template) => {
-                                    let mut core_codes = body.get(2..).unwrap_or(&[]).iter().copied();
-                                    let codes: Vec<u8> = template
-                                        .into_iter()
-                                        .map(|c| c.unwrap_or_else(|| core_codes.next().unwrap_or(mqtt::SUBACK_FAILURE)))
-                                        .collect();
-                                    out.extend_from_slice(&mqtt::suback(pid, &codes));
-                                }
-                                None => out.extend_from_slice(&buf[..total]),
-                            }
-                        }
-                        _ => out.extend_from_slice(&buf[..total]),
+                        None => out.extend_from_slice(&buf[..total]),
                     }
-                    buf.advance(total);
                 }
-                if !out.is_empty() {
-                    metrics.add(|m| &m.bytes_out, out.len() as u64);
-                    if let Err(e) = client.write_all(&out).await { return End::Io(e); }
-                }
+                _ => out.extend_from_slice(&buf[..total]),
             }
+            buf.advance(total);
         }
+        let n = self.to_client.len() - start;
+        if n > 0 {
+            metrics.add(|m| &m.bytes_out, n as u64);
+        }
+        Ok(())
     }
 }

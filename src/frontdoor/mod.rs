@@ -408,7 +408,10 @@ pub async fn accept_tls(
                 };
                 let span =
                     tracing::info_span!("device", id = %identity.id, serial = %identity.serial);
-                conn::serve(stream, conn::Peer::Device(identity), shared, token)
+                // Boxed: the futures of `serve` and `session` each keep their argument for
+                // their whole life, which would be two copies of the TLS session (rustls'
+                // `ServerConnection` is large) in every connection's task.
+                conn::serve(Box::new(stream), conn::Peer::Device(identity), shared, token)
                     .instrument(span)
                     .await;
             }

@@ -532,7 +532,10 @@ impl QueueHandle {
         if msgs.is_empty() {
             return Ok(());
         }
-        self.submit(msgs).await?.await.map_err(|_| QueueError::Stopped)?
+        self.submit(msgs)
+            .await?
+            .await
+            .map_err(|_| QueueError::Stopped)?
     }
 
     /// Hand messages to the owner without waiting for the flush: the receiver answers once

@@ -78,7 +78,10 @@ impl Gateway {
             .append(true)
             .open(self.dir.path().join("gateway.log"))
             .expect("log file");
-        let child = Command::new(BIN)
+        // OUTPOST_BIN: run the gateway from another program instead (for example a wrapper
+        // that execs a debug build under heaptrack's preload library, keeping the pid).
+        let bin = std::env::var_os("OUTPOST_BIN").unwrap_or_else(|| BIN.into());
+        let child = Command::new(bin)
             .args(["run", "--config"])
             .arg(&self.config_path)
             .env_remove("RUST_LOG") // the gateway's own default filter

@@ -1,20 +1,25 @@
 use bytes::BytesMut;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     time::timeout,
 };
 
 use std::{
     collections::VecDeque,
     io::{self, ErrorKind},
+    mem::MaybeUninit,
+    pin::Pin,
+    task::Poll,
 };
 use tokio::time::{error::Elapsed, Duration};
 
 use crate::protocol::{self, Packet, Protocol};
 
-/// Outpost patch: initial buffer capacities (upstream: 10 KiB each). Both grow on demand.
-const INITIAL_READ: usize = 4 * 1024;
-const INITIAL_WRITE: usize = 1024;
+/// Outpost patch: a read lands on the stack, at most this much at a time, and only the bytes
+/// read are appended to the read buffer; both buffers start empty and are given back when
+/// empty (upstream: 10 KiB each, allocated up front and kept), so an idle connection holds
+/// no buffer of its own.
+const READ_CHUNK: usize = 8 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -56,8 +61,8 @@ impl<P: Protocol> Network<P> {
         Network {
             socket,
             // Outpost patch: start small and grow on demand (was 10 KiB each).
-            read: BytesMut::with_capacity(INITIAL_READ),
-            write: BytesMut::with_capacity(INITIAL_WRITE),
+            read: BytesMut::new(),
+            write: BytesMut::new(),
             max_incoming_size,
             max_connection_buffer_len,
             // Overwritten by keepalive value in connect packet, otherwise we
@@ -77,8 +82,12 @@ impl<P: Protocol> Network<P> {
     async fn read_bytes(&mut self, required: usize) -> io::Result<usize> {
         // TODO: Fix this cancellation bug and write unit test
         let mut total_read = 0;
+        // Outpost patch: nothing left to parse, give the (shared) buffer back.
+        if self.read.is_empty() {
+            self.read = BytesMut::new();
+        }
         loop {
-            let read = self.socket.read_buf(&mut self.read).await?;
+            let read = read_appending(&mut *self.socket, &mut self.read).await?;
             if 0 == read {
                 let error = if self.read.is_empty() {
                     io::Error::new(ErrorKind::ConnectionAborted, "connection closed by peer")
@@ -139,7 +148,8 @@ impl<P: Protocol> Network<P> {
     pub async fn write(&mut self, packet: Packet) -> Result<(), Error> {
         Protocol::write(&self.protocol, packet, &mut self.write)?;
         self.socket.write_all(&self.write).await?;
-        self.write.clear();
+        // Outpost patch: give the buffer back (was clear(), keeping its capacity).
+        self.write = BytesMut::new();
         Ok(())
     }
 
@@ -148,9 +158,30 @@ impl<P: Protocol> Network<P> {
             Protocol::write(&self.protocol, packet, &mut self.write)?;
         }
         self.socket.write_all(&self.write).await?;
-        self.write.clear();
+        // Outpost patch: give the buffer back (was clear(), keeping its capacity).
+        self.write = BytesMut::new();
         Ok(())
     }
+}
+
+/// Outpost patch: read into a stack buffer and append what was read to `buf` (cancel-safe:
+/// bytes are appended in the same poll that read them).
+fn read_appending<'a>(
+    socket: &'a mut dyn N,
+    buf: &'a mut BytesMut,
+) -> impl std::future::Future<Output = io::Result<usize>> + 'a {
+    std::future::poll_fn(move |cx| {
+        let mut tmp = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut rb = ReadBuf::uninit(&mut tmp);
+        match Pin::new(&mut *socket).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                buf.extend_from_slice(rb.filled());
+                Poll::Ready(Ok(rb.filled().len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
 }
 
 pub trait N: AsyncRead + AsyncWrite + Send + Unpin {}

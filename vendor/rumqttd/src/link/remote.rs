@@ -152,7 +152,10 @@ impl<P: Protocol> RemoteLink<P> {
                     let mut packets = VecDeque::new();
                     let mut unscheduled = false;
 
-                    for notif in self.notifications.drain(..) {
+                    // Outpost patch: take the buffer with its capacity (was drain(..), which
+                    // kept it), so that the empty one swapped into the router next is empty
+                    // of capacity too: an idle connection holds no notification buffer.
+                    for notif in std::mem::take(&mut self.notifications) {
                         if let Some(packet) = notif.into() {
                             packets.push_back(packet);
                         } else {

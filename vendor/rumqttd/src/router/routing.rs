@@ -14,7 +14,7 @@ use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::Utf8Error;
 use std::thread;
-use std::time::SystemTime;
+// Outpost patch: SystemTime only served the connection event strings (removed).
 use thiserror::Error;
 use tracing::{debug, error, info, trace, warn};
 
@@ -96,8 +96,6 @@ pub struct Router {
     router_tx: Sender<(ConnectionId, Event)>,
     /// Router metrics
     router_meters: RouterMeter,
-    /// Buffer for cache exchange of incoming packets
-    cache: Option<VecDeque<Packet>>,
     /// Shared subscriptions map <group-name, group>
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
@@ -140,7 +138,6 @@ impl Router {
             router_rx,
             router_tx,
             router_meters: router_metrics,
-            cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
         }
@@ -335,17 +332,8 @@ impl Router {
 
         let ackslog = AckLog::new();
 
-        let time = match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
-            Ok(v) => v.as_millis().to_string(),
-            Err(e) => format!("Time error = {e:?}"),
-        };
-
-        let event = "connection at ".to_owned() + &time + ", clean = " + &clean_session.to_string();
-        connection.events.events.push_back(event);
-
-        if connection.events.events.len() > 10 {
-            connection.events.events.pop_front();
-        }
+        // Outpost patch: no "connection at" event strings (for rumqttd's console, which
+        // Outpost does not run; they were kept per client id, up to 10, even after it left).
 
         if let Some(will) = connection.last_will.take() {
             self.last_wills.insert(
@@ -451,7 +439,7 @@ impl Router {
         }
 
         // Remove connection from router
-        let mut connection = self.connections.remove(id);
+        let connection = self.connections.remove(id);
         let _incoming = self.ibufs.remove(id);
         let outgoing = self.obufs.remove(id);
         let mut tracker = self.scheduler.remove(id);
@@ -481,18 +469,7 @@ impl Router {
             }
         }
 
-        // Add disconnection event to metrics
-        let time = match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
-            Ok(v) => v.as_millis().to_string(),
-            Err(e) => format!("Time error = {e:?}"),
-        };
-
-        let event = "disconnection at ".to_owned() + &time;
-        connection.events.events.push_back(event);
-
-        if connection.events.events.len() > 10 {
-            connection.events.events.pop_front();
-        }
+        // Outpost patch: no "disconnection at" event string (see handle_new_connection).
 
         // Save state for persistent sessions
         if !connection.clean {
@@ -546,7 +523,10 @@ impl Router {
         let _guard = span.enter();
 
         // Instead of exchanging, we should just append new incoming packets inside cache
-        let mut packets = incoming.exchange(self.cache.take().unwrap());
+        // Outpost patch: the connection's buffer is taken with its capacity and an empty one
+        // (no allocation) left in its place (was: swapped with the router's cache, so that
+        // every connection that had sent anything kept a buffer of at least 4 packets).
+        let mut packets = incoming.exchange(VecDeque::new());
 
         let mut force_ack = false;
         let mut new_data = false;
@@ -880,7 +860,7 @@ impl Router {
             }
         }
 
-        self.cache = Some(packets);
+        drop(packets);
 
         // Prepare AcksRequest in tracker if router is operating in a
         // single node mode or force ack request for subscriptions
@@ -1381,7 +1361,8 @@ fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
 
     // Unlike forwards, we are reading all the pending acks for a given connection.
     // At any given point of time, there can be a max of connection's buffer size
-    for ack in acks.drain(..) {
+    // Outpost patch: take the acks with their capacity (was drain(..), which kept it).
+    for ack in std::mem::take(acks) {
         let pkid = packetid(&ack);
         trace!(pkid, "Ack added for pkid {}", pkid);
         let message = Notification::DeviceAck(ack);
