@@ -112,3 +112,192 @@ fn churn_of_persistent_sessions_loses_no_connection() {
     let log = common::strip_ansi(&gw.log());
     assert!(!log.contains("CoreClosed"), "{log}");
 }
+
+/// Send `connect`; returns the CONNACK return code and whether the gateway closed the
+/// connection right after it (within 5 s) when it refused.
+async fn connack<S>(s: &mut S, connect: &[u8]) -> (u8, bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    s.write_all(connect).await.expect("send CONNECT");
+    let p = expect_packet(s, Duration::from_secs(5), "CONNACK").await;
+    assert_eq!(p.kind(), 2, "expected CONNACK, got {p:?}");
+    assert_eq!(p.body.len(), 2, "CONNACK {p:?}");
+    let code = p.body[1];
+    let closed = code != 0
+        && common::wait_closed(s, Duration::from_secs(5))
+            .await
+            .is_some();
+    (code, closed)
+}
+
+async fn plain(addr: SocketAddr) -> tokio::net::TcpStream {
+    let s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect plain");
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// SUBSCRIBE at QoS 1 and expect the SUBACK granting it.
+async fn subscribed<S>(s: &mut S, filter: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    s.write_all(&wire::subscribe(7, filter, 1))
+        .await
+        .expect("send SUBSCRIBE");
+    let p = expect_packet(s, Duration::from_secs(5), "SUBACK").await;
+    assert_eq!((p.kind(), p.body.as_slice()), (9, &[0, 7, 1][..]), "{p:?}");
+}
+
+/// [MQTT-3.1.3-8]: a zero-byte client id with CleanSession 0 is refused with CONNACK 0x02
+/// and the connection closed, on both listeners. With CleanSession 1 the gateway assigns an
+/// id of its own to each such client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_client_id_is_refused_for_a_persistent_session_and_assigned_otherwise() {
+    let gw = Gateway::start();
+    let refused = "outpost_connections_refused_identity_total";
+
+    let mut s = plain(gw.plain()).await;
+    assert_eq!(connack(&mut s, &connect_raw(b"", false)).await, (2, true));
+    assert_eq!(gw.metric(refused), 1);
+
+    // CleanSession 1: accepted, and two such clients are two sessions (neither takes over
+    // the other).
+    let mut a = plain(gw.plain()).await;
+    assert_eq!(connack(&mut a, &connect_raw(b"", true)).await, (0, false));
+    let mut b = plain(gw.plain()).await;
+    assert_eq!(connack(&mut b, &connect_raw(b"", true)).await, (0, false));
+    subscribed(&mut b, "sessions/assigned").await;
+    subscribed(&mut a, "sessions/assigned").await;
+    assert_eq!(
+        gw.metric("outpost_forced_disconnects_total{reason=\"taken_over\"}"),
+        0
+    );
+
+    // A device is refused the same way, whatever its certificate says.
+    let dev = gw.issue("sess-dev");
+    let mut d = common::security_helpers::tls_connect(gw.mqtts(), &dev)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(connack(&mut d, &connect_raw(b"", false)).await, (2, true));
+    let mut d = common::security_helpers::tls_connect(gw.mqtts(), &dev)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(
+        connack(&mut d, &connect_raw(b"sess-dev", false)).await,
+        (0, false)
+    );
+    assert_eq!(gw.metric(refused), 2);
+}
+
+/// Client ids with control characters (log and terminal injection) or over 256 bytes are
+/// refused with CONNACK 2 and the connection closed; 256 bytes of any printable UTF-8 are
+/// accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_and_overlong_client_ids_are_refused() {
+    let gw = Gateway::start();
+    let long = "x".repeat(257);
+    let bad: [&[u8]; 6] = [
+        b"bad\x01id",
+        b"line\nbreak",
+        b"tab\tid",
+        b"\x1b[31mred",
+        "c1\u{85}".as_bytes(),
+        long.as_bytes(),
+    ];
+    for id in bad {
+        let mut s = plain(gw.plain()).await;
+        assert_eq!(
+            connack(&mut s, &connect_raw(id, true)).await,
+            (2, true),
+            "{:?}",
+            String::from_utf8_lossy(id)
+        );
+    }
+    assert_eq!(
+        gw.metric("outpost_connections_refused_identity_total"),
+        bad.len() as i64
+    );
+    let edge = format!("{}é", "x".repeat(254)); // 256 bytes
+    let mut s = plain(gw.plain()).await;
+    assert_eq!(
+        connack(&mut s, &connect_raw(edge.as_bytes(), false)).await,
+        (0, false)
+    );
+    subscribed(&mut s, "sessions/edge").await;
+}
+
+/// What stock tools send works end to end: ids with spaces and `|` (mosquitto's old
+/// default `mosqpub|1234-host`), and a persistent session whose id holds a space and a `/`
+/// (characters the routing core refuses in client ids) is resumed with what was queued
+/// for it.
+#[test]
+fn client_ids_with_spaces_work_end_to_end_with_mosquitto_clients() {
+    use common::security_helpers::{self as sec, plain_args, strs, Proc};
+    common::require_mosquitto();
+    let gw = Gateway::start();
+    let conn = plain_args(gw.plain());
+    let with = |extra: &[&str]| {
+        let mut a = conn.clone();
+        a.extend(strs(extra));
+        a
+    };
+
+    let mut sub = Proc::subscriber(with(&["-i", "my subscriber"]), "sessions/space", 1);
+    let out = sec::mosquitto_pub(&with(&[
+        "-i",
+        "mosqpub|1234-my host",
+        "-t",
+        "sessions/space",
+        "-q",
+        "1",
+        "-m",
+        "hello",
+    ]));
+    assert!(out.status.success(), "{}", sec::text(&out));
+    sub.wait_message("hello");
+    drop(sub);
+
+    let id = "kitchen/sensor 1";
+    let out = sec::run_bounded(
+        std::process::Command::new("mosquitto_sub").args(with(&[
+            "-c",
+            "-i",
+            id,
+            "-q",
+            "1",
+            "-t",
+            "sessions/cmd",
+            "-E",
+        ])),
+        sec::LIMIT,
+    );
+    assert!(out.status.success(), "{}", sec::text(&out));
+    let out = sec::mosquitto_pub(&with(&["-t", "sessions/cmd", "-q", "1", "-m", "queued"]));
+    assert!(out.status.success(), "{}", sec::text(&out));
+    let out = sec::run_bounded(
+        std::process::Command::new("mosquitto_sub").args(with(&[
+            "-c",
+            "-i",
+            id,
+            "-q",
+            "1",
+            "-t",
+            "sessions/cmd",
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ])),
+        sec::LIMIT,
+    );
+    assert!(out.status.success(), "{}", sec::text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "queued");
+    let log = common::strip_ansi(&gw.log());
+    assert!(
+        log.contains("core_id=local~kitchen%2Fsensor 1"),
+        "core id in the log: {log}"
+    );
+}

@@ -102,7 +102,25 @@ where
         .connections_open
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     match end {
-        End::ClientClosed | End::CoreClosed => tracing::debug!(?end, "connection closed"),
+        End::ClientClosed => tracing::debug!(?end, "connection closed"),
+        End::CoreClosed => {
+            // The core ended a session the client had not ended (no DISCONNECT): never
+            // expected (the core is only reached through here, and one session per
+            // identity is enforced before it), so worth a warning, within a gateway-wide budget.
+            shared.metrics.inc(|m| &m.core_closed);
+            let allowed = shared
+                .core_closed_warn
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .allow();
+            if allowed {
+                tracing::warn!(
+                    "routing core ended the session unasked (end=CoreClosed): connection closed"
+                );
+            } else {
+                shared.metrics.inc(|m| &m.log_suppressed);
+            }
+        }
         End::Shutdown => tracing::debug!("connection closed for shutdown"),
         End::TakenOver => {
             tracing::info!("session taken over by a new connection of the same identity")
@@ -171,49 +189,72 @@ where
         },
     };
 
-    // Identity: from the certificate for devices, from the client id for local clients.
-    let (identity, rules, serial, not_after): (String, &Rules, Option<String>, Option<i64>) =
-        match peer {
-            Peer::Device(cert) => {
-                if !connect.client_id.is_empty() && connect.client_id != cert.id {
-                    shared.metrics.inc(|m| &m.connections_refused_identity);
-                    tracing::warn!(client_id = %connect.client_id, "client id does not match certificate identity: refused");
-                    refuse(&mut cwr, mqtt::CONNACK_ID_REJECTED).await;
-                    return End::ClientClosed;
-                }
-                (
-                    cert.id.clone(),
-                    &shared.device_rules,
-                    Some(cert.serial.clone()),
-                    Some(cert.not_after),
-                )
+    // [MQTT-3.1.3-8]: a zero-byte client id asks the server to assign one, and a session
+    // under an id the client never learns could never be resumed: refused with CleanSession 0.
+    if connect.client_id.is_empty() && !connect.clean_session {
+        shared.metrics.inc(|m| &m.connections_refused_identity);
+        tracing::info!("empty client id with CleanSession 0: refused (MQTT-3.1.3-8)");
+        refuse(&mut cwr, mqtt::CONNACK_ID_REJECTED).await;
+        return End::ClientClosed;
+    }
+
+    // Identity: from the certificate for devices, from the client id for local clients; and
+    // the client id the routing core sees. Local clients live in their own namespace
+    // (`local~X`; `~` is not an identity character), so `-i alice` on the plain listener can
+    // never reach, take over or inherit the session state of the device `alice`.
+    #[allow(clippy::type_complexity)]
+    let (identity, core_id, rules, serial, not_after): (
+        String,
+        String,
+        &Rules,
+        Option<String>,
+        Option<i64>,
+    ) = match peer {
+        Peer::Device(cert) => {
+            if !connect.client_id.is_empty() && connect.client_id != cert.id {
+                shared.metrics.inc(|m| &m.connections_refused_identity);
+                tracing::warn!(client_id = %connect.client_id, "client id does not match certificate identity: refused");
+                refuse(&mut cwr, mqtt::CONNACK_ID_REJECTED).await;
+                return End::ClientClosed;
             }
-            Peer::Local => {
-                let id = if connect.client_id.is_empty() {
-                    format!("local-{:016x}", rand::random::<u64>())
-                } else {
-                    connect.client_id.clone()
-                };
-                if validate_identity(&id).is_err() {
-                    shared.metrics.inc(|m| &m.connections_refused_identity);
-                    tracing::warn!(client_id = %id, "client id is not a valid identity: refused");
-                    refuse(&mut cwr, mqtt::CONNACK_ID_REJECTED).await;
-                    return End::ClientClosed;
-                }
-                (id, &shared.local_rules, None, None)
+            (
+                cert.id.clone(),
+                cert.id.clone(),
+                &shared.device_rules,
+                Some(cert.serial.clone()),
+                Some(cert.not_after),
+            )
+        }
+        Peer::Local if connect.client_id.is_empty() => {
+            // CleanSession 1: an id of our own, in a part of the local namespace no
+            // client id maps to.
+            let tag = format!("{:016x}", rand::random::<u64>());
+            let core_id = super::assigned_core_id(&tag);
+            (
+                format!("assigned-{tag}"),
+                core_id,
+                &shared.local_rules,
+                None,
+                None,
+            )
+        }
+        Peer::Local => {
+            let id = connect.client_id.clone();
+            if let Err(e) = super::validate_local_id(&id) {
+                shared.metrics.inc(|m| &m.connections_refused_identity);
+                // Debug formatting: the id may hold control characters.
+                tracing::warn!(client_id = ?id, error = %e, "client id refused");
+                refuse(&mut cwr, mqtt::CONNACK_ID_REJECTED).await;
+                return End::ClientClosed;
             }
-        };
+            let core_id = super::local_core_id(&id);
+            (id, core_id, &shared.local_rules, None, None)
+        }
+    };
     if matches!(peer, Peer::Local) {
         // Devices carry their id in the `device` span already.
         tracing::Span::current().record("id", identity.as_str());
     }
-    // The client id the routing core sees. Local clients live in their own namespace
-    // (`local~X`; `~` is not an identity character), so `-i alice` on the plain listener can
-    // never reach, take over or inherit the session state of the device `alice`.
-    let core_id = match peer {
-        Peer::Device(_) => identity.clone(),
-        Peer::Local => super::local_core_id(&identity),
-    };
 
     let mut connect = connect;
     if let Some(w) = &mut connect.will {
@@ -351,6 +392,7 @@ where
         shared,
         ltx,
         awaiting,
+        disconnected: false,
     };
     // Packets the client sent right behind CONNECT (it need not wait for CONNACK) may have
     // arrived in the same read: handle them now, not only after the next read.
@@ -404,7 +446,13 @@ where
                 shared.metrics.inc(|m| &m.expired_disconnects);
                 return End::Expired;
             }
-            end = &mut downstream.0 => return end.unwrap_or(End::CoreClosed),
+            end = &mut downstream.0 => {
+                return match end.unwrap_or(End::CoreClosed) {
+                    // The core closes a session when its client sends DISCONNECT.
+                    End::CoreClosed if upstream_state.disconnected => End::ClientClosed,
+                    end => end,
+                };
+            }
             r = read_more(&mut crd, buf, &mut chunk) => {
                 match r {
                     Ok(0) => { let _ = bwr.shutdown().await; return End::ClientClosed; }
@@ -478,6 +526,8 @@ struct Upstream<'a> {
     shared: &'a Shared,
     ltx: mpsc::Sender<Local>,
     awaiting: Arc<std::sync::atomic::AtomicUsize>,
+    /// The client sent DISCONNECT: the core closing the session next is its answer.
+    disconnected: bool,
 }
 
 impl Upstream<'_> {
@@ -671,6 +721,7 @@ impl Upstream<'_> {
                     if total != 2 {
                         return Err(End::Malformed(MqttError::BadLength));
                     }
+                    self.disconnected |= ptype == mqtt::DISCONNECT;
                     out.extend_from_slice(&buf[..total]);
                 }
                 other => return Err(End::Malformed(MqttError::UnexpectedType(other))),
