@@ -301,3 +301,73 @@ fn client_ids_with_spaces_work_end_to_end_with_mosquitto_clients() {
         "core id in the log: {log}"
     );
 }
+
+/// A client that goes quiet is closed by the core after 1.5 × its keep-alive: an expected
+/// end (info), not the `CoreClosed` warning meant for sessions the core ends unasked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_expiry_is_not_an_unexpected_core_close() {
+    let gw = Gateway::start();
+    let mut s = plain(gw.plain()).await;
+    s.write_all(&wire::connect("quiet", 1)).await.unwrap();
+    let ack = expect_packet(&mut s, Duration::from_secs(5), "CONNACK").await;
+    assert_eq!(ack.body, [0, 0]);
+    let t = Instant::now();
+    assert!(
+        common::wait_closed(&mut s, Duration::from_secs(10))
+            .await
+            .is_some(),
+        "not closed after keep-alive 1 s"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        t.elapsed()
+    );
+    common::security_helpers::wait_until(Duration::from_secs(5), "keep-alive log line", || {
+        gw.log().contains("keep-alive expired")
+    });
+    let log = common::strip_ansi(&gw.log());
+    assert!(!log.contains("CoreClosed"), "{log}");
+    assert_eq!(
+        gw.metric("outpost_forced_disconnects_total{reason=\"core\"}"),
+        0
+    );
+}
+
+/// A session the core does end unasked (here: the client acknowledges a publish it never
+/// got, and the core drops it) is a warning with `end=CoreClosed`, counted, and the
+/// warnings are limited gateway-wide (`frontdoor.warn_burst`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unexpected_core_close_is_a_rate_limited_warning() {
+    let gw = Gateway::start_with("[frontdoor]\nwarn_burst = 2\n");
+    for i in 0..4 {
+        let mut s = plain(gw.plain()).await;
+        assert_eq!(
+            connack(
+                &mut s,
+                &connect_raw(format!("stray-ack-{i}").as_bytes(), true)
+            )
+            .await,
+            (0, false)
+        );
+        s.write_all(&wire::ack(4, 42)).await.unwrap();
+        assert!(
+            common::wait_closed(&mut s, Duration::from_secs(5))
+                .await
+                .is_some(),
+            "the core keeps a session that acknowledged an unknown packet id"
+        );
+    }
+    let core = "outpost_forced_disconnects_total{reason=\"core\"}";
+    assert_eq!(
+        common::wait_metric(&gw, core, Duration::from_secs(5), |v| v == 4),
+        4
+    );
+    let log = common::strip_ansi(&gw.log());
+    let warned = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("end=CoreClosed"))
+        .count();
+    assert_eq!(warned, 2, "{log}");
+    assert_eq!(gw.metric("outpost_log_suppressed_total"), 2);
+}

@@ -54,6 +54,9 @@ pub enum Peer {
 enum End {
     ClientClosed,
     CoreClosed,
+    /// The core closed the session after the client had sent it nothing for its keep-alive
+    /// interval (the core allows 1.5 times that, [MQTT-3.1.2-24]).
+    KeepAliveExpired,
     Shutdown,
     Revoked,
     Expired,
@@ -103,6 +106,9 @@ where
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     match end {
         End::ClientClosed => tracing::debug!(?end, "connection closed"),
+        End::KeepAliveExpired => {
+            tracing::info!("keep-alive expired (nothing from the client in 1.5 × its keep-alive): connection closed")
+        }
         End::CoreClosed => {
             // The core ended a session the client had not ended (no DISCONNECT): never
             // expected (the core is only reached through here, and one session per
@@ -367,6 +373,10 @@ where
         return End::Io(e);
     }
     tracing::info!(client = %identity, core_id = %core_id, "session started");
+    // When the client last sent the core something: the core ends a session that is quiet
+    // for 1.5 × its keep-alive, an expected end, not an unexpected `CoreClosed`.
+    let keep_alive = Duration::from_secs(rewritten.keep_alive.into());
+    let mut last_to_core = tokio::time::Instant::now();
 
     let (ltx, lrx) = mpsc::channel::<Local>(64);
     let metrics = shared.metrics.clone();
@@ -402,6 +412,7 @@ where
                 if let Err(e) = bwr.write_all(&out).await {
                     return End::Io(e);
                 }
+                last_to_core = tokio::time::Instant::now();
             }
             Ok(_) => {}
             Err(end) => return end,
@@ -448,8 +459,10 @@ where
             }
             end = &mut downstream.0 => {
                 return match end.unwrap_or(End::CoreClosed) {
-                    // The core closes a session when its client sends DISCONNECT.
+                    // The core closes a session when its client sends DISCONNECT, and when
+                    // it has been quiet for too long.
                     End::CoreClosed if upstream_state.disconnected => End::ClientClosed,
+                    End::CoreClosed if last_to_core.elapsed() >= keep_alive => End::KeepAliveExpired,
                     end => end,
                 };
             }
@@ -467,6 +480,7 @@ where
                     if let Err(e) = bwr.write_all(&out).await {
                         return End::Io(e);
                     }
+                    last_to_core = tokio::time::Instant::now();
                 }
             }
         }
