@@ -219,7 +219,8 @@ where
         Peer::Device(cert) => {
             if !connect.client_id.is_empty() && connect.client_id != cert.id {
                 shared.metrics.inc(|m| &m.connections_refused_identity);
-                tracing::warn!(client_id = %connect.client_id, "client id does not match certificate identity: refused");
+                // Debug formatting: the id may hold control characters.
+                tracing::warn!(client_id = ?connect.client_id, "client id does not match certificate identity: refused");
                 refuse(&mut cwr, mqtt::CONNACK_ID_REJECTED).await;
                 return End::ClientClosed;
             }

@@ -159,8 +159,6 @@ pub const LOCAL_ID_MAX: usize = 256;
 /// Why a local client id is refused (CONNACK 2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum LocalIdError {
-    #[error("empty client id with CleanSession 0 (MQTT-3.1.3-8)")]
-    EmptyPersistent,
     #[error("longer than {LOCAL_ID_MAX} bytes")]
     TooLong,
     #[error("contains a control character or a line separator")]
