@@ -133,8 +133,10 @@ impl Pattern {
                 }
                 Level::Id => {
                     // A wildcard level never equals an identity (identities cannot hold
-                    // wildcards, but local client ids are checked here too).
-                    if f[i] != id || f[i] == "+" || f[i] == "#" {
+                    // wildcards, but local client ids are checked here too). Nor does a
+                    // first level starting with `$`: a local client named `$SYS` does not
+                    // get `$SYS/#` from `{id}/#` (as with wildcards, MQTT 4.7.2).
+                    if f[i] != id || f[i] == "+" || f[i] == "#" || (i == 0 && id.starts_with('$')) {
                         return false;
                     }
                 }
@@ -285,6 +287,23 @@ mod tests {
         for bad in ["", "a/b", "a+", "#", "a b", "é"] {
             assert!(validate_identity(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn local_client_ids_cannot_widen_an_id_pattern() {
+        let r = Rules::new(
+            &["{id}/#".into(), "local/{id}/#".into()],
+            &["local/{id}/#".into()],
+        )
+        .unwrap();
+        assert!(r.may_publish("my client", "local/my client/x"));
+        assert!(r.may_publish("my client", "my client/x"));
+        assert!(!r.may_publish("$SYS", "$SYS/x"));
+        assert!(r.may_publish("$SYS", "local/$SYS/x"));
+        // An id holding `/` or wildcards never equals one level.
+        assert!(!r.may_publish("a/b", "local/a/b/x"));
+        assert!(!r.may_subscribe("+", "local/+/x"));
+        assert!(!r.may_subscribe("#", "local/#"));
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub revoked_disconnects: AtomicU64,
     pub expired_disconnects: AtomicU64,
     pub sessions_taken_over: AtomicU64,
+    /// Sessions the routing core ended without the client's DISCONNECT (`end=CoreClosed`).
+    pub core_closed: AtomicU64,
     /// SUBSCRIBE filters refused by a bound, by `FilterRefusal::ALL` order.
     pub subscribe_refused: [AtomicU64; 5],
     pub retain_refused_device: AtomicU64,
@@ -85,7 +87,7 @@ impl Metrics {
         metric(
             "outpost_connections_refused_identity_total",
             "counter",
-            "CONNECTs refused: client id does not match the certificate, or bad identity.",
+            "CONNECTs refused with return code 2: client id not the certificate's, not a valid local id, or empty with CleanSession 0.",
             "",
             g(&self.connections_refused_identity) as i64,
         );
@@ -159,10 +161,11 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP outpost_forced_disconnects_total Live sessions cut by the gateway.\n# TYPE outpost_forced_disconnects_total counter\noutpost_forced_disconnects_total{{reason=\"revoked\"}} {}\noutpost_forced_disconnects_total{{reason=\"expired\"}} {}\noutpost_forced_disconnects_total{{reason=\"taken_over\"}} {}",
+            "# HELP outpost_forced_disconnects_total Live sessions cut by the gateway.\n# TYPE outpost_forced_disconnects_total counter\noutpost_forced_disconnects_total{{reason=\"revoked\"}} {}\noutpost_forced_disconnects_total{{reason=\"expired\"}} {}\noutpost_forced_disconnects_total{{reason=\"taken_over\"}} {}\noutpost_forced_disconnects_total{{reason=\"core\"}} {}",
             g(&self.revoked_disconnects),
             g(&self.expired_disconnects),
-            g(&self.sessions_taken_over)
+            g(&self.sessions_taken_over),
+            g(&self.core_closed)
         );
         let _ = writeln!(
             out,

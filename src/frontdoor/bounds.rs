@@ -331,6 +331,8 @@ impl Bounds {
 /// Per-connection warning budget: `burst` lines per `interval`, the rest counted and
 /// summarised in one line when the interval ends or the connection does.
 pub struct WarnLimiter {
+    /// Budget of the whole gateway (one kind of warning), not of one connection.
+    gateway_wide: bool,
     burst: u32,
     interval: Duration,
     window: Instant,
@@ -341,11 +343,20 @@ pub struct WarnLimiter {
 impl WarnLimiter {
     pub fn new(cfg: &FrontDoorConfig) -> WarnLimiter {
         WarnLimiter {
+            gateway_wide: false,
             burst: cfg.warn_burst,
             interval: cfg.warn_interval,
             window: Instant::now(),
             used: 0,
             suppressed: 0,
+        }
+    }
+
+    /// The same budget for one kind of warning across all connections.
+    pub fn gateway_wide(cfg: &FrontDoorConfig) -> WarnLimiter {
+        WarnLimiter {
+            gateway_wide: true,
+            ..WarnLimiter::new(cfg)
         }
     }
 
@@ -368,10 +379,17 @@ impl WarnLimiter {
 
     fn summarise(&mut self) {
         if self.suppressed > 0 {
-            tracing::warn!(
-                suppressed = self.suppressed,
-                "more warnings of this connection suppressed (outpost_log_suppressed_total)"
-            );
+            if self.gateway_wide {
+                tracing::warn!(
+                    suppressed = self.suppressed,
+                    "more warnings of this kind suppressed (outpost_log_suppressed_total)"
+                );
+            } else {
+                tracing::warn!(
+                    suppressed = self.suppressed,
+                    "more warnings of this connection suppressed (outpost_log_suppressed_total)"
+                );
+            }
             self.suppressed = 0;
         }
     }

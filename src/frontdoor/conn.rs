@@ -60,6 +60,9 @@ pub enum Peer {
 enum End {
     ClientClosed,
     CoreClosed,
+    /// The core closed the session after the client had sent it nothing for its keep-alive
+    /// interval (the core allows 1.5 times that, [MQTT-3.1.2-24]).
+    KeepAliveExpired,
     Shutdown,
     Revoked,
     Expired,
@@ -101,7 +104,28 @@ where
         .connections_open
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     match end {
-        End::ClientClosed | End::CoreClosed => tracing::debug!(?end, "connection closed"),
+        End::ClientClosed => tracing::debug!(?end, "connection closed"),
+        End::KeepAliveExpired => {
+            tracing::info!("keep-alive expired (nothing from the client in 1.5 × its keep-alive): connection closed")
+        }
+        End::CoreClosed => {
+            // The core ended a session the client had not ended (no DISCONNECT): never
+            // expected (the core is only reached through here, and one session per
+            // identity is enforced before it), so worth a warning, within a gateway-wide budget.
+            shared.metrics.inc(|m| &m.core_closed);
+            let allowed = shared
+                .core_closed_warn
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .allow();
+            if allowed {
+                tracing::warn!(
+                    "routing core ended the session unasked (end=CoreClosed): connection closed"
+                );
+            } else {
+                shared.metrics.inc(|m| &m.log_suppressed);
+            }
+        }
         End::Shutdown => tracing::debug!("connection closed for shutdown"),
         End::TakenOver => {
             tracing::info!("session taken over by a new connection of the same identity")
@@ -174,49 +198,73 @@ where
         },
     };
 
-    // Identity: from the certificate for devices, from the client id for local clients.
-    let (identity, rules, serial, not_after): (String, &Rules, Option<String>, Option<i64>) =
-        match peer {
-            Peer::Device(cert) => {
-                if !connect.client_id.is_empty() && connect.client_id != cert.id {
-                    shared.metrics.inc(|m| &m.connections_refused_identity);
-                    tracing::warn!(client_id = %connect.client_id, "client id does not match certificate identity: refused");
-                    refuse(&mut stream, mqtt::CONNACK_ID_REJECTED).await;
-                    return End::ClientClosed;
-                }
-                (
-                    cert.id.clone(),
-                    &shared.device_rules,
-                    Some(cert.serial.clone()),
-                    Some(cert.not_after),
-                )
+    // [MQTT-3.1.3-8]: a zero-byte client id asks the server to assign one, and a session
+    // under an id the client never learns could never be resumed: refused with CleanSession 0.
+    if connect.client_id.is_empty() && !connect.clean_session {
+        shared.metrics.inc(|m| &m.connections_refused_identity);
+        tracing::info!("empty client id with CleanSession 0: refused (MQTT-3.1.3-8)");
+        refuse(&mut stream, mqtt::CONNACK_ID_REJECTED).await;
+        return End::ClientClosed;
+    }
+
+    // Identity: from the certificate for devices, from the client id for local clients; and
+    // the client id the routing core sees. Local clients live in their own namespace
+    // (`local~X`; `~` is not an identity character), so `-i alice` on the plain listener can
+    // never reach, take over or inherit the session state of the device `alice`.
+    #[allow(clippy::type_complexity)]
+    let (identity, core_id, rules, serial, not_after): (
+        String,
+        String,
+        &Rules,
+        Option<String>,
+        Option<i64>,
+    ) = match peer {
+        Peer::Device(cert) => {
+            if !connect.client_id.is_empty() && connect.client_id != cert.id {
+                shared.metrics.inc(|m| &m.connections_refused_identity);
+                // Debug formatting: the id may hold control characters.
+                tracing::warn!(client_id = ?connect.client_id, "client id does not match certificate identity: refused");
+                refuse(&mut stream, mqtt::CONNACK_ID_REJECTED).await;
+                return End::ClientClosed;
             }
-            Peer::Local => {
-                let id = if connect.client_id.is_empty() {
-                    format!("local-{:016x}", rand::random::<u64>())
-                } else {
-                    connect.client_id.clone()
-                };
-                if validate_identity(&id).is_err() {
-                    shared.metrics.inc(|m| &m.connections_refused_identity);
-                    tracing::warn!(client_id = %id, "client id is not a valid identity: refused");
-                    refuse(&mut stream, mqtt::CONNACK_ID_REJECTED).await;
-                    return End::ClientClosed;
-                }
-                (id, &shared.local_rules, None, None)
+            (
+                cert.id.clone(),
+                cert.id.clone(),
+                &shared.device_rules,
+                Some(cert.serial.clone()),
+                Some(cert.not_after),
+            )
+        }
+        Peer::Local if connect.client_id.is_empty() => {
+            // CleanSession 1: an id of our own, in a part of the local namespace no
+            // client id maps to.
+            let tag = format!("{:016x}", rand::random::<u64>());
+            let core_id = super::assigned_core_id(&tag);
+            (
+                format!("assigned-{tag}"),
+                core_id,
+                &shared.local_rules,
+                None,
+                None,
+            )
+        }
+        Peer::Local => {
+            let id = connect.client_id.clone();
+            if let Err(e) = super::validate_local_id(&id) {
+                shared.metrics.inc(|m| &m.connections_refused_identity);
+                // Debug formatting: the id may hold control characters.
+                tracing::warn!(client_id = ?id, error = %e, "client id refused");
+                refuse(&mut stream, mqtt::CONNACK_ID_REJECTED).await;
+                return End::ClientClosed;
             }
-        };
+            let core_id = super::local_core_id(&id);
+            (id, core_id, &shared.local_rules, None, None)
+        }
+    };
     if matches!(peer, Peer::Local) {
         // Devices carry their id in the `device` span already.
         tracing::Span::current().record("id", identity.as_str());
     }
-    // The client id the routing core sees. Local clients live in their own namespace
-    // (`local~X`; `~` is not an identity character), so `-i alice` on the plain listener can
-    // never reach, take over or inherit the session state of the device `alice`.
-    let core_id = match peer {
-        Peer::Device(_) => identity.clone(),
-        Peer::Local => super::local_core_id(&identity),
-    };
 
     let mut connect = connect;
     if let Some(w) = &mut connect.will {
@@ -323,8 +371,12 @@ where
     if let Err(e) = core.write_all(&mqtt::encode_connect(&rewritten)).await {
         return End::Io(e);
     }
+    let keep_alive = Duration::from_secs(rewritten.keep_alive.into());
     drop(rewritten);
     tracing::info!(client = %identity, core_id = %core_id, "session started");
+    // When the client last sent something: the core ends a session that is quiet for 1.5 ×
+    // its keep-alive, an expected end, not an unexpected `CoreClosed`.
+    let mut last_from_client = tokio::time::Instant::now();
 
     let mut up = Upstream {
         identity: &identity,
@@ -339,6 +391,7 @@ where
         to_client: BytesMut::new(),
         pending: HashMap::new(),
         awaiting: 0,
+        disconnected: false,
     };
     // Client -> core bytes not yet written. The client is read only while this is empty, so
     // it holds at most one read's worth.
@@ -395,7 +448,15 @@ where
         }
         if !core_open && up.to_client.is_empty() && !client_dirty {
             let _ = client.shutdown().await;
-            return End::CoreClosed;
+            // The core closes a session when its client sends DISCONNECT, and when it has
+            // been quiet for too long.
+            return if up.disconnected {
+                End::ClientClosed
+            } else if last_from_client.elapsed() >= keep_alive {
+                End::KeepAliveExpired
+            } else {
+                End::CoreClosed
+            };
         }
         let (grace, quiet) = drain.unwrap_or((far, far));
         let quiet_now =
@@ -450,6 +511,7 @@ where
                     return End::ClientClosed;
                 }
                 ClientIo::Read(n) => {
+                    last_from_client = tokio::time::Instant::now();
                     shared.metrics.add(|m| &m.bytes_in, n as u64);
                     match up.process(buf).await {
                         Ok(batch) => {
@@ -640,6 +702,8 @@ struct Upstream<'a> {
     pending: HashMap<u16, Vec<Option<u8>>>,
     /// QoS 1/2 publishes forwarded to the core and not yet acknowledged (for the drain).
     awaiting: usize,
+    /// The client sent DISCONNECT: the core closing the session next is its answer.
+    disconnected: bool,
 }
 
 impl Upstream<'_> {
@@ -829,6 +893,7 @@ impl Upstream<'_> {
                     if total != 2 {
                         return Err(End::Malformed(MqttError::BadLength));
                     }
+                    self.disconnected |= ptype == mqtt::DISCONNECT;
                     out.extend_from_slice(&buf[..total]);
                 }
                 other => return Err(End::Malformed(MqttError::UnexpectedType(other))),

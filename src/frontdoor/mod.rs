@@ -153,10 +153,65 @@ pub const LOCAL_PREFIX: &str = "local~";
 /// Prefix of the gateway's own clients of the routing core (`outpost~uplink`, ...).
 pub const INTERNAL_PREFIX: &str = "outpost~";
 
-/// The routing core's client id for the local client `id`. Identities cannot contain `~`,
-/// so the three namespaces (devices, `local~`, `outpost~`) never meet.
+/// Longest client id a local client may use, in bytes of UTF-8.
+pub const LOCAL_ID_MAX: usize = 256;
+
+/// Why a local client id is refused (CONNACK 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LocalIdError {
+    #[error("longer than {LOCAL_ID_MAX} bytes")]
+    TooLong,
+    #[error("contains a control character or a line separator")]
+    Control,
+}
+
+/// Client ids on the plain listener: any UTF-8 string (the parser already refuses invalid
+/// UTF-8 and NUL) of 1..=`LOCAL_ID_MAX` bytes without control characters (C0, DEL, C1) or
+/// the Unicode line and paragraph separators. Those are refused because ids end up in log
+/// lines and on terminals, where they could forge lines or send escape sequences; the
+/// length bounds what a session costs. Spaces, `|`, `~`, `/` and any other printable
+/// character are fine (`local_core_id` keeps them in the local namespace).
+pub fn validate_local_id(id: &str) -> Result<(), LocalIdError> {
+    if id.len() > LOCAL_ID_MAX {
+        return Err(LocalIdError::TooLong);
+    }
+    if id
+        .chars()
+        .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
+    {
+        return Err(LocalIdError::Control);
+    }
+    Ok(())
+}
+
+/// Characters `local_core_id` percent-encodes: `%` itself (so the encoding can be undone,
+/// and two ids never meet) and the four the routing core refuses in client ids.
+const CORE_ID_ESCAPED: [char; 5] = ['%', '/', '+', '#', '$'];
+
+/// The routing core's client id for the local client `id`: `local~` and the id, with
+/// `CORE_ID_ESCAPED` percent-encoded. Device identities cannot contain `~` and the gateway's
+/// own clients start with `outpost~`, so the three namespaces (devices, `local~`,
+/// `outpost~`) never meet; the encoding is injective, so two local ids never share a
+/// session, and it never yields `%` followed by anything but `25`, `2F`, `2B`, `23` or `24`,
+/// which leaves `local~%a…` to `assigned_core_id`.
 pub fn local_core_id(id: &str) -> String {
-    format!("{LOCAL_PREFIX}{id}")
+    let mut out = String::with_capacity(LOCAL_PREFIX.len() + id.len());
+    out.push_str(LOCAL_PREFIX);
+    for c in id.chars() {
+        if CORE_ID_ESCAPED.contains(&c) {
+            out.push_str(&format!("%{:02X}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The routing core's client id for a local client that sent an empty client id with
+/// CleanSession 1: `local~%assigned-<tag>`, which no client id can produce
+/// (`local_core_id`), so nobody can connect into, or take over, such a session.
+pub fn assigned_core_id(tag: &str) -> String {
+    format!("{LOCAL_PREFIX}%assigned-{tag}")
 }
 
 /// One live session per identity. A new connection for an identity first ends the old
@@ -242,6 +297,9 @@ pub struct Shared {
     pub bounds: bounds::Bounds,
     /// Set when the uplink is enabled: PUBLISHes on uplink topics are made durable first.
     pub uplink: Option<crate::uplink::UplinkHandle>,
+    /// Gateway-wide budget for the warning about sessions the routing core ended (at most
+    /// one per connection, so a per-connection budget would not bound them).
+    pub core_closed_warn: std::sync::Mutex<bounds::WarnLimiter>,
 }
 
 impl Shared {
@@ -257,6 +315,9 @@ impl Shared {
             permits: Arc::new(Semaphore::new(cfg.limits.max_connections)),
             sessions: SessionRegistry::default(),
             bounds: bounds::Bounds::default(),
+            core_closed_warn: std::sync::Mutex::new(bounds::WarnLimiter::gateway_wide(
+                &cfg.frontdoor,
+            )),
             cfg,
             broker,
             metrics,
@@ -479,4 +540,64 @@ pub async fn dial_core(link: &BrokerLink) -> std::io::Result<TcpStream> {
 
 pub(crate) fn serial_of(raw: &[u8]) -> String {
     serial_hex(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_ids_are_printable_utf8_of_bounded_length() {
+        for ok in [
+            "a",
+            "my client",
+            "mosqpub|1234-host",
+            "mosq-AbC123",
+            "é ü 中文",
+            "a~b",
+            "a/b+#$%",
+        ] {
+            assert_eq!(validate_local_id(ok), Ok(()), "{ok:?}");
+        }
+        assert_eq!(validate_local_id(&"x".repeat(LOCAL_ID_MAX)), Ok(()));
+        assert_eq!(
+            validate_local_id(&"x".repeat(LOCAL_ID_MAX + 1)),
+            Err(LocalIdError::TooLong)
+        );
+        for bad in [
+            "a\nb",
+            "\t",
+            "a\u{1b}[31m",
+            "\u{7f}",
+            "\u{85}",
+            "a\u{2028}b",
+        ] {
+            assert_eq!(
+                validate_local_id(bad),
+                Err(LocalIdError::Control),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn local_core_ids_stay_in_their_namespace_and_never_meet() {
+        assert_eq!(local_core_id("alice"), "local~alice");
+        assert_eq!(local_core_id("my client"), "local~my client");
+        // The core refuses `/ + # $` in client ids; `%` is escaped so that none collide.
+        assert_eq!(local_core_id("a/b+c#d$e%f"), "local~a%2Fb%2Bc%23d%24e%25f");
+        assert_ne!(local_core_id("a%2F"), local_core_id("a/"));
+        assert_ne!(local_core_id("%assigned-1"), assigned_core_id("1"));
+        for id in ["x", "outpost~uplink", "~", "%assigned-0123456789abcdef"] {
+            let core = local_core_id(id);
+            assert!(core.starts_with(LOCAL_PREFIX) && !core.starts_with(INTERNAL_PREFIX));
+            assert!(
+                crate::acl::validate_identity(&core).is_err(),
+                "a device id: {core}"
+            );
+            assert!(!core.contains(['/', '+', '#', '$']), "{core}");
+            assert!(!core.starts_with("local~%a"), "{core}");
+        }
+        assert!(assigned_core_id("00ff").starts_with("local~%a"));
+    }
 }

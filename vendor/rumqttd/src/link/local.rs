@@ -116,6 +116,8 @@ impl<'a> LinkBuilder<'a> {
         let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
 
+        // Outpost patch: the link's generation, for the events it sends about itself.
+        let generation = connection.generation();
         let event = Event::Connect {
             connection,
             incoming,
@@ -143,7 +145,13 @@ impl<'a> LinkBuilder<'a> {
         };
 
         let tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
+        let rx = LinkRx::new(
+            id,
+            generation,
+            self.router_tx,
+            link_rx,
+            outgoing_data_buffer,
+        );
         Ok((tx, rx, notification))
     }
 }
@@ -326,6 +334,8 @@ impl LinkTx {
 #[derive(Debug)]
 pub struct LinkRx {
     connection_id: ConnectionId,
+    /// Outpost patch: the generation of this link's connection (see `Connection`).
+    generation: u64,
     router_tx: Sender<(ConnectionId, Event)>,
     router_rx: Receiver<()>,
     send_buffer: Arc<Mutex<VecDeque<Notification>>>,
@@ -335,12 +345,14 @@ pub struct LinkRx {
 impl LinkRx {
     pub fn new(
         connection_id: ConnectionId,
+        generation: u64,
         router_tx: Sender<(ConnectionId, Event)>,
         router_rx: Receiver<()>,
         outgoing_data_buffer: Arc<Mutex<VecDeque<Notification>>>,
     ) -> LinkRx {
         LinkRx {
             connection_id,
+            generation,
             router_tx,
             router_rx,
             send_buffer: outgoing_data_buffer,
@@ -351,6 +363,17 @@ impl LinkRx {
 
     pub fn id(&self) -> ConnectionId {
         self.connection_id
+    }
+
+    /// Outpost patch: the generation of this link's connection.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Outpost patch: the event that tells the router this link is gone.
+    pub fn disconnect_event(&self) -> (ConnectionId, Event) {
+        let generation = self.generation;
+        (self.connection_id, Event::Disconnect { generation })
     }
 
     pub fn recv(&mut self) -> Result<Option<Notification>, LinkError> {
@@ -412,13 +435,20 @@ impl LinkRx {
     }
 
     pub fn ready(&self) -> Result<(), LinkError> {
-        self.router_tx.send((self.connection_id, Event::Ready))?;
+        let generation = self.generation;
+        self.router_tx
+            .send((self.connection_id, Event::Ready { generation }))?;
         Ok(())
     }
 
     pub async fn wake(&self) -> Result<(), LinkError> {
         self.router_tx
-            .send_async((self.connection_id, Event::Ready))
+            .send_async((
+                self.connection_id,
+                Event::Ready {
+                    generation: self.generation,
+                },
+            ))
             .await?;
 
         Ok(())

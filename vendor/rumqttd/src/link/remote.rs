@@ -61,6 +61,12 @@ pub struct RemoteLink<P> {
 }
 
 impl<P: Protocol> RemoteLink<P> {
+    /// Outpost patch: the event that tells the router this link is gone (carries the
+    /// link's generation, so a late one cannot end a newer connection in the same slot).
+    pub(crate) fn disconnect_event(&self) -> (ConnectionId, Event) {
+        self.link_rx.disconnect_event()
+    }
+
     pub async fn new(
         router_tx: Sender<(ConnectionId, Event)>,
         tenant_id: Option<String>,

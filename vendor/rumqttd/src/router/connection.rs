@@ -4,6 +4,7 @@ use crate::protocol::LastWillProperties;
 use crate::Filter;
 use crate::{protocol::LastWill, Topic};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::ConnectionEvents;
 
@@ -33,7 +34,14 @@ pub struct Connection {
     pub(crate) broker_topic_aliases: Option<BrokerAliases>,
     /// subscription IDs for a connection
     pub(crate) subscription_ids: HashMap<Filter, usize>,
+    /// Outpost patch: which link this is. Connection ids are slab indices, reused as soon
+    /// as a connection is removed; events a link sends about itself carry its generation
+    /// so that a late one cannot act on the next occupant of the slot (see OUTPOST.md).
+    pub(crate) generation: u64,
 }
+
+/// Outpost patch: source of `Connection::generation`, unique per process.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 impl Connection {
     /// Create connection state to hold identifying information of connecting device
@@ -66,7 +74,13 @@ impl Connection {
             topic_aliases: HashMap::new(),
             broker_topic_aliases: None,
             subscription_ids: HashMap::new(),
+            generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
         }
+    }
+
+    /// Outpost patch: the generation of this connection (unique per process).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn topic_alias_max(&mut self, max: u16) -> &mut Connection {

@@ -49,12 +49,15 @@ pub enum Event {
     NewMeter(flume::Sender<Vec<Meter>>),
     /// New alert link
     NewAlert(flume::Sender<Vec<Alert>>),
-    /// Connection ready to receive more data
-    Ready,
+    /// Connection ready to receive more data. Outpost patch: from the link of this
+    /// `generation`; ignored if the slot is empty or holds another connection by now.
+    Ready { generation: u64 },
     /// Data for native commitlog
     DeviceData,
-    /// Disconnection request
-    Disconnect,
+    /// Disconnection request. Outpost patch: from the link of this `generation`; ignored
+    /// if that connection is gone already (the router removed it, e.g. on its DISCONNECT
+    /// packet) and its slot is empty or holds a newer connection.
+    Disconnect { generation: u64 },
     /// Shadow
     Shadow(ShadowRequest),
     /// Collect and send alerts to all alerts links

@@ -241,8 +241,23 @@ impl Router {
             Event::NewMeter(tx) => self.handle_new_meter(tx),
             Event::NewAlert(tx) => self.handle_new_alert(tx),
             Event::DeviceData => self.handle_device_payload(id),
-            Event::Disconnect => self.handle_disconnection(id, None),
-            Event::Ready => self.scheduler.reschedule(id, ScheduleReason::Ready),
+            // Outpost patch: a link's events about itself apply only to that link's own
+            // connection, never to a newer occupant of the same (reused) slot.
+            Event::Disconnect { generation } => {
+                if self.is_current(id, generation) {
+                    self.handle_disconnection(id, None)
+                } else {
+                    debug!(
+                        generation,
+                        "late disconnect of a connection already removed: ignored"
+                    );
+                }
+            }
+            Event::Ready { generation } => {
+                if self.is_current(id, generation) {
+                    self.scheduler.reschedule(id, ScheduleReason::Ready)
+                }
+            }
             Event::Shadow(request) => {
                 retrieve_shadow(&mut self.datalog, &mut self.obufs[id], request)
             }
@@ -259,6 +274,13 @@ impl Router {
                 _tenant_id,
             ),
         }
+    }
+
+    /// Outpost patch: whether slot `id` still holds the connection of this `generation`.
+    fn is_current(&self, id: ConnectionId, generation: u64) -> bool {
+        self.connections
+            .get(id)
+            .is_some_and(|c| c.generation == generation)
     }
 
     fn handle_new_connection(
@@ -2374,3 +2396,100 @@ fn extract_group(filter: &str) -> Option<(String, String)> {
 // //         dbg!(trackers);
 // //     }
 // // }
+
+/// Outpost patch: connection ids are slab indices, reused at once; a link's late events
+/// about itself must not reach the next occupant of its slot (see OUTPOST.md).
+#[cfg(test)]
+mod outpost_generation {
+    use super::*;
+
+    fn router() -> Router {
+        Router::new(
+            0,
+            RouterConfig {
+                max_connections: 10,
+                max_outgoing_packet_count: 200,
+                max_segment_size: 1024 * 1024,
+                max_segment_count: 2,
+                custom_segment: None,
+                initialized_filters: None,
+                shared_subscriptions_strategy: Default::default(),
+            },
+        )
+    }
+
+    /// Registers `client_id` as the link `LinkBuilder::build` would; returns its slot and
+    /// generation, and the receiver that keeps its notifications flowing.
+    fn connect(router: &mut Router, client_id: &str) -> (ConnectionId, u64, Receiver<()>) {
+        let connection = Connection::new(None, client_id.to_string(), false, true);
+        let generation = connection.generation();
+        let incoming = Incoming::new(client_id.to_string());
+        let (outgoing, rx) = Outgoing::new(client_id.to_string());
+        router.events(
+            0,
+            Event::Connect {
+                connection,
+                incoming,
+                outgoing,
+            },
+        );
+        let id = *router.connection_map.get(client_id).expect("registered");
+        (id, generation, rx)
+    }
+
+    /// The churn race: a client's DISCONNECT packet makes the router remove its connection;
+    /// a new client gets the freed slot; then the old link, which saw its socket close
+    /// before it noticed the removal, reports `Event::Disconnect` for its old id.
+    #[test]
+    fn late_disconnect_of_an_old_link_spares_the_new_occupant_of_its_slot() {
+        let mut router = router();
+        let (old, old_gen, _old_rx) = connect(&mut router, "old");
+        router.ibufs[old]
+            .buffer()
+            .lock()
+            .push_back(Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::NormalDisconnection,
+                },
+                None,
+            ));
+        router.events(old, Event::DeviceData);
+        assert!(!router.connections.contains(old), "removed on DISCONNECT");
+
+        let (new, new_gen, _new_rx) = connect(&mut router, "new");
+        assert_eq!(new, old, "the slot is reused");
+        assert_ne!(new_gen, old_gen);
+
+        router.events(
+            old,
+            Event::Disconnect {
+                generation: old_gen,
+            },
+        );
+        router.events(
+            old,
+            Event::Ready {
+                generation: old_gen,
+            },
+        );
+        assert_eq!(router.connection_map.get("new"), Some(&new));
+        assert_eq!(router.connections[new].client_id, "new");
+
+        // The new link's own disconnect still ends it.
+        router.events(
+            new,
+            Event::Disconnect {
+                generation: new_gen,
+            },
+        );
+        assert!(!router.connections.contains(new));
+        assert!(!router.connection_map.contains_key("new"));
+        // A stale Ready for an empty slot is ignored (upstream would panic on it).
+        router.events(
+            new,
+            Event::Ready {
+                generation: new_gen,
+            },
+        );
+    }
+}

@@ -272,7 +272,7 @@ where
 mod tests {
     use super::{Position::*, *};
     use bytes::Bytes;
-    use pretty_assertions::assert_eq;
+    // Outpost patch: std's assert_eq (the pretty_assertions dev-dependency is not kept).
 
     fn random_payload(id: u8, size: u64) -> Bytes {
         Bytes::from(vec![id; size as usize])

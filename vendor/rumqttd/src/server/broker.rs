@@ -569,6 +569,9 @@ async fn remote<P: Protocol>(
     };
 
     let connection_id = link.connection_id;
+    // Outpost patch: sent after the link ends, maybe after the router removed the
+    // connection and gave its slot to a new one; the generation keeps it off the new one.
+    let disconnect = link.disconnect_event();
     let will_delay_interval = link.will_delay_interval;
     let mut send_disconnect = true;
 
@@ -594,9 +597,7 @@ async fn remote<P: Protocol>(
     };
 
     if send_disconnect {
-        let disconnect = Event::Disconnect;
-        let message = (connection_id, disconnect);
-        router_tx.send(message).ok();
+        router_tx.send(disconnect).ok();
     }
 
     // this is important to stop the connection
