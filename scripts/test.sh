@@ -66,4 +66,9 @@ cargo build --all-targets
 step "cargo test --lib --bins --tests"
 cargo test --lib --bins --tests
 
+# The vendored routing core's own unit tests, with Outpost's patches (connection generations:
+# vendor/rumqttd/OUTPOST.md, change 3).
+step "cargo test -p rumqttd --lib"
+cargo test -p rumqttd --lib
+
 printf '\nscripts/test.sh: ALL CHECKS PASSED (fmt, build --all-targets, tests)\n'
