@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: installs what the tests need when it is missing, then checks
-# formatting, builds every target and runs the tests.
+# formatting, builds every target and runs the tests, then the cross builds under
+# emulation (scripts/cross.sh) and every fuzz target (scripts/fuzz.sh).
 #
 #   scripts/test.sh
 #
@@ -71,4 +72,18 @@ cargo test --lib --bins --tests
 step "cargo test -p rumqttd --lib"
 cargo test -p rumqttd --lib
 
-printf '\nscripts/test.sh: ALL CHECKS PASSED (fmt, build --all-targets, tests)\n'
+# --- 5. Cross builds for aarch64 and armv7, smoke-tested and unit-tested under qemu-user
+#        (scripts/cross.sh installs the cross gcc, qemu-user-static and the rustup targets).
+step "scripts/cross.sh (aarch64 + armv7 release builds, emulated smoke and unit tests)"
+cross_start=$SECONDS
+scripts/cross.sh
+echo "test.sh: scripts/cross.sh took $((SECONDS - cross_start)) s"
+
+# --- 6. Every fuzz target built and run briefly on its committed corpus (nightly +
+#        cargo-fuzz, installed by scripts/fuzz.sh when missing).
+step "scripts/fuzz.sh (build every fuzz target, run each ${FUZZ_SECONDS:-20} s)"
+fuzz_start=$SECONDS
+scripts/fuzz.sh
+echo "test.sh: scripts/fuzz.sh took $((SECONDS - fuzz_start)) s"
+
+printf '\nscripts/test.sh: ALL CHECKS PASSED (fmt, build --all-targets, tests, cross, fuzz)\n'

@@ -487,6 +487,14 @@ impl Log {
 #[derive(Clone)]
 pub struct Record(sled::IVec);
 
+#[cfg(test)]
+impl Record {
+    /// A record that never was in a store (tests of the readers).
+    pub(crate) fn from_bytes(b: &[u8]) -> Record {
+        Record(sled::IVec::from(b))
+    }
+}
+
 impl std::ops::Deref for Record {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

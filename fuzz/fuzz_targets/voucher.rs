@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = v.verify_chain();
         let _ = v.verify_hmac(&[0u8; 32]);
         let _ = v.device_public_key();
-        let _ = outpost::fdo::report::voucher_report(&v, None);
+        let _ = outpost::fdo::report::voucher_report(&v, None, None);
         let bytes = v.encode();
         let again = OwnershipVoucher::decode(&bytes).expect("re-encoded voucher decodes");
         assert_eq!(again.encode(), bytes);

@@ -152,13 +152,9 @@ async fn read_connect<R: AsyncRead + Unpin>(
     max: usize,
 ) -> Result<mqtt::Connect, End> {
     loop {
-        if let Some((ptype, flags, hdr, total)) = mqtt::frame(buf, max).map_err(End::Malformed)? {
-            if ptype != mqtt::CONNECT || flags != 0 {
-                return Err(End::Malformed(MqttError::UnexpectedType(ptype)));
-            }
-            let c = mqtt::parse_connect(&buf[hdr..total]).map_err(End::Malformed);
+        if let Some((c, total)) = mqtt::next_connect(buf, max).map_err(End::Malformed)? {
             buf.advance(total);
-            return c;
+            return Ok(c);
         }
         buf.reserve(READ_MIN);
         match rd.read_buf(buf).await {
@@ -727,26 +723,29 @@ impl Upstream<'_> {
         // Uplink messages of this batch: made durable together before any is forwarded, so
         // the broker's PUBACK to the device means "on disk".
         let mut durable = Vec::new();
-        while let Some((ptype, flags, hdr, total)) =
-            mqtt::frame(buf, self.max_packet).map_err(End::Malformed)?
+        // Framing and parsing are `mqtt::next_client_packet` (what fuzz/mqtt_stream drives).
+        while let Some((packet, total)) =
+            mqtt::next_client_packet(buf, self.max_packet).map_err(End::Malformed)?
         {
-            mqtt::check_client_flags(ptype, flags).map_err(End::Malformed)?;
-            let body = &buf[hdr..total];
-            match ptype {
-                mqtt::PUBLISH => {
-                    let (topic, qos, pid) =
-                        mqtt::parse_publish(flags, body).map_err(End::Malformed)?;
+            match packet {
+                mqtt::ClientPacket::Publish {
+                    topic,
+                    qos,
+                    pid,
+                    retain,
+                    payload_at,
+                } => {
                     if self.rules.may_publish(self.identity, &topic) {
                         self.shared.metrics.inc(|m| &m.messages_in);
-                        let skip = 2 + topic.len() + if qos > 0 { 2 } else { 0 };
-                        let payload_len = body.len().saturating_sub(skip);
+                        let payload = buf.get(payload_at..total).unwrap_or(&[]);
+                        let payload_len = payload.len();
                         let mut unretain = false;
-                        let retain_changed = payload_len == 0 || flags & 1 == 1;
+                        let retain_changed = payload_len == 0 || retain;
                         if payload_len == 0 {
                             // The core clears the topic's retained message on any empty
                             // payload, retained or not.
                             self.shared.bounds.retained_cleared(&topic);
-                        } else if flags & 1 == 1 {
+                        } else if retain {
                             if let Err(r) = self.shared.bounds.admit_retained(
                                 &self.shared.cfg.frontdoor,
                                 self.core_id,
@@ -772,9 +771,7 @@ impl Upstream<'_> {
                             if up.mapping.up(&topic).is_some() {
                                 durable.push(crate::uplink::queue::Message {
                                     device: self.identity.to_string(),
-                                    payload: bytes::Bytes::copy_from_slice(
-                                        body.get(skip..).unwrap_or(&[]),
-                                    ),
+                                    payload: bytes::Bytes::copy_from_slice(payload),
                                     topic,
                                     qos,
                                     enqueued_ms: crate::uplink::queue::now_ms(),
@@ -807,16 +804,14 @@ impl Upstream<'_> {
                         }
                     }
                 }
-                mqtt::PUBREL => {
-                    let pid = mqtt::parse_pid(body).map_err(End::Malformed)?;
+                mqtt::ClientPacket::Pubrel(pid) => {
                     if self.dropped_qos2.remove(&pid) {
                         self.local(&mqtt::ack(mqtt::PUBCOMP, pid));
                     } else {
                         out.extend_from_slice(&buf[..total]);
                     }
                 }
-                mqtt::SUBSCRIBE => {
-                    let sub = mqtt::parse_subscribe(body).map_err(End::Malformed)?;
+                mqtt::ClientPacket::Subscribe(sub) => {
                     let mut template = Vec::with_capacity(sub.filters.len());
                     let mut permitted = Vec::with_capacity(sub.filters.len());
                     for (i, (f, _)) in sub.filters.iter().enumerate() {
@@ -875,28 +870,19 @@ impl Upstream<'_> {
                         }));
                     }
                 }
-                mqtt::CONNECT => {
-                    return Err(End::Malformed(MqttError::UnexpectedType(mqtt::CONNECT)))
-                }
-                mqtt::UNSUBSCRIBE => {
-                    let (_, filters) = mqtt::parse_unsubscribe(body).map_err(End::Malformed)?;
+                mqtt::ClientPacket::Unsubscribe(_, filters) => {
                     self.shared
                         .bounds
                         .unsubscribe(self.core_id, &mut self.filters, &filters);
                     out.extend_from_slice(&buf[..total]);
                 }
-                mqtt::PUBACK | mqtt::PUBREC | mqtt::PUBCOMP => {
-                    mqtt::parse_pid(body).map_err(End::Malformed)?;
+                mqtt::ClientPacket::Ack(..) | mqtt::ClientPacket::Pingreq => {
+                    out.extend_from_slice(&buf[..total])
+                }
+                mqtt::ClientPacket::Disconnect => {
+                    self.disconnected = true;
                     out.extend_from_slice(&buf[..total]);
                 }
-                mqtt::PINGREQ | mqtt::DISCONNECT => {
-                    if total != 2 {
-                        return Err(End::Malformed(MqttError::BadLength));
-                    }
-                    self.disconnected |= ptype == mqtt::DISCONNECT;
-                    out.extend_from_slice(&buf[..total]);
-                }
-                other => return Err(End::Malformed(MqttError::UnexpectedType(other))),
             }
             buf.advance(total);
         }

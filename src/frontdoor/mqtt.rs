@@ -370,9 +370,81 @@ pub fn suback(pid: u16, codes: &[u8]) -> Bytes {
     with_header(SUBACK << 4, &body)
 }
 
+/// The first packet of a connection: `Ok(None)` until `buf` holds a whole frame; then the
+/// CONNECT and the frame's length, or why it is refused (any other packet type included).
+pub fn next_connect(buf: &[u8], max_packet: usize) -> Result<Option<(Connect, usize)>, MqttError> {
+    let Some((ptype, flags, hdr, total)) = frame(buf, max_packet)? else {
+        return Ok(None);
+    };
+    if ptype != CONNECT || flags != 0 {
+        return Err(MqttError::UnexpectedType(ptype));
+    }
+    Ok(Some((parse_connect(&buf[hdr..total])?, total)))
+}
+
+/// A client packet after CONNECT, framed, flag-checked and parsed as the front door acts on
+/// it. Offsets are from the start of the frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientPacket {
+    Publish {
+        topic: String,
+        qos: u8,
+        pid: Option<u16>,
+        retain: bool,
+        /// Where the application payload starts (it ends with the frame).
+        payload_at: usize,
+    },
+    Pubrel(u16),
+    Subscribe(Subscribe),
+    Unsubscribe(u16, Vec<String>),
+    /// PUBACK, PUBREC or PUBCOMP (the type) with its packet id.
+    Ack(u8, u16),
+    Pingreq,
+    Disconnect,
+}
+
+/// The next packet a connected client sent: `Ok(None)` until `buf` holds a whole frame;
+/// then the packet and the frame's length. Every error closes the connection.
+pub fn next_client_packet(
+    buf: &[u8],
+    max_packet: usize,
+) -> Result<Option<(ClientPacket, usize)>, MqttError> {
+    let Some((ptype, flags, hdr, total)) = frame(buf, max_packet)? else {
+        return Ok(None);
+    };
+    check_client_flags(ptype, flags)?;
+    let body = &buf[hdr..total];
+    let packet = match ptype {
+        PUBLISH => {
+            let (topic, qos, pid) = parse_publish(flags, body)?;
+            let payload_at = hdr + 2 + topic.len() + if pid.is_some() { 2 } else { 0 };
+            ClientPacket::Publish {
+                topic,
+                qos,
+                pid,
+                retain: flags & 1 == 1,
+                payload_at,
+            }
+        }
+        PUBREL => ClientPacket::Pubrel(parse_pid(body)?),
+        SUBSCRIBE => ClientPacket::Subscribe(parse_subscribe(body)?),
+        UNSUBSCRIBE => {
+            let (pid, filters) = parse_unsubscribe(body)?;
+            ClientPacket::Unsubscribe(pid, filters)
+        }
+        PUBACK | PUBREC | PUBCOMP => ClientPacket::Ack(ptype, parse_pid(body)?),
+        PINGREQ | DISCONNECT if total != 2 => return Err(MqttError::BadLength),
+        PINGREQ => ClientPacket::Pingreq,
+        DISCONNECT => ClientPacket::Disconnect,
+        other => return Err(MqttError::UnexpectedType(other)),
+    };
+    Ok(Some((packet, total)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Buf;
     use proptest::prelude::*;
 
     fn sample_connect() -> Connect {
@@ -457,6 +529,107 @@ mod tests {
         put_bytes(&mut zero, b"t");
         zero.put_u16(0);
         assert_eq!(parse_publish(0b0010, &zero), Err(MqttError::ZeroPacketId));
+    }
+
+    /// CONNECT, a QoS 1 PUBLISH (retained), SUBSCRIBE, PINGREQ, DISCONNECT in one stream.
+    fn session_stream() -> Vec<u8> {
+        let mut s = encode_connect(&sample_connect()).to_vec();
+        let mut body = BytesMut::new();
+        put_bytes(&mut body, b"devices/dev-1/t");
+        body.put_u16(5);
+        body.put_slice(b"21.5");
+        s.extend_from_slice(&with_header((PUBLISH << 4) | 0b0011, &body));
+        s.extend_from_slice(&encode_subscribe(&Subscribe {
+            pid: 6,
+            filters: vec![("devices/dev-1/#".into(), 1)],
+        }));
+        s.extend_from_slice(&[PINGREQ << 4, 0, DISCONNECT << 4, 0]);
+        s
+    }
+
+    /// Drive a stream as conn.rs does: read chunks into one buffer, take whole frames.
+    fn drive(stream: &[u8], chunk: usize) -> (Connect, Vec<ClientPacket>) {
+        let mut buf = BytesMut::new();
+        let (mut connect, mut packets) = (None, Vec::new());
+        for piece in stream.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            if connect.is_none() {
+                match next_connect(&buf, 1024).unwrap() {
+                    Some((c, total)) => {
+                        buf.advance(total);
+                        connect = Some(c);
+                    }
+                    None => continue,
+                }
+            }
+            while let Some((p, total)) = next_client_packet(&buf, 1024).unwrap() {
+                packets.push(p);
+                buf.advance(total);
+            }
+        }
+        assert!(buf.is_empty());
+        (connect.unwrap(), packets)
+    }
+
+    #[test]
+    fn a_stream_parses_the_same_in_any_chunks() {
+        let stream = session_stream();
+        let (c, packets) = drive(&stream, stream.len());
+        assert_eq!(c, sample_connect());
+        let publish_at = encode_connect(&c).len();
+        let ClientPacket::Publish {
+            payload_at,
+            retain: true,
+            qos: 1,
+            pid: Some(5),
+            ..
+        } = &packets[0]
+        else {
+            panic!("{:?}", packets[0]);
+        };
+        assert_eq!(&stream[publish_at + payload_at..][..4], b"21.5");
+        assert!(matches!(packets[1], ClientPacket::Subscribe(_)));
+        assert_eq!(
+            packets[2..],
+            [ClientPacket::Pingreq, ClientPacket::Disconnect]
+        );
+        for chunk in [1, 2, 3, 7, 64] {
+            assert_eq!(
+                drive(&stream, chunk),
+                (c.clone(), packets.clone()),
+                "chunks of {chunk}"
+            );
+        }
+    }
+
+    #[test]
+    fn client_packets_are_refused_as_the_connection_refuses_them() {
+        let connect = encode_connect(&sample_connect());
+        assert_eq!(
+            next_client_packet(&connect, 1024),
+            Err(MqttError::UnexpectedType(CONNECT))
+        );
+        assert_eq!(
+            next_connect(&[PINGREQ << 4, 0], 1024),
+            Err(MqttError::UnexpectedType(PINGREQ))
+        );
+        assert_eq!(
+            next_client_packet(&[PINGREQ << 4, 1, 0], 1024),
+            Err(MqttError::BadLength)
+        );
+        assert_eq!(
+            next_client_packet(&[SUBSCRIBE << 4, 3, 0, 1, 0], 1024),
+            Err(MqttError::BadFlags(SUBSCRIBE))
+        );
+        assert_eq!(
+            next_client_packet(&[CONNACK << 4, 2, 0, 0], 1024),
+            Err(MqttError::UnexpectedType(CONNACK))
+        );
+        assert_eq!(next_client_packet(&[PUBLISH << 4, 10], 1024), Ok(None));
+        assert_eq!(
+            next_client_packet(&[PUBLISH << 4, 0xff, 0x7f], 1024),
+            Err(MqttError::TooLarge(16386))
+        );
     }
 
     proptest! {

@@ -196,21 +196,26 @@ fn chunk_entries(chunk: &[u8]) -> (u64, Vec<Range<usize>>) {
         return (1, Vec::new());
     };
     at += 4;
-    let mut out = Vec::with_capacity(count as usize);
+    // Every entry takes at least its 4-byte length: a damaged count cannot make this
+    // allocate more than the chunk could hold.
+    let room = (chunk.len() - at) / 4;
+    let mut out = Vec::with_capacity(usize::try_from(count).map_or(room, |c| c.min(room)));
     for _ in 0..count {
         let Some(len) = chunk
             .get(at..at + 4)
             .and_then(|c| <[u8; 4]>::try_from(c).ok())
-            .map(|l| u32::from_be_bytes(l) as usize)
+            .and_then(|l| usize::try_from(u32::from_be_bytes(l)).ok())
         else {
             break;
         };
         at += 4;
-        if at + len > chunk.len() {
+        // Checked: on 32-bit targets `at + len` overflows for a damaged length near
+        // u32::MAX, and the wrapped sum would pass the bounds check.
+        let Some(end) = at.checked_add(len).filter(|&end| end <= chunk.len()) else {
             break;
-        }
-        out.push(at..at + len);
-        at += len;
+        };
+        out.push(at..end);
+        at = end;
     }
     (u64::from(count.max(1)), out)
 }
@@ -340,7 +345,9 @@ impl Chunk {
 
     /// Message `seq` (which must be in this chunk) as the reader hands it out.
     fn record(&self, seq: u64) -> Result<(Record, Range<usize>), String> {
-        match self.entries.get((seq - self.key) as usize) {
+        // try_from, not `as`: on 32-bit targets a far-off `seq` must not wrap onto an entry.
+        let index = usize::try_from(seq.wrapping_sub(self.key)).unwrap_or(usize::MAX);
+        match self.entries.get(index) {
             Some(r) => Ok((self.bytes.clone(), r.clone())),
             None => Err("damaged chunk".to_string()),
         }
@@ -1119,6 +1126,36 @@ mod tests {
             (1, std::iter::once(0..a.len()).collect())
         );
         assert_eq!(chunk_entries(&[CHUNK_V1, 0]), (1, vec![]));
+    }
+
+    /// A damaged length near u32::MAX: `at + len` overflows a 32-bit usize (armv7), where
+    /// the wrapped sum passed the bounds check and yielded a range ending before it starts.
+    /// A damaged count near u32::MAX must not size the entry list either.
+    #[test]
+    fn damaged_lengths_and_counts_do_not_overflow_on_32_bit() {
+        let a = msg(1, 3).encode();
+        let mut c = vec![CHUNK_V1];
+        c.extend_from_slice(&2u32.to_be_bytes());
+        c.extend_from_slice(&(a.len() as u32).to_be_bytes());
+        c.extend_from_slice(&a);
+        c.extend_from_slice(&u32::MAX.to_be_bytes());
+        c.extend_from_slice(b"tail");
+        let (count, entries) = chunk_entries(&c);
+        assert_eq!(count, 2);
+        assert_eq!(entries, vec![9..9 + a.len()]);
+        let mut huge = vec![CHUNK_V1];
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        huge.extend_from_slice(&(u32::MAX - 3).to_be_bytes());
+        let (count, entries) = chunk_entries(&huge);
+        assert_eq!((count, entries.len()), (u64::from(u32::MAX), 0));
+        assert!(entries.capacity() <= 1);
+        let chunk = Chunk::parse(10, Record::from_bytes(&c));
+        assert!(chunk.record(10).is_ok());
+        assert!(chunk.record(11).is_err(), "the damaged entry");
+        assert!(
+            chunk.record(10 + (1 << 32)).is_err(),
+            "no wrap onto entry 0"
+        );
     }
 
     #[tokio::test]
