@@ -70,8 +70,9 @@ fn parse(trace: &str) -> Vec<Call> {
             continue;
         }
         let args = &rest[paren + 1..];
+        // `fdatasync(11 <unfinished ...>` has no comma or parenthesis after its fd.
         let fd = args
-            .split([',', ')'])
+            .split([',', ')', ' '])
             .next()
             .and_then(|a| a.trim().parse().ok())
             .unwrap_or(-1);
@@ -316,6 +317,7 @@ async fn every_puback_of_a_pipelined_burst_comes_after_a_covering_fdatasync() {
     }
     drop(s);
     let trace = t.finish();
+    let _ = std::fs::write(std::env::temp_dir().join("outpost-burst-trace.txt"), &trace);
     assert_eq!(acked, (1..=N).map(pid).collect::<HashSet<_>>());
     for i in 1..=N {
         let [hi, lo] = pid(i).to_be_bytes();
