@@ -31,8 +31,8 @@ export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 TARGETS=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
 # armv7's emulated unit tests (name filters, as `cargo test` takes them): the codecs and
 # the byte/offset arithmetic, where a 32-bit usize and alignment differences show.
-ARMV7_UNIT_TESTS=(frontdoor:: uplink::queue:: fdo::cbor fdo::types fdo::voucher fdo::cose
-    fdo::credential fdo::msg duration:: config::)
+ARMV7_UNIT_TESTS=(frontdoor:: uplink::queue:: fdo_wire::cbor fdo_wire::types fdo_wire::voucher fdo_wire::cose
+    fdo_wire::credential fdo_wire::msg duration:: config::)
 
 current="setup"
 step() {
