@@ -242,20 +242,25 @@ impl Drop for Traced {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uplink_puback_comes_after_an_fdatasync_covering_the_message() {
-    use tokio::io::AsyncWriteExt;
-    let dir = tempfile::tempdir().unwrap();
-    let mut pki = cloud::CloudPki::new(&dir.path().join("cloud"));
+/// An `[uplink]` section whose cloud is unreachable (a free port): uplink messages stay in
+/// the queue (store and forward), each PUBACK waiting only for the local flush.
+fn offline_uplink(dir: &std::path::Path) -> String {
+    let mut pki = cloud::CloudPki::new(&dir.join("cloud"));
     let (cert, key) = pki.issue("gw-test", false);
-    // The cloud is unreachable: the message stays in the queue (store and forward).
-    let cfg = format!(
+    format!(
         "[uplink]\nenabled = true\nhost = \"127.0.0.1\"\nport = {}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
         common::free_port(),
         pki.ca.display(),
         cert.display(),
         key.display()
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uplink_puback_comes_after_an_fdatasync_covering_the_message() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = offline_uplink(dir.path());
     let t = Traced::start(&cfg);
     let mut s = common::plain_session(t.gw.plain(), "dev1").await;
     let marker = b"durability-marker-7f3a91";
@@ -284,15 +289,7 @@ async fn every_puback_of_a_pipelined_burst_comes_after_a_covering_fdatasync() {
     use tokio::io::AsyncWriteExt;
     const N: u16 = 150;
     let dir = tempfile::tempdir().unwrap();
-    let mut pki = cloud::CloudPki::new(&dir.path().join("cloud"));
-    let (cert, key) = pki.issue("gw-test", false);
-    let cfg = format!(
-        "[uplink]\nenabled = true\nhost = \"127.0.0.1\"\nport = {}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-        common::free_port(),
-        pki.ca.display(),
-        cert.display(),
-        key.display()
-    );
+    let cfg = offline_uplink(dir.path());
     let t = Traced::start(&cfg);
     let mut s = common::plain_session(t.gw.plain(), "dev1").await;
     let marker = |i: u16| format!("durability-burst-{i:05}");
