@@ -55,6 +55,7 @@ pub struct Config {
     pub uplink: crate::uplink::UplinkConfig,
     pub fdo: crate::fdo::service::FdoConfig,
     pub sync: crate::sync::SyncConfig,
+    pub sessions: crate::sessions::SessionsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -224,6 +225,9 @@ impl Config {
                     format!("{}: no PEM certificate in file", path.display()),
                 ));
             }
+        }
+        if let Err((field, reason)) = self.sessions.validate() {
+            return Err(invalid(field, reason));
         }
         if let Err((field, reason)) = self.frontdoor.validate() {
             return Err(ConfigError::Invalid { field, reason });

@@ -17,6 +17,7 @@ pub mod frontdoor;
 pub mod mdns;
 pub mod metrics;
 pub mod registry;
+pub mod sessions;
 pub mod store;
 pub mod switching;
 pub mod sync;
@@ -67,6 +68,10 @@ pub enum RunError {
     Uplink(#[from] uplink::UplinkError),
     #[error(transparent)]
     Fdo(#[from] fdo::service::ServiceError),
+    #[error(transparent)]
+    Sessions(#[from] sessions::SessionsError),
+    #[error("restoring retained messages: {0}")]
+    Restore(#[from] frontdoor::restore::RestoreError),
 }
 
 /// Addresses a running gateway is bound to (also written to `endpoints.json`).
@@ -207,25 +212,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         && config.fdo.owner
         && fdo_l.is_some();
     let (sync_tx, sync_rx) = tokio::sync::mpsc::channel(256);
-    let (uplink, queue_thread) = uplink::start(
-        &config.uplink,
-        &gateway_id,
-        store,
-        core.clone(),
-        &tracker,
-        shutdown.clone(),
-        sync_on.then_some(sync_tx),
-    )?;
+    let (durable, sessions_thread) =
+        sessions::SessionsHandle::spawn(store.clone(), config.sessions.clone())?;
     let mut shared = frontdoor::Shared::new(
         Arc::new(frontdoor::config::FrontDoorSettings {
             limits: config.limits.clone(),
             frontdoor: config.frontdoor.clone(),
             acl: config.acl.clone(),
             shutdown_grace: config.shutdown.grace,
+            sessions_inflight: config.sessions.max_inflight,
         }),
-        core,
+        core.clone(),
         metrics.clone(),
         ca.revocations(),
+    )?;
+    shared.durable = Some(durable.clone());
+    // The core keeps nothing on disk: what was retained goes back in before anyone (the
+    // uplink's own state publisher included) can publish or subscribe.
+    let restored =
+        frontdoor::restore::retained_into_core(&core, &durable, &shared.bounds, &config.frontdoor)
+            .await?;
+    if restored.retained > 0 {
+        tracing::info!(
+            retained = restored.retained,
+            ms = restored.elapsed.as_millis() as u64,
+            "retained messages restored into the routing core"
+        );
+    }
+    let (uplink, queue_thread) = uplink::start(
+        &config.uplink,
+        &gateway_id,
+        store,
+        core,
+        &tracker,
+        shutdown.clone(),
+        sync_on.then_some(sync_tx),
+        Some(durable.clone()),
     )?;
     shared.uplink = config.uplink.enabled.then(|| uplink.clone());
     let shared = Arc::new(shared);
@@ -316,9 +338,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     if let Some(l) = metrics_l {
         let (m, u, s) = (metrics.clone(), uplink.clone(), shutdown.clone());
         let fdo_metrics = fdo_svc.as_ref().map(|f| f.metrics());
+        let d = durable.clone();
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
             let mut text = m.render();
             u.render_metrics(&mut text);
+            d.stats.render(&mut text);
             if let Some(f) = &fdo_metrics {
                 f.render(&mut text);
             }
@@ -414,6 +438,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         .is_err()
     {
         tracing::error!("uplink queue did not finish flushing in 5 s");
+    }
+    // The sessions owner flushes every batch before answering; it exits (and flushes once
+    // more) when the last handle is gone.
+    drop(durable);
+    let joined = tokio::task::spawn_blocking(move || sessions_thread.join());
+    if tokio::time::timeout(Duration::from_secs(5), joined)
+        .await
+        .is_err()
+    {
+        tracing::debug!("sessions owner still held by abandoned tasks at exit");
     }
     join_store_owner(ca_thread).await;
     tracing::info!("stopped");

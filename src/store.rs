@@ -20,8 +20,13 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
-/// Version of the on-disk layout. Bump on any incompatible change and add a migration.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version of the on-disk layout. Bump on any change of layout and add a step to
+/// [`migrate`]; a store of an older version is migrated on open, a newer one is refused.
+///
+/// * 1: certificates, vouchers, logs and tables (issues 1–10).
+/// * 2: the sessions capability's tables (`table/sessions`, `table/session-queue`,
+///   `table/retained`, issue 11); version 1 stores get them empty.
+pub const SCHEMA_VERSION: u32 = 2;
 
 const META: &str = "meta";
 const CERTS: &str = "certs";
@@ -556,6 +561,54 @@ impl Table {
         Ok(out)
     }
 
+    /// Apply puts and removals as one atomic batch, **not** flushed: the caller makes it
+    /// durable with [`Store::flush`] before it acknowledges anything that depends on it
+    /// (the sessions owner's group commit).
+    pub fn apply(
+        &self,
+        puts: &[(Vec<u8>, Vec<u8>)],
+        removes: &[Vec<u8>],
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for k in removes {
+            batch.remove(k.as_slice());
+        }
+        for (k, v) in puts {
+            batch.insert(k.as_slice(), v.as_slice());
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Up to `limit` entries with keys in `[from, ...)` that start with `prefix`, in order.
+    pub fn scan_prefix_from(
+        &self,
+        prefix: &[u8],
+        from: &[u8],
+        limit: usize,
+    ) -> Result<Vec<TableEntry>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.range(from..) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The last entry whose key starts with `prefix`.
+    pub fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<TableEntry>, StoreError> {
+        match self.tree.scan_prefix(prefix).next_back() {
+            Some(item) => {
+                let (k, v) = item?;
+                Ok(Some((k.to_vec(), v.to_vec())))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// Every entry, in key order.
     pub fn entries(&self) -> Result<Vec<TableEntry>, StoreError> {
         let mut out = Vec::new();
@@ -565,6 +618,42 @@ impl Table {
         }
         Ok(out)
     }
+}
+
+/// Bring a store of schema `from` up to [`SCHEMA_VERSION`], one step at a time. Each step
+/// only adds what its version introduced; the caller writes the new version and flushes.
+fn migrate(db: &sled::Db, from: u32) -> Result<(), StoreError> {
+    let mut v = from;
+    while v < SCHEMA_VERSION {
+        match v {
+            1 => {
+                // Version 2 adds the sessions tables. A version 1 store has no such trees;
+                // anything found under these names is not ours to interpret: refuse.
+                for name in ["table/sessions", "table/session-queue", "table/retained"] {
+                    if db
+                        .tree_names()
+                        .iter()
+                        .any(|n| n.as_ref() == name.as_bytes())
+                        && !db.open_tree(name)?.is_empty()
+                    {
+                        return Err(StoreError::Corrupt {
+                            key: name.into(),
+                            reason: "a schema 1 store already holds this tree".into(),
+                        });
+                    }
+                    db.open_tree(name)?;
+                }
+            }
+            other => {
+                return Err(StoreError::Schema {
+                    found: other,
+                    expected: SCHEMA_VERSION,
+                })
+            }
+        }
+        v += 1;
+    }
+    Ok(())
 }
 
 fn seq_of(k: &[u8]) -> Result<u64, StoreError> {
@@ -637,11 +726,21 @@ impl Store {
                         key: "meta/schema_version".into(),
                         reason: format!("{} bytes", v.len()),
                     })?;
-                if found != SCHEMA_VERSION {
+                if found == 0 || found > SCHEMA_VERSION {
                     return Err(StoreError::Schema {
                         found,
                         expected: SCHEMA_VERSION,
                     });
+                }
+                if found < SCHEMA_VERSION {
+                    migrate(&db, found)?;
+                    meta.insert(KEY_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+                    durable.flush(&db)?;
+                    tracing::info!(
+                        from = found,
+                        to = SCHEMA_VERSION,
+                        "store migrated to the current schema"
+                    );
                 }
             }
         }
@@ -941,6 +1040,51 @@ mod tests {
         assert!(st.queued.is_none());
         // 400 flushing writes from 8 threads: waiters shared queued flushes.
         assert!(st.started <= 401, "{} flushes", st.started);
+    }
+
+    /// A store written at schema 1 (before the sessions tables) opens, keeps its records and
+    /// is stamped with the current version; reopening it changes nothing.
+    #[test]
+    fn schema_1_store_is_migrated_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.table("rendezvous").unwrap().put(b"k", b"v").unwrap();
+            s.meta.insert(KEY_SCHEMA, &1u32.to_be_bytes()).unwrap();
+            for name in ["table/sessions", "table/session-queue", "table/retained"] {
+                s.db.drop_tree(name).unwrap();
+            }
+            s.flush().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            s.table("rendezvous").unwrap().get(b"k").unwrap(),
+            Some(b"v".to_vec())
+        );
+        let v = s.meta.get(KEY_SCHEMA).unwrap().unwrap();
+        assert_eq!(v.as_ref(), &SCHEMA_VERSION.to_be_bytes());
+        assert!(s.table("sessions").unwrap().is_empty());
+        drop(s);
+        Store::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn newer_and_zero_schema_versions_are_refused() {
+        for bad in [0u32, SCHEMA_VERSION + 1] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let db = sled::open(dir.path()).unwrap();
+                db.open_tree(META)
+                    .unwrap()
+                    .insert(KEY_SCHEMA, &bad.to_be_bytes())
+                    .unwrap();
+                db.flush().unwrap();
+            }
+            assert!(matches!(
+                Store::open(dir.path()),
+                Err(StoreError::Schema { .. })
+            ));
+        }
     }
 
     #[test]

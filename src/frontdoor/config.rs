@@ -82,4 +82,6 @@ pub struct FrontDoorSettings {
     pub frontdoor: super::bounds::FrontDoorConfig,
     pub acl: crate::acl::AclConfig,
     pub shutdown_grace: Duration,
+    /// `sessions.max_inflight`: deliveries of a persistent session not yet acknowledged.
+    pub sessions_inflight: u16,
 }

@@ -70,6 +70,9 @@ enum End {
     Io(std::io::Error),
     DeniedPublish(String),
     UplinkRefused(String),
+    /// The sessions store could not make a retained message, a subscription or a queued
+    /// copy durable: closed unacknowledged, like `UplinkRefused`.
+    SessionsRefused(String),
     TakenOver,
 }
 
@@ -88,6 +91,8 @@ const CLIENT_OUT_PAUSE_CORE: usize = READ_MAX;
 const CLIENT_OUT_PAUSE_CLIENT: usize = 64 * 1024;
 /// How long a new connection waits for the previous session of its identity to end.
 const TAKE_OVER_LIMIT: Duration = Duration::from_secs(5);
+/// The packet id of the SUBSCRIBE that gives a resumed session's filters back to the core.
+const RESUBSCRIBE_PID: u16 = 1;
 const DRAIN_QUIET: Duration = Duration::from_millis(50);
 
 pub async fn serve<S>(stream: S, peer: Peer, shared: Arc<Shared>, cancel: CancellationToken)
@@ -142,6 +147,9 @@ where
         }
         End::UplinkRefused(e) => {
             tracing::warn!(error = %e, "uplink queue refused messages: connection closed unacknowledged")
+        }
+        End::SessionsRefused(e) => {
+            tracing::warn!(error = %e, "sessions store refused a write: connection closed unacknowledged")
         }
     }
 }
@@ -304,6 +312,26 @@ where
         },
     };
     let clean = connect.clean_session;
+    // The persistent session, kept by the sessions capability (the core only ever gets clean
+    // sessions); a clean CONNECT discards one the id had ([MQTT-3.1.2-6]).
+    let attached = match &shared.durable {
+        Some(d) => match d.connect(&core_id, clean).await {
+            Ok(a) => a,
+            Err(e) => {
+                if matches!(e, crate::sessions::SessionsError::TooManySessions(_)) {
+                    tracing::warn!(client = %identity, error = %e, "persistent session refused: CONNACK 3");
+                } else {
+                    tracing::error!(client = %identity, error = %e, "sessions store failed: CONNACK 3");
+                }
+                refuse(&mut stream, mqtt::CONNACK_SERVER_UNAVAILABLE).await;
+                drop(lease);
+                shared.sessions.release(&core_id);
+                return End::ClientClosed;
+            }
+        },
+        None => None,
+    };
+    let epoch = attached.as_ref().map(|a| a.epoch);
     shared.bounds.session_start(&core_id, clean);
     let end = connected_session(
         &mut stream,
@@ -318,8 +346,12 @@ where
         serial,
         not_after,
         &lease.kicked,
+        attached,
     )
     .await;
+    if let (Some(d), Some(e)) = (&shared.durable, epoch) {
+        d.detach(&core_id, e);
+    }
     shared.bounds.session_end(&core_id, clean);
     drop(lease);
     shared.sessions.release(&core_id);
@@ -340,6 +372,7 @@ async fn connected_session<S>(
     serial: Option<String>,
     not_after: Option<i64>,
     kicked: &CancellationToken,
+    attached: Option<crate::sessions::Attached>,
 ) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -362,11 +395,27 @@ where
         },
         username: Some(core_id.clone()),
         password: Some(shared.broker.secret.as_bytes().to_vec()),
+        // A persistent session lives in the sessions capability, not in the core.
+        clean_session: connect.clean_session || attached.is_some(),
         ..connect
     };
-    if let Err(e) = core.write_all(&mqtt::encode_connect(&rewritten)).await {
+    let mut hello = BytesMut::from(&mqtt::encode_connect(&rewritten)[..]);
+    // A resumed session's subscriptions go back into the core before anything the client
+    // sends (so its SUBACK is the core's first, and swallowed).
+    let resubscribe = attached
+        .as_ref()
+        .filter(|a| !a.subs.is_empty())
+        .map(|a| a.subs.clone());
+    if let Some(subs) = &resubscribe {
+        hello.extend_from_slice(&mqtt::encode_subscribe(&mqtt::Subscribe {
+            pid: RESUBSCRIBE_PID,
+            filters: subs.clone(),
+        }));
+    }
+    if let Err(e) = core.write_all(&hello).await {
         return End::Io(e);
     }
+    drop(hello);
     let keep_alive = Duration::from_secs(rewritten.keep_alive.into());
     drop(rewritten);
     tracing::info!(client = %identity, core_id = %core_id, "session started");
@@ -388,7 +437,36 @@ where
         pending: HashMap::new(),
         awaiting: 0,
         disconnected: false,
+        core_extra: BytesMut::new(),
+        swallow_suback: resubscribe.as_ref().map(|_| RESUBSCRIBE_PID),
+        connack_present: attached.as_ref().map(|a| a.present),
+        core_qos2: HashSet::new(),
+        persist: None,
     };
+    let mut events = None;
+    if let (Some(a), Some(d)) = (attached, &shared.durable) {
+        if let Some(subs) = &resubscribe {
+            // The bounds count a resumed session's filters again (after a restart they
+            // start from nothing).
+            let _ = shared.bounds.admit_filters(
+                &shared.cfg.frontdoor,
+                &core_id,
+                &mut up.filters,
+                subs.iter().map(|(f, _)| f.as_str()),
+            );
+        }
+        events = Some(a.events);
+        up.persist = Some(Persist {
+            handle: d.clone(),
+            epoch: a.epoch,
+            inflight: HashMap::new(),
+            after: 0,
+            fetching: false,
+            more: true,
+            asked: 0,
+            window: usize::from(shared.cfg.sessions_inflight.max(1)),
+        });
+    }
     // Client -> core bytes not yet written. The client is read only while this is empty, so
     // it holds at most one read's worth.
     let mut to_core = BytesMut::new();
@@ -402,7 +480,7 @@ where
         match up.process(buf).await {
             Ok(batch) => {
                 if let Some(out) = held.push(batch) {
-                    to_core = out;
+                    to_core.extend_from_slice(&out);
                 }
             }
             Err(end) => return end,
@@ -438,6 +516,7 @@ where
             shared.metrics.inc(|m| &m.sessions_taken_over);
             return End::TakenOver;
         }
+        up.maybe_fetch();
         if drain.is_none() && cancel.is_cancelled() {
             let now = tokio::time::Instant::now();
             drain = Some((now + shared.cfg.shutdown_grace, now + DRAIN_QUIET));
@@ -512,11 +591,12 @@ where
                     match up.process(buf).await {
                         Ok(batch) => {
                             if let Some(out) = held.push(batch) {
-                                to_core = out;
+                                to_core.extend_from_slice(&out);
                             }
                         }
                         Err(end) => return end,
                     }
+                    up.take_core_extra(&mut to_core);
                     // Most writes to the core complete at once: no extra turn of the loop.
                     if let Err(e) = try_write_core(&core, &mut to_core) {
                         return End::Io(e);
@@ -524,9 +604,14 @@ where
                 }
                 ClientIo::Err(e) => return End::Io(e),
             },
+            ev = next_event(&mut events) => match ev {
+                Some(ev) => up.on_event(ev),
+                // The owner let go of this session (it stopped): nothing more to deliver.
+                None => events = None,
+            },
             r = held.head_ready(), if to_core.is_empty() => {
                 match r.and_then(|()| held.take_ready()) {
-                    Ok(out) => to_core = out,
+                    Ok(out) => to_core.extend_from_slice(&out),
                     Err(end) => return end,
                 }
                 if let Err(e) = try_write_core(&core, &mut to_core) {
@@ -547,6 +632,10 @@ where
                         }
                         if let Err(end) = up.forward_core_frames(&mut core_buf) {
                             return end;
+                        }
+                        up.take_core_extra(&mut to_core);
+                        if let Err(e) = try_write_core(&core, &mut to_core) {
+                            return End::Io(e);
                         }
                     }
                     Ok(None) => {}
@@ -669,6 +758,12 @@ fn count_retain_refused(shared: &Shared, r: super::bounds::RetainRefusal) {
     }
 }
 
+/// PUBREL carries the fixed-header flags 0b0010 ([MQTT-3.6.1-1]).
+fn pubrel(pid: u16) -> [u8; 4] {
+    let [a, b] = pid.to_be_bytes();
+    [(mqtt::PUBREL << 4) | 0b0010, 2, a, b]
+}
+
 /// Answer CONNECT with a refusal and close the stream cleanly (TLS close_notify included).
 async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, code: u8) {
     let _ = w.write_all(&mqtt::connack(false, code)).await;
@@ -700,9 +795,137 @@ struct Upstream<'a> {
     awaiting: usize,
     /// The client sent DISCONNECT: the core closing the session next is its answer.
     disconnected: bool,
+    /// Frames the front door sends the core itself (acks of the core's deliveries it took
+    /// over), moved to the core's write buffer at a frame boundary.
+    core_extra: BytesMut,
+    /// The SUBACK of the resubscribe (a resumed session): the core's, not the client's.
+    swallow_suback: Option<u16>,
+    /// A resumed or new persistent session: the CONNACK's session-present flag is ours.
+    connack_present: Option<bool>,
+    /// QoS 2 deliveries of the core taken over (their PUBREL is answered here).
+    core_qos2: HashSet<u16>,
+    /// The persistent session this connection delivers, if any.
+    persist: Option<Persist>,
+}
+
+/// Delivery of a persistent session's queue: fetched from the sessions owner in order, at
+/// most `window` in flight, each removed only when the client acknowledged it.
+struct Persist {
+    handle: crate::sessions::SessionsHandle,
+    epoch: u64,
+    /// Packet id -> (sequence number, QoS) of what the client has not acknowledged.
+    inflight: HashMap<u16, (u64, u8)>,
+    /// The highest sequence number fetched.
+    after: u64,
+    fetching: bool,
+    /// The owner may have more than we fetched.
+    more: bool,
+    asked: usize,
+    window: usize,
+}
+
+async fn next_event(
+    events: &mut Option<tokio::sync::mpsc::UnboundedReceiver<crate::sessions::ToConn>>,
+) -> Option<crate::sessions::ToConn> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Upstream<'_> {
+    fn take_core_extra(&mut self, to_core: &mut BytesMut) {
+        if !self.core_extra.is_empty() {
+            to_core.extend_from_slice(&self.core_extra);
+            self.core_extra.clear();
+        }
+    }
+
+    /// Ask the sessions owner for more of the queue when the window and the client allow.
+    fn maybe_fetch(&mut self) {
+        let Some(p) = self.persist.as_mut() else {
+            return;
+        };
+        // Nothing goes to the client before its CONNACK ([MQTT-3.2.0-1] is the server's
+        // first packet): the core's arrives after the session is attached.
+        if p.fetching || !p.more || p.inflight.len() >= p.window || self.connack_present.is_some() {
+            return;
+        }
+        if self.to_client.len() >= CLIENT_OUT_PAUSE_CORE {
+            return;
+        }
+        let n = p.window - p.inflight.len();
+        p.handle.fetch(self.core_id, p.epoch, p.after, n);
+        p.fetching = true;
+        p.more = false;
+        p.asked = n;
+    }
+
+    fn on_event(&mut self, ev: crate::sessions::ToConn) {
+        use crate::sessions::{packet_id, ToConn};
+        let Some(p) = self.persist.as_mut() else {
+            return;
+        };
+        match ev {
+            ToConn::More => p.more = true,
+            ToConn::Released(seq) => {
+                let pid = packet_id(seq);
+                if p.inflight.contains_key(&pid) {
+                    self.to_client.extend_from_slice(&pubrel(pid));
+                }
+            }
+            ToConn::Batch(list) => {
+                p.fetching = false;
+                if list.len() >= p.asked {
+                    p.more = true;
+                }
+                for d in list {
+                    p.after = p.after.max(d.seq);
+                    let pid = packet_id(d.seq);
+                    if d.msg.released {
+                        // Its PUBREC came before a restart: only the PUBREL is left.
+                        self.to_client.extend_from_slice(&pubrel(pid));
+                        p.inflight.insert(pid, (d.seq, 2));
+                        continue;
+                    }
+                    self.to_client.extend_from_slice(&mqtt::encode_publish(
+                        &d.msg.topic,
+                        d.msg.qos,
+                        d.msg.retained,
+                        d.dup,
+                        pid,
+                        &d.msg.payload,
+                    ));
+                    self.shared.metrics.inc(|m| &m.messages_out);
+                    if d.msg.qos == 0 {
+                        p.handle.acked(self.core_id, d.seq);
+                    } else {
+                        p.inflight.insert(pid, (d.seq, d.msg.qos));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The client's PUBACK, PUBREC or PUBCOMP of a delivery from its persistent session.
+    fn on_client_ack(&mut self, ptype: u8, pid: u16) {
+        let Some(p) = self.persist.as_mut() else {
+            return;
+        };
+        match ptype {
+            mqtt::PUBREC => {
+                if let Some(&(seq, _)) = p.inflight.get(&pid) {
+                    p.handle.release(self.core_id, p.epoch, seq);
+                }
+            }
+            _ => {
+                if let Some((seq, _)) = p.inflight.remove(&pid) {
+                    p.handle.acked(self.core_id, seq);
+                }
+            }
+        }
+    }
+
     /// Whether the next per-packet warning may be logged (else it is counted).
     fn warn_allowed(&mut self) -> bool {
         let ok = self.warn.allow();
@@ -723,6 +946,9 @@ impl Upstream<'_> {
         // Uplink messages of this batch: made durable together before any is forwarded, so
         // the broker's PUBACK to the device means "on disk".
         let mut durable = Vec::new();
+        // The same for what the sessions capability must keep: retained messages, copies
+        // queued for persistent sessions, their subscriptions.
+        let mut kept: Vec<DurableRx> = Vec::new();
         // Framing and parsing are `mqtt::next_client_packet` (what fuzz/mqtt_stream drives).
         while let Some((packet, total)) =
             mqtt::next_client_packet(buf, self.max_packet).map_err(End::Malformed)?
@@ -766,6 +992,25 @@ impl Upstream<'_> {
                                 self.shared.bounds.retained_bytes() as i64,
                                 std::sync::atomic::Ordering::Relaxed,
                             );
+                        }
+                        if let Some(d) = &self.shared.durable {
+                            // The core clears a topic's retained message on any empty payload.
+                            if payload_len == 0 || (retain && !unretain) {
+                                kept.push(DurableRx::Sessions(d.retain(
+                                    &topic,
+                                    self.core_id,
+                                    qos,
+                                    bytes::Bytes::copy_from_slice(payload),
+                                )));
+                            }
+                            let targets = d.targets(&topic, qos);
+                            if !targets.is_empty() {
+                                kept.push(DurableRx::Sessions(d.publish(
+                                    targets,
+                                    &topic,
+                                    bytes::Bytes::copy_from_slice(payload),
+                                )));
+                            }
                         }
                         if let Some(up) = &self.shared.uplink {
                             if up.mapping.up(&topic).is_some() {
@@ -854,6 +1099,13 @@ impl Upstream<'_> {
                         self.shared.bounds.core_filters() as i64,
                         std::sync::atomic::Ordering::Relaxed,
                     );
+                    if let (Some(d), Some(_), false) =
+                        (&self.shared.durable, &self.persist, allowed.is_empty())
+                    {
+                        kept.push(DurableRx::Sessions(
+                            d.subscribe(self.core_id, allowed.clone()),
+                        ));
+                    }
                     if allowed.is_empty() {
                         let codes: Vec<u8> = template
                             .iter()
@@ -874,7 +1126,14 @@ impl Upstream<'_> {
                     self.shared
                         .bounds
                         .unsubscribe(self.core_id, &mut self.filters, &filters);
+                    if let (Some(d), Some(_)) = (&self.shared.durable, &self.persist) {
+                        kept.push(DurableRx::Sessions(d.unsubscribe(self.core_id, filters)));
+                    }
                     out.extend_from_slice(&buf[..total]);
+                }
+                // A persistent session's deliveries are the front door's, not the core's.
+                mqtt::ClientPacket::Ack(ptype, pid) if self.persist.is_some() => {
+                    self.on_client_ack(ptype, pid)
                 }
                 mqtt::ClientPacket::Ack(..) | mqtt::ClientPacket::Pingreq => {
                     out.extend_from_slice(&buf[..total])
@@ -886,19 +1145,15 @@ impl Upstream<'_> {
             }
             buf.advance(total);
         }
-        let mut durable_rx = None;
         if let (Some(up), false) = (&self.shared.uplink, durable.is_empty()) {
             // Submitted, not awaited: the connection goes on reading while the group commit
             // runs, so the next batches join the same or an overlapping flush.
             match up.queue.submit(durable).await {
-                Ok(rx) => durable_rx = Some(rx),
+                Ok(rx) => kept.push(DurableRx::Uplink(rx)),
                 Err(e) => return Err(End::UplinkRefused(e.to_string())),
             }
         }
-        Ok(Held {
-            durable: durable_rx,
-            out,
-        })
+        Ok(Held { durable: kept, out })
     }
 }
 
@@ -906,9 +1161,57 @@ impl Upstream<'_> {
 /// batch) are durable: the core's PUBACK to the device must mean "on disk". Batches leave in
 /// the order they were read, so nothing overtakes a publish that waits for its flush.
 struct Held {
-    /// The queue's answer for this batch's uplink messages (`None`: nothing to wait for).
-    durable: Option<tokio::sync::oneshot::Receiver<Result<(), crate::uplink::queue::QueueError>>>,
+    /// The answers this batch waits for: the uplink queue's and the sessions store's.
+    durable: Vec<DurableRx>,
     out: BytesMut,
+}
+
+/// One store's answer that a batch's writes are durable.
+enum DurableRx {
+    Uplink(tokio::sync::oneshot::Receiver<Result<(), crate::uplink::queue::QueueError>>),
+    Sessions(crate::sessions::Durable),
+}
+
+impl DurableRx {
+    /// `None` while not answered yet.
+    fn try_done(&mut self) -> Option<Result<(), End>> {
+        use tokio::sync::oneshot::error::TryRecvError;
+        match self {
+            DurableRx::Uplink(rx) => match rx.try_recv() {
+                Ok(Ok(())) => Some(Ok(())),
+                Ok(Err(e)) => Some(Err(End::UplinkRefused(e.to_string()))),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Closed) => {
+                    Some(Err(End::UplinkRefused("uplink queue stopped".into())))
+                }
+            },
+            DurableRx::Sessions(rx) => match rx.try_recv() {
+                Ok(Ok(())) => Some(Ok(())),
+                Ok(Err(e)) => Some(Err(End::SessionsRefused(e.to_string()))),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Closed) => {
+                    Some(Err(End::SessionsRefused("sessions owner stopped".into())))
+                }
+            },
+        }
+    }
+
+    async fn done(&mut self) -> Result<(), End> {
+        match self {
+            // MQTT 3.1.1 has no negative PUBACK: close without acknowledging, so the
+            // device keeps the messages and sends them again later.
+            DurableRx::Uplink(rx) => match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(End::UplinkRefused(e.to_string())),
+                Err(_) => Err(End::UplinkRefused("uplink queue stopped".into())),
+            },
+            DurableRx::Sessions(rx) => match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(End::SessionsRefused(e.to_string())),
+                Err(_) => Err(End::SessionsRefused("sessions owner stopped".into())),
+            },
+        }
+    }
 }
 
 /// Batches read from the client, waiting for their flush (at most [`MAX_HELD`]).
@@ -926,7 +1229,7 @@ impl HeldQueue {
 
     /// Queue `held` behind the earlier batches; returns the bytes that may go to the core now.
     fn push(&mut self, held: Held) -> Option<BytesMut> {
-        if self.0.is_empty() && held.durable.is_none() {
+        if self.0.is_empty() && held.durable.is_empty() {
             return (!held.out.is_empty()).then_some(held.out);
         }
         self.0.push_back(held);
@@ -938,16 +1241,10 @@ impl HeldQueue {
         let Some(head) = self.0.front_mut() else {
             return std::future::pending().await;
         };
-        if let Some(rx) = head.durable.as_mut() {
-            let r = rx.await;
-            head.durable = None;
-            match r {
-                Ok(Ok(())) => {}
-                // MQTT 3.1.1 has no negative PUBACK: close without acknowledging, so the
-                // device keeps the messages and sends them again later.
-                Ok(Err(e)) => return Err(End::UplinkRefused(e.to_string())),
-                Err(_) => return Err(End::UplinkRefused("uplink queue stopped".into())),
-            }
+        // Cancel-safe: an answered receiver is removed before the next await.
+        while let Some(rx) = head.durable.last_mut() {
+            rx.done().await?;
+            head.durable.pop();
         }
         Ok(())
     }
@@ -955,15 +1252,14 @@ impl HeldQueue {
     /// The bytes of every batch at the front whose flush is done (in order).
     fn take_ready(&mut self) -> Result<BytesMut, End> {
         let mut out = BytesMut::new();
-        while let Some(head) = self.0.front_mut() {
-            if let Some(rx) = head.durable.as_mut() {
-                match rx.try_recv() {
-                    Ok(Ok(())) => head.durable = None,
-                    Ok(Err(e)) => return Err(End::UplinkRefused(e.to_string())),
-                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
-                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
-                        return Err(End::UplinkRefused("uplink queue stopped".into()))
+        'batches: while let Some(head) = self.0.front_mut() {
+            while let Some(rx) = head.durable.last_mut() {
+                match rx.try_done() {
+                    Some(Ok(())) => {
+                        head.durable.pop();
                     }
+                    Some(Err(end)) => return Err(end),
+                    None => break 'batches,
                 }
             }
             if let Some(h) = self.0.pop_front() {
@@ -990,6 +1286,43 @@ impl Upstream<'_> {
             };
             let out = &mut self.to_client;
             match ptype {
+                mqtt::CONNACK if self.connack_present.is_some() => {
+                    let present = self.connack_present.take().unwrap_or(false);
+                    let code = buf.get(hdr + 1).copied().unwrap_or(0);
+                    out.extend_from_slice(&mqtt::connack(present && code == 0, code));
+                }
+                // A persistent session gets its QoS 1/2 messages and its retained ones from
+                // its durable queue: the core's copies are acknowledged here and dropped.
+                mqtt::PUBLISH if self.persist.is_some() && (buf[0] & 0b0111) != 0 => {
+                    let flags = buf[0] & 0x0f;
+                    match mqtt::parse_publish(flags, &buf[hdr..total]) {
+                        Ok((_, 1, Some(pid))) => self
+                            .core_extra
+                            .extend_from_slice(&mqtt::ack(mqtt::PUBACK, pid)),
+                        Ok((_, 2, Some(pid))) => {
+                            self.core_qos2.insert(pid);
+                            self.core_extra
+                                .extend_from_slice(&mqtt::ack(mqtt::PUBREC, pid));
+                        }
+                        Ok(_) => {}
+                        Err(e) => return Err(End::Malformed(e)),
+                    }
+                }
+                mqtt::PUBREL if !self.core_qos2.is_empty() => {
+                    let pid = mqtt::parse_pid(&buf[hdr..total]).unwrap_or(0);
+                    if self.core_qos2.remove(&pid) {
+                        self.core_extra
+                            .extend_from_slice(&mqtt::ack(mqtt::PUBCOMP, pid));
+                    } else {
+                        out.extend_from_slice(&buf[..total]);
+                    }
+                }
+                mqtt::SUBACK
+                    if self.swallow_suback.is_some()
+                        && mqtt::parse_pid(&buf[hdr..total]).ok() == self.swallow_suback =>
+                {
+                    self.swallow_suback = None;
+                }
                 mqtt::PUBLISH => {
                     metrics.inc(|m| &m.messages_out);
                     out.extend_from_slice(&buf[..total]);

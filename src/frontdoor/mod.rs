@@ -10,6 +10,7 @@ pub mod bounds;
 pub mod config;
 pub mod conn;
 pub mod mqtt;
+pub mod restore;
 
 use crate::acl::Rules;
 use crate::broker::BrokerLink;
@@ -297,6 +298,8 @@ pub struct Shared {
     pub bounds: bounds::Bounds,
     /// Set when the uplink is enabled: PUBLISHes on uplink topics are made durable first.
     pub uplink: Option<crate::uplink::UplinkHandle>,
+    /// Retained messages and persistent sessions kept on disk (always set by `run`).
+    pub durable: Option<crate::sessions::SessionsHandle>,
     /// Gateway-wide budget for the warning about sessions the routing core ended (at most
     /// one per connection, so a per-connection budget would not bound them).
     pub core_closed_warn: std::sync::Mutex<bounds::WarnLimiter>,
@@ -323,6 +326,7 @@ impl Shared {
             metrics,
             revocations,
             uplink: None,
+            durable: None,
         })
     }
 }

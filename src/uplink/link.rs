@@ -160,6 +160,10 @@ pub struct Session {
     stats: Arc<UplinkStats>,
     /// Where sync messages from the cloud go (`outpost/{gateway}/sync/down`), if enabled.
     pub sync_down: Option<tokio::sync::mpsc::Sender<crate::sync::Delivery>>,
+    /// Retained messages and persistent sessions: the state topic is recorded there, and a
+    /// cloud command is queued durably for the persistent sessions it reaches before the
+    /// cloud gets its PUBACK.
+    pub sessions: Option<crate::sessions::SessionsHandle>,
 }
 
 impl Session {
@@ -184,6 +188,7 @@ impl Session {
             state_tx,
             stats,
             sync_down: None,
+            sessions: None,
         }
     }
 
@@ -195,7 +200,18 @@ impl Session {
             "gateway": self.gateway_id,
             "queue_depth": self.queue.stats().depth.load(Ordering::Relaxed),
         });
-        if let Err(e) = local.try_publish(STATE_TOPIC, QoS::AtLeastOnce, true, body.to_string()) {
+        let body = body.to_string();
+        if let Some(s) = &self.sessions {
+            // Not awaited: the state is published again at every transition and start.
+            drop(s.publish_internal(
+                STATE_TOPIC,
+                "outpost~uplink",
+                1,
+                true,
+                bytes::Bytes::from(body.clone()),
+            ));
+        }
+        if let Err(e) = local.try_publish(STATE_TOPIC, QoS::AtLeastOnce, true, body) {
             tracing::warn!(error = %e, "cannot publish uplink state locally");
         }
     }
@@ -599,6 +615,28 @@ impl Session {
                                 } else {
                                     QoS::AtLeastOnce
                                 };
+                                // Durable in every persistent session it reaches before the
+                                // cloud's PUBACK: a crash from here on loses nothing.
+                                if let Some(s) = &self.sessions {
+                                    let mut kept = true;
+                                    for d in s.publish_internal(
+                                        &local_topic,
+                                        "outpost~uplink",
+                                        qos as u8,
+                                        false,
+                                        p.payload.clone(),
+                                    ) {
+                                        if !matches!(d.await, Ok(Ok(()))) {
+                                            kept = false;
+                                        }
+                                    }
+                                    if !kept {
+                                        tracing::error!(%topic, "cloud message not stored for its persistent sessions: left unacknowledged for redelivery");
+                                        evidence = true;
+                                        last_evidence = Instant::now();
+                                        continue;
+                                    }
+                                }
                                 match local
                                     .publish(local_topic.clone(), qos, false, p.payload.to_vec())
                                     .await

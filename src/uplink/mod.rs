@@ -350,6 +350,7 @@ impl UplinkHandle {
 }
 
 /// Start the queue owner and the session task.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     cfg: &UplinkConfig,
     gateway_id: &str,
@@ -358,6 +359,7 @@ pub fn start(
     tracker: &TaskTracker,
     shutdown: CancellationToken,
     sync_down: Option<tokio::sync::mpsc::Sender<crate::sync::Delivery>>,
+    sessions: Option<crate::sessions::SessionsHandle>,
 ) -> Result<(UplinkHandle, std::thread::JoinHandle<()>), UplinkError> {
     let mapping = Arc::new(Mapping::new(gateway_id, &cfg.up, &cfg.down)?);
     let (queue, queue_thread) = QueueHandle::spawn(
@@ -386,6 +388,7 @@ pub fn start(
         stats,
     );
     session.sync_down = sync_down;
+    session.sessions = sessions;
     tracker.spawn(session.run(shutdown));
     Ok((handle, queue_thread))
 }

@@ -131,6 +131,13 @@ impl Outgoing {
         }
 
         for mut p in publishes {
+            // OUTPOST change 4: a QoS 0 message on a QoS 1/2 subscription goes out as QoS 0,
+            // with no packet id and no inflight slot.
+            if p.publish.qos as u8 == 0 {
+                self.meter.publish_count += 1;
+                buffer.push_back(Notification::Forward(p));
+                continue;
+            }
             // Index and pkid of current outgoing packet
             self.last_pkid += 1;
             p.publish.pkid = self.last_pkid;

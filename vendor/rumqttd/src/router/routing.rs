@@ -1564,7 +1564,11 @@ fn forward_device_data(
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
-            publish.qos = protocol::qos(qos).unwrap();
+            // OUTPOST change 4: delivered at min(publish QoS, subscription QoS)
+            // ([MQTT-3.8.4-6], "the QoS of Payload Messages sent in response to a Subscription
+            // MUST be the minimum of the QoS of the originally published message and the
+            // maximum QoS granted"); upstream gave every message the subscription's QoS.
+            publish.qos = protocol::qos(qos.min(publish.qos as u8)).unwrap();
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {
