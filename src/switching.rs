@@ -74,6 +74,7 @@ pub async fn run(
         .to_string();
         for d in devices {
             let (client, body, s) = (client.clone(), body.clone(), shutdown.clone());
+            let durable = sessions.durable.clone();
             let delay = if spread.is_zero() {
                 Duration::ZERO
             } else {
@@ -83,6 +84,21 @@ pub async fn run(
                 tokio::select! {
                     _ = s.cancelled() => return,
                     _ = tokio::time::sleep(delay) => {}
+                }
+                // A device with a persistent session gets its QoS 1 messages from its
+                // durable queue (the core's copy to it is dropped): queue it there first.
+                if let Some(q) = &durable {
+                    for r in q.publish_internal(
+                        &topic(&d),
+                        CLIENT_ID,
+                        1,
+                        false,
+                        bytes::Bytes::from(body.clone()),
+                    ) {
+                        if !matches!(r.await, Ok(Ok(()))) {
+                            tracing::warn!(device = %d, "switch command not queued for the device's session");
+                        }
+                    }
                 }
                 if let Err(e) = client
                     .publish(topic(&d), QoS::AtLeastOnce, false, body)

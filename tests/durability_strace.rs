@@ -281,6 +281,69 @@ async fn uplink_puback_comes_after_an_fdatasync_covering_the_message() {
     });
 }
 
+/// Issue 11: a retained QoS 1 publish is acknowledged only once the retained record is on
+/// stable storage (it is restored into the core at the next start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_puback_comes_after_an_fdatasync_covering_the_retained_record() {
+    use tokio::io::AsyncWriteExt;
+    let t = Traced::start("");
+    let mut s = common::plain_session(t.gw.plain(), "pa").await;
+    let marker = b"retained-marker-5c21d0";
+    let mut frame = common::wire::publish("state/pa", marker, 1, 0x2345);
+    frame[0] |= 1; // RETAIN
+    s.write_all(&frame).await.unwrap();
+    let p = common::expect_packet(&mut s, Duration::from_secs(20), "PUBACK").await;
+    assert_eq!((p.kind(), &p.body[..]), (4, &[0x23, 0x45][..]), "{p:?}");
+    drop(s);
+    let trace = t.finish();
+    assert_ack_after_covering_fdatasync(&trace, "retained PUBACK", marker, |b| {
+        contains(b, &[0x40, 0x02, 0x23, 0x45])
+    });
+}
+
+/// Issue 11: a persistent session's SUBSCRIBE is answered only once its subscription is on
+/// stable storage, and a QoS 1 message for it while it is away is acknowledged to the
+/// publisher only once it is on stable storage in the session's queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suback_and_queued_message_puback_come_after_fdatasyncs_covering_them() {
+    use tokio::io::AsyncWriteExt;
+    let t = Traced::start("");
+    let filter = "cmd/durable-filter-9e1b";
+    {
+        let mut d = tokio::net::TcpStream::connect(t.gw.plain()).await.unwrap();
+        let mut body = common::wire::string(b"MQTT");
+        body.extend([4, 0x00, 0, 30]); // CleanSession 0
+        body.extend(common::wire::string(b"sess"));
+        d.write_all(&common::wire::packet(0x10, &body))
+            .await
+            .unwrap();
+        let p = common::expect_packet(&mut d, Duration::from_secs(10), "CONNACK").await;
+        assert_eq!((p.kind(), &p.body[..]), (2, &[0, 0][..]), "{p:?}");
+        d.write_all(&common::wire::subscribe(0x3a3a, filter, 1))
+            .await
+            .unwrap();
+        let p = common::expect_packet(&mut d, Duration::from_secs(10), "SUBACK").await;
+        assert_eq!((p.kind(), &p.body[..]), (9, &[0x3a, 0x3a, 1][..]), "{p:?}");
+        d.write_all(&common::wire::DISCONNECT).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut s = common::plain_session(t.gw.plain(), "ctl").await;
+    let marker = b"queued-marker-4d77e2";
+    s.write_all(&common::wire::publish(filter, marker, 1, 0x3456))
+        .await
+        .unwrap();
+    let p = common::expect_packet(&mut s, Duration::from_secs(20), "PUBACK").await;
+    assert_eq!((p.kind(), &p.body[..]), (4, &[0x34, 0x56][..]), "{p:?}");
+    drop(s);
+    let trace = t.finish();
+    assert_ack_after_covering_fdatasync(&trace, "persistent SUBACK", filter.as_bytes(), |b| {
+        contains(b, &[0x90, 0x03, 0x3a, 0x3a])
+    });
+    assert_ack_after_covering_fdatasync(&trace, "queued message PUBACK", marker, |b| {
+        contains(b, &[0x40, 0x02, 0x34, 0x56])
+    });
+}
+
 /// A burst of uplink publishes without waiting for any PUBACK: the connection reads the
 /// later ones while the earlier ones are being flushed (pipelined batches, overlapping
 /// flushes), and still every PUBACK comes after an fdatasync that covers its message.

@@ -488,3 +488,55 @@ fn delivery_qos_is_the_minimum_of_publish_and_subscription_qos() {
         .collect();
     assert_eq!(got, ["0 minq/0", "1 minq/1", "1 minq/2"]);
 }
+
+/// A client that goes without DISCONNECT: its QoS 1 will reaches a persistent session that
+/// is away, through the session's queue (the core's own copy to it is dropped), also after
+/// a crash.
+#[test]
+fn a_will_reaches_an_absent_persistent_session_across_sigkill() {
+    common::require_mosquitto();
+    let mut gw = Gateway::start();
+    open_session(&gw, "pw", "wills/#", "1");
+    let port = gw.plain().port().to_string();
+    let mut willer = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-i",
+            "willer",
+            "-t",
+            "nothing",
+            "--will-topic",
+            "wills/willer",
+            "--will-payload",
+            "gone",
+            "--will-qos",
+            "1",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    // Killed: no DISCONNECT, so the will is published.
+    willer.kill().unwrap();
+    let _ = willer.wait();
+    let t = std::time::Instant::now();
+    while gw.metric("outpost_session_queued_messages") < 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "will not queued\n{}",
+            gw.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    restart(&mut gw, "KILL");
+    let got = subscribe(
+        &gw,
+        &[
+            "-c", "-i", "pw", "-q", "1", "-t", "other/pw", "-C", "1", "-W", "8", "-F", "%t %p",
+        ],
+    );
+    assert_eq!(got, ["wills/willer gone"], "{}", gw.log());
+}

@@ -6,6 +6,10 @@
 //! leaves on the disk. A second guest boot checks every image: e2fsck, mount, the store
 //! opens, and every message acknowledged before that point is in the uplink queue.
 //!
+//! Each batch also sets one retained message (`state/bN`, QoS 1) and sends two QoS 1
+//! commands to a persistent session that is away (issue 11): at every point, every
+//! acknowledged retained message and queued command is in the store too.
+//!
 //! The cloud is unreachable (nothing listens on its port), so nothing leaves the queue.
 
 mod cloud;
@@ -31,6 +35,9 @@ const PER_BATCH: u64 = 20;
 const MAX_POINTS: usize = 24;
 const DATA_DIR: &str = "/mnt/data";
 const TOPIC: &str = "devices/pub/telemetry/seq";
+/// The persistent session's command topic, and commands per batch.
+const CMD_TOPIC: &str = "cmd/sess";
+const CMDS_PER_BATCH: u64 = 2;
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.stdin(Stdio::null()).output().expect("start command");
@@ -308,7 +315,46 @@ fn record() {
     let (t, body) = recv(&mut s);
     assert_eq!((t, body.as_slice()), (0x20, &[0u8, 0][..]), "CONNACK");
 
+    // A persistent session subscribes to its command topic and goes away.
+    {
+        let mut d = TcpStream::connect(ep.plain.expect("plain listener")).expect("connect");
+        d.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x00, 0, 60];
+        connect.extend_from_slice(&(4u16).to_be_bytes());
+        connect.extend_from_slice(b"sess");
+        send(&mut d, 0x10, &connect);
+        let (t, body) = recv(&mut d);
+        assert_eq!(
+            (t, body.as_slice()),
+            (0x20, &[0u8, 0][..]),
+            "CONNACK (sess)"
+        );
+        let mut sub = 1u16.to_be_bytes().to_vec();
+        sub.extend_from_slice(&(CMD_TOPIC.len() as u16).to_be_bytes());
+        sub.extend_from_slice(CMD_TOPIC.as_bytes());
+        sub.push(1);
+        send(&mut d, 0x82, &sub);
+        let (t, body) = recv(&mut d);
+        assert_eq!(
+            (t, body.as_slice()),
+            (0x90, &[0u8, 1, 1][..]),
+            "SUBACK (sess)"
+        );
+        send(&mut d, 0xe0, &[]);
+    }
+    mark("subscribed");
+    std::thread::sleep(Duration::from_millis(200));
+
+    let publish = |s: &mut TcpStream, first: u8, topic: &str, pid: u16, payload: &str| {
+        let mut b = Vec::new();
+        b.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        b.extend_from_slice(topic.as_bytes());
+        b.extend_from_slice(&pid.to_be_bytes());
+        b.extend_from_slice(payload.as_bytes());
+        send(s, first, &b);
+    };
     let mut acked = 0;
+    let mut batch = 0u64;
     for _ in 0..BATCHES {
         let mut pending = BTreeSet::new();
         for seq in acked + 1..=acked + PER_BATCH {
@@ -319,6 +365,22 @@ fn record() {
             b.extend_from_slice(&pid.to_be_bytes());
             b.extend_from_slice(format!("seq={seq}").as_bytes());
             send(&mut s, 0x32, &b);
+            pending.insert(pid);
+        }
+        batch += 1;
+        let pid = 10_000 + batch as u16;
+        publish(
+            &mut s,
+            0x33,
+            &format!("state/b{batch}"),
+            pid,
+            &format!("retained={batch}"),
+        );
+        pending.insert(pid);
+        for c in 1..=CMDS_PER_BATCH {
+            let n = (batch - 1) * CMDS_PER_BATCH + c;
+            let pid = 20_000 + n as u16;
+            publish(&mut s, 0x32, CMD_TOPIC, pid, &format!("cmd={n}"));
             pending.insert(pid);
         }
         while !pending.is_empty() {
@@ -471,15 +533,71 @@ fn verdict(need: u64) -> String {
     drop(queue);
     let _ = join.join();
     let missing: Vec<u64> = (1..=need).filter(|s| !have.contains(s)).collect();
-    let tail = if missing.is_empty() && bad == 0 {
+    let kept = match kept_by_sessions(&dir, need / PER_BATCH) {
+        Ok(k) => k,
+        Err(e) => return format!("sessions=error({e}) FAILED"),
+    };
+    let tail = if missing.is_empty() && bad == 0 && kept.ends_with("ok") {
         "ok"
     } else {
         "LOST"
     };
     format!(
-        "have={} missing={} undecodable={bad} first_missing={:?} {tail}",
+        "have={} missing={} undecodable={bad} first_missing={:?} {kept} {tail}",
         have.len(),
         missing.len(),
         missing.first()
     )
+}
+
+/// Whether the retained messages and queued commands of the first `batches` batches are in
+/// the sessions tables: "retained=.. cmds=.. ok" if so.
+fn kept_by_sessions(dir: &Path, batches: u64) -> Result<String, String> {
+    use outpost::sessions::record::{Queued, RetainedRecord, SessionRecord};
+    let store = outpost::store::Store::open(dir).map_err(|e| e.to_string())?;
+    let table = |n: &str| store.table(n).map_err(|e| e.to_string());
+    let mut retained = BTreeSet::new();
+    for (k, v) in table("retained")?.entries().map_err(|e| e.to_string())? {
+        let r = RetainedRecord::decode(&v)?;
+        let topic = String::from_utf8_lossy(&k).into_owned();
+        if let Some(n) = topic.strip_prefix("state/b") {
+            if std::str::from_utf8(&r.payload) == Ok(format!("retained={n}").as_str()) {
+                retained.insert(n.parse::<u64>().map_err(|e| e.to_string())?);
+            }
+        }
+    }
+    let mut cmds = BTreeSet::new();
+    for (_, v) in table("session-queue")?
+        .entries()
+        .map_err(|e| e.to_string())?
+    {
+        let q = Queued::decode(&v)?;
+        if let Some(n) = std::str::from_utf8(&q.payload)
+            .ok()
+            .and_then(|p| p.strip_prefix("cmd="))
+        {
+            cmds.insert(n.parse::<u64>().map_err(|e| e.to_string())?);
+        }
+    }
+    let subscribed = match table("sessions")?
+        .get(b"local~sess")
+        .map_err(|e| e.to_string())?
+    {
+        Some(v) => SessionRecord::decode(&v)?
+            .subs
+            .iter()
+            .any(|(f, _)| f == CMD_TOPIC),
+        None => false,
+    };
+    let r_missing = (1..=batches).filter(|n| !retained.contains(n)).count();
+    let c_missing = (1..=batches * CMDS_PER_BATCH)
+        .filter(|n| !cmds.contains(n))
+        .count();
+    let ok = r_missing == 0 && c_missing == 0 && (batches == 0 || subscribed);
+    Ok(format!(
+        "retained={} missing={r_missing} cmds={} missing={c_missing} subscribed={subscribed} {}",
+        retained.len(),
+        cmds.len(),
+        if ok { "ok" } else { "LOST" }
+    ))
 }

@@ -616,3 +616,84 @@ fn cloud_commands_reach_only_the_addressed_device() {
     );
     assert_eq!(rig.gw.metric("outpost_uplink_commands_down_total"), 1);
 }
+
+/// Issue 11, acceptance 3: a cloud command for a device that is away, the gateway
+/// SIGKILLed before the device is back. The gateway acknowledged the cloud only once the
+/// command was durable in the device's session queue, so the device gets it after the
+/// restart, and the cloud had nothing left to deliver again (it saw one PUBACK).
+#[test]
+fn cloud_command_for_an_absent_persistent_session_survives_sigkill() {
+    let mut rig = Rig::start("");
+    rig.wait_state(true, Duration::from_secs(15));
+    let sub = rig.cloud_subscriber("outpost/gw-test/#");
+    let d = rig.gw.issue("c2d-p");
+    let tls_sub = |rig: &Rig, extra: &[&str]| {
+        let mut args = common::tls_args(rig.gw.mqtts(), &d);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Command::new("mosquitto_sub").args(&args).output().unwrap()
+    };
+    // The device opens its persistent session and goes away.
+    let out = tls_sub(
+        &rig,
+        &[
+            "-c",
+            "-i",
+            "c2d-p",
+            "-q",
+            "1",
+            "-t",
+            "devices/c2d-p/commands/#",
+            "-E",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sub.publish("outpost/gw-test/devices/c2d-p/commands/open", "now");
+    let down = common::wait_metric(
+        &rig.gw,
+        "outpost_uplink_commands_down_total",
+        Duration::from_secs(10),
+        |v| v == 1,
+    );
+    assert_eq!(down, 1, "{}", rig.gw.log());
+    assert_eq!(rig.gw.metric("outpost_session_queued_messages"), 1);
+    // Let the PUBACK reach the cloud, then crash.
+    std::thread::sleep(Duration::from_millis(500));
+    rig.gw.signal("KILL");
+    rig.gw
+        .wait(Duration::from_secs(10))
+        .expect("gateway did not die");
+    rig.gw.spawn();
+    rig.wait_state(true, Duration::from_secs(15));
+    // Back, subscribed to nothing new: the command comes from the session it kept.
+    let out = tls_sub(
+        &rig,
+        &[
+            "-c",
+            "-i",
+            "c2d-p",
+            "-q",
+            "1",
+            "-t",
+            "devices/c2d-p/x",
+            "-C",
+            "2",
+            "-W",
+            "5",
+            "-v",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        ["devices/c2d-p/commands/open now"],
+        "{}",
+        rig.gw.log()
+    );
+    // The cloud did not send it again after the restart: it had had its PUBACK.
+    assert_eq!(rig.gw.metric("outpost_uplink_commands_down_total"), 0);
+}

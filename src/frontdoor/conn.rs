@@ -332,6 +332,8 @@ where
         None => None,
     };
     let epoch = attached.as_ref().map(|a| a.epoch);
+    let will = connect.will.clone();
+    let graceful = std::sync::atomic::AtomicBool::new(false);
     shared.bounds.session_start(&core_id, clean);
     let end = connected_session(
         &mut stream,
@@ -347,10 +349,25 @@ where
         not_after,
         &lease.kicked,
         attached,
+        &graceful,
     )
     .await;
-    if let (Some(d), Some(e)) = (&shared.durable, epoch) {
-        d.detach(&core_id, e);
+    if let Some(d) = &shared.durable {
+        if let Some(e) = epoch {
+            d.detach(&core_id, e);
+        }
+        // No DISCONNECT: the core publishes the will now. Its persistent subscribers get
+        // their copy from their queues (the core's QoS 1/2 copies to them are dropped), and
+        // a retained will is kept like any retained message.
+        if let (Some(w), false) = (&will, graceful.load(std::sync::atomic::Ordering::Relaxed)) {
+            drop(d.publish_internal(
+                &w.topic,
+                &core_id,
+                w.qos,
+                w.retain,
+                bytes::Bytes::copy_from_slice(&w.payload),
+            ));
+        }
     }
     shared.bounds.session_end(&core_id, clean);
     drop(lease);
@@ -373,6 +390,7 @@ async fn connected_session<S>(
     not_after: Option<i64>,
     kicked: &CancellationToken,
     attached: Option<crate::sessions::Attached>,
+    graceful: &std::sync::atomic::AtomicBool,
 ) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -442,16 +460,17 @@ where
         connack_present: attached.as_ref().map(|a| a.present),
         core_qos2: HashSet::new(),
         persist: None,
+        graceful,
     };
     let mut events = None;
     if let (Some(a), Some(d)) = (attached, &shared.durable) {
         if let Some(subs) = &resubscribe {
-            // The bounds count a resumed session's filters again (after a restart they
-            // start from nothing).
+            // The bounds count a resumed session's filters again under its identity (after
+            // a restart they start from nothing); they are not this connection's own.
             let _ = shared.bounds.admit_filters(
                 &shared.cfg.frontdoor,
                 &core_id,
-                &mut up.filters,
+                &mut HashSet::new(),
                 subs.iter().map(|(f, _)| f.as_str()),
             );
         }
@@ -806,6 +825,8 @@ struct Upstream<'a> {
     core_qos2: HashSet<u16>,
     /// The persistent session this connection delivers, if any.
     persist: Option<Persist>,
+    /// Set on the client's DISCONNECT (no will is published then).
+    graceful: &'a std::sync::atomic::AtomicBool,
 }
 
 /// Delivery of a persistent session's queue: fetched from the sessions owner in order, at
@@ -1140,6 +1161,8 @@ impl Upstream<'_> {
                 }
                 mqtt::ClientPacket::Disconnect => {
                     self.disconnected = true;
+                    self.graceful
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     out.extend_from_slice(&buf[..total]);
                 }
             }
