@@ -19,13 +19,11 @@
 //! BENCH_SAMPLE (20), BENCH_RUNS (3: restarts timed per broker; the median is reported).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::env_or;

@@ -101,3 +101,72 @@ fn the_check_sees_every_escape() {
     assert!(escapes("use super::cbor;", &[], false).is_empty());
     assert!(escapes("    use super::*;", &[], true).is_empty());
 }
+
+/// Every `.rs` file under `src/`, recursively.
+fn all_sources(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            all_sources(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// Issue 11: the sessions capability stands on the store alone (it knows no MQTT connection,
+/// no uplink, no front door).
+#[test]
+fn the_sessions_capability_stands_on_the_store_only() {
+    let mut bad = Vec::new();
+    for f in ["mod.rs", "owner.rs", "record.rs", "topic.rs"] {
+        check(
+            &src("sessions").join(f),
+            &["store", "duration", "sessions"],
+            f == "mod.rs",
+            &mut bad,
+        );
+    }
+    assert!(
+        bad.is_empty(),
+        "the sessions capability names:\n{}",
+        bad.join("\n")
+    );
+}
+
+/// Issue 11: a persistent session gets its QoS 1/2 messages only from its durable queue (the
+/// front door drops the core's copies), so every one of the gateway's own publishers into
+/// the core (a `broker::local_client`) must queue what it publishes there too
+/// (`SessionsHandle::publish_internal`), or persistent sessions never see it.
+#[test]
+fn every_internal_publisher_into_the_core_feeds_the_persistent_sessions() {
+    let mut files = Vec::new();
+    all_sources(&src(""), &mut files);
+    let mut publishers = 0;
+    let mut bad = Vec::new();
+    for f in files {
+        if f.ends_with("broker.rs") {
+            continue; // defines local_client
+        }
+        let text = std::fs::read_to_string(&f).unwrap();
+        let code: String = text
+            .lines()
+            .map(|l| l.split("//").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        if code.contains("local_client(") {
+            publishers += 1;
+            if !code.contains("publish_internal(") {
+                bad.push(f.display().to_string());
+            }
+        }
+    }
+    assert!(
+        publishers >= 2,
+        "found {publishers} internal publishers: the check reads the wrong files"
+    );
+    assert!(
+        bad.is_empty(),
+        "publish into the core without publish_internal: {bad:?}"
+    );
+}

@@ -84,6 +84,14 @@ fn retained_message_survives_sigterm_and_sigkill_and_an_empty_one_clears_it() {
         &gw,
         &["-i", "pa", "-t", "state/pb", "-m", "zero", "-r", "-q", "0"],
     );
+    // QoS 0 has no acknowledgement to wait for: wait until it is stored (the gauge is
+    // updated after the flush) -- state/pa, state/pb and the uplink's state topic.
+    common::wait_metric(
+        &gw,
+        "outpost_retained_messages",
+        Duration::from_secs(5),
+        |v| v == 3,
+    );
     restart(&mut gw, "KILL");
     let got = subscribe(
         &gw,
@@ -539,4 +547,51 @@ fn a_will_reaches_an_absent_persistent_session_across_sigkill() {
         ],
     );
     assert_eq!(got, ["wills/willer gone"], "{}", gw.log());
+}
+
+/// More retained messages than one read of the core (200 at QoS 0, the free inflight slots
+/// at QoS 1): a new subscriber gets every one (vendor/rumqttd, OUTPOST.md change 5; the
+/// core used to drop the rest), and so does a persistent subscriber, from its queue.
+#[test]
+fn a_new_subscriber_gets_every_retained_message_not_one_reads_worth() {
+    common::require_mosquitto();
+    const N: usize = 600;
+    let gw = Gateway::start_with("[frontdoor]\nmax_retained_per_device = 1000\n");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut s = common::plain_session(gw.plain(), "loader").await;
+        let mut all = Vec::new();
+        for i in 0..N {
+            let mut f = wire::publish(
+                &format!("many/{i}"),
+                format!("v{i}").as_bytes(),
+                1,
+                i as u16 + 1,
+            );
+            f[0] |= 1;
+            all.extend(f);
+        }
+        s.write_all(&all).await.unwrap();
+        for _ in 0..N {
+            let p = expect_packet(&mut s, Duration::from_secs(20), "PUBACK").await;
+            assert_eq!(p.kind(), 4);
+        }
+    });
+    for (id, args) in [
+        ("qos0", vec!["-q", "0"]),
+        ("qos1", vec!["-q", "1"]),
+        ("persistent", vec!["-q", "1", "-c"]),
+    ] {
+        let mut a = vec![
+            "-i", id, "-t", "many/#", "-C", "600", "-W", "10", "-F", "%r %t",
+        ];
+        a.extend(args);
+        let got = subscribe(&gw, &a);
+        assert_eq!(got.len(), N, "{id}: {} of {N} retained messages", got.len());
+        assert!(
+            got.iter().all(|l| l.starts_with("1 many/")),
+            "{id}: {:?}",
+            &got[..3]
+        );
+    }
 }

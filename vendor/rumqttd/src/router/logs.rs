@@ -269,8 +269,40 @@ impl DataLog {
         self.retained_publishes.remove(&topic);
     }
 
+    /// OUTPOST change 5: the topics of the retained messages matching `filter` (expired
+    /// ones discarded first), in topic order.
+    pub fn retained_topics(&mut self, filter: &str) -> Vec<String> {
+        self.discard_expired_retained();
+        let mut topics: Vec<String> = self
+            .retained_publishes
+            .keys()
+            .filter(|topic| matches(topic, filter))
+            .cloned()
+            .collect();
+        topics.sort();
+        topics
+    }
+
+    /// OUTPOST change 5: the retained message of one topic, if any.
+    pub fn retained_publish(&self, topic: &str) -> Option<PubWithProp> {
+        self.retained_publishes
+            .get(topic)
+            .map(|p| (p.publish.clone(), p.properties.clone()))
+    }
+
     pub fn read_retained_messages(&mut self, filter: &str) -> Vec<PubWithProp> {
         trace!(info = "reading retain msg", filter = &filter);
+        self.discard_expired_retained();
+        // no need to include timestamp when returning
+        self.retained_publishes
+            .iter()
+            .filter(|(topic, _)| matches(topic, filter))
+            .map(|(_, p)| (p.publish.clone(), p.properties.clone()))
+            .collect()
+    }
+
+    /// (OUTPOST change 5: split out of `read_retained_messages`, unchanged.)
+    fn discard_expired_retained(&mut self) {
         let now = Instant::now();
 
         // discard expired retained messages
@@ -298,13 +330,6 @@ impl DataLog {
 
             is_valid
         });
-
-        // no need to include timestamp when returning
-        self.retained_publishes
-            .iter()
-            .filter(|(topic, _)| matches(topic, filter))
-            .map(|(_, p)| (p.publish.clone(), p.properties.clone()))
-            .collect()
     }
 }
 

@@ -199,6 +199,10 @@ pub struct DataRequest {
     max_count: usize,
     pub(crate) forward_retained: bool,
     pub(crate) group: Option<String>,
+    /// OUTPOST change 5: topics of the retained messages still to send for this new
+    /// subscription (more than one read's worth), sent before anything from the commitlog.
+    #[serde(default)]
+    pub(crate) pending_retained: std::collections::VecDeque<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

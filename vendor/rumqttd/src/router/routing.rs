@@ -977,6 +977,7 @@ impl Router {
                 // set true for new subscriptions
                 forward_retained,
                 group,
+                pending_retained: Default::default(),
             };
 
             self.scheduler.track(id, request);
@@ -1464,28 +1465,44 @@ fn forward_device_data(
 
     let mut publishes = Vec::new();
 
+    // OUTPOST change 5: upstream read every matching retained message and dropped all but
+    // one read's worth (`truncate(inflight_slots)`): a subscriber to a filter matching more
+    // than 200 (QoS 0) or the free inflight slots (QoS 1/2) never got the rest. Their topics
+    // are kept in the request and sent over as many reads as it takes, before the
+    // commitlog (whose cursor stays put meanwhile).
     if request.forward_retained {
-        // NOTE: ideally we want to limit the number of read messages
-        // and skip the messages previously read while reading next time.
-        // but for now, we just try to read all messages and drop the excess ones
-        let mut retained_publishes = datalog.read_retained_messages(&request.filter);
-        retained_publishes.truncate(inflight_slots as usize);
-
-        publishes.extend(retained_publishes.into_iter().map(|p| (p, None)));
-        inflight_slots -= publishes.len() as u64;
-
+        request.pending_retained = datalog.retained_topics(&request.filter).into();
         // we only want to forward retained messages once
         request.forward_retained = false;
     }
+    while inflight_slots > 0 {
+        let Some(topic) = request.pending_retained.pop_front() else {
+            break;
+        };
+        // Cleared or replaced meanwhile: what is retained now, if anything.
+        if let Some(p) = datalog.retained_publish(&topic) {
+            publishes.push((p, None));
+            inflight_slots -= 1;
+        }
+    }
 
-    let (next, publishes_from_datalog) =
+    let (next, publishes_from_datalog) = if !request.pending_retained.is_empty() {
+        (
+            Position::Next {
+                start: request.cursor,
+                end: request.cursor,
+            },
+            Vec::new(),
+        )
+    } else {
         match datalog.native_readv(request.filter_idx, request.cursor, inflight_slots) {
             Ok(v) => v,
             Err(e) => {
                 error!(error = ?e, "Failed to read from commitlog {}", e);
                 return ConsumeStatus::FilterCaughtup;
             }
-        };
+        }
+    };
 
     publishes.extend(
         publishes_from_datalog
