@@ -141,7 +141,7 @@ fn build_state(port: u16, p: &Params) {
 }
 
 /// Process start → first CONNACK.
-fn time_to_connack(start: impl FnOnce() -> Child, port: u16) -> (Child, Duration) {
+fn time_to_connack(start: &dyn Fn() -> Child, port: u16) -> (Child, Duration) {
     let t = Instant::now();
     let mut child = start();
     loop {
@@ -243,6 +243,34 @@ fn verify(port: u16, p: &Params) -> String {
     )
 }
 
+/// Start empty, build the state, stop; then `p.runs` timed restarts, checking what came back
+/// after the last one. Returns the median restart time and the check.
+fn measure(name: &str, start: &dyn Fn() -> Child, port: u16, p: &Params) -> (Duration, String) {
+    let (child, empty) = time_to_connack(start, port);
+    println!(
+        "  {name}, empty: first CONNACK {:.0} ms",
+        empty.as_secs_f64() * 1e3
+    );
+    build_state(port, p);
+    stop(child);
+    let mut times = Vec::new();
+    let mut check = String::new();
+    for run in 0..p.runs {
+        let (child, took) = time_to_connack(start, port);
+        println!(
+            "  {name} restart {}: first CONNACK {:.0} ms",
+            run + 1,
+            took.as_secs_f64() * 1e3
+        );
+        times.push(took);
+        if run + 1 == p.runs {
+            check = verify(port, p);
+        }
+        stop(child);
+    }
+    (median(times), check)
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -280,28 +308,7 @@ fn outpost(p: &Params) -> (Duration, String, String) {
             .spawn()
             .expect("outpost")
     };
-    let (child, empty) = time_to_connack(start, port);
-    println!(
-        "  outpost, empty data dir: first CONNACK {:.0} ms",
-        empty.as_secs_f64() * 1e3
-    );
-    build_state(port, p);
-    stop(child);
-    let mut times = Vec::new();
-    let mut check = String::new();
-    for run in 0..p.runs {
-        let (child, took) = time_to_connack(start, port);
-        println!(
-            "  outpost restart {}: first CONNACK {:.0} ms",
-            run + 1,
-            took.as_secs_f64() * 1e3
-        );
-        times.push(took);
-        if run + 1 == p.runs {
-            check = verify(port, p);
-        }
-        stop(child);
-    }
+    let (median, check) = measure("outpost", &start, port, p);
     let text = common::strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default());
     let parts = text
         .lines()
@@ -311,7 +318,7 @@ fn outpost(p: &Params) -> (Duration, String, String) {
         })
         .last_n(2)
         .join("\n    ");
-    (median(times), check, parts)
+    (median, check, parts)
 }
 
 trait LastN {
@@ -350,34 +357,14 @@ fn mosquitto(p: &Params) -> (Duration, String) {
             .spawn()
             .expect("mosquitto")
     };
-    let (child, empty) = time_to_connack(start, port);
-    println!(
-        "  mosquitto, empty: first CONNACK {:.0} ms",
-        empty.as_secs_f64() * 1e3
-    );
-    build_state(port, p);
-    stop(child);
-    let db = dir.path().join("mosquitto.db");
+    let (median, check) = measure("mosquitto", &start, port, p);
     println!(
         "  mosquitto.db: {} bytes",
-        std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0)
+        std::fs::metadata(dir.path().join("mosquitto.db"))
+            .map(|m| m.len())
+            .unwrap_or(0)
     );
-    let mut times = Vec::new();
-    let mut check = String::new();
-    for run in 0..p.runs {
-        let (child, took) = time_to_connack(start, port);
-        println!(
-            "  mosquitto restart {}: first CONNACK {:.0} ms",
-            run + 1,
-            took.as_secs_f64() * 1e3
-        );
-        times.push(took);
-        if run + 1 == p.runs {
-            check = verify(port, p);
-        }
-        stop(child);
-    }
-    (median(times), check)
+    (median, check)
 }
 
 fn main() {

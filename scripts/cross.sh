@@ -32,7 +32,7 @@ TARGETS=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
 # armv7's emulated unit tests (name filters, as `cargo test` takes them): the codecs and
 # the byte/offset arithmetic, where a 32-bit usize and alignment differences show.
 ARMV7_UNIT_TESTS=(frontdoor:: uplink::queue:: fdo_wire::cbor fdo_wire::types fdo_wire::voucher fdo_wire::cose
-    fdo_wire::credential fdo_wire::msg duration:: config::)
+    fdo_wire::credential fdo_wire::msg duration:: config:: sessions::)
 
 current="setup"
 step() {

@@ -46,6 +46,14 @@ fn restart(gw: &mut Gateway, sig: &str) {
     gw.spawn();
 }
 
+/// The persistent session `id` resumes (subscribed to nothing it had) and gets nothing for
+/// 2 s: everything queued was delivered and acknowledged before.
+fn nothing_more(gw: &Gateway, id: &str, what: &str) {
+    let other = format!("other/{id}");
+    let got = subscribe(gw, &["-c", "-i", id, "-q", "2", "-t", &other, "-W", "2"]);
+    assert!(got.is_empty(), "{what}: {got:?}");
+}
+
 /// A persistent session exists: mosquitto_sub -c subscribes and leaves at once.
 fn open_session(gw: &Gateway, id: &str, filter: &str, qos: &str) {
     // -E: exit once the subscription is acknowledged.
@@ -143,11 +151,7 @@ fn queued_qos1_command_reaches_the_persistent_session_after_sigterm_and_after_si
         );
     }
     // Delivered and acknowledged: not again.
-    let got = subscribe(
-        &gw,
-        &["-c", "-i", "pa", "-q", "1", "-t", "other/pa", "-W", "2"],
-    );
-    assert!(got.is_empty(), "delivered again: {got:?}");
+    nothing_more(&gw, "pa", "delivered again");
 }
 
 #[test]
@@ -186,11 +190,7 @@ fn queued_qos2_commands_arrive_exactly_once_across_sigkill() {
     // Every one completed its PUBREC/PUBREL/PUBCOMP: a crash now delivers nothing again.
     std::thread::sleep(Duration::from_millis(300));
     restart(&mut gw, "KILL");
-    let got = subscribe(
-        &gw,
-        &["-c", "-i", "pb", "-q", "2", "-t", "cmd/pb", "-W", "2"],
-    );
-    assert!(got.is_empty(), "delivered again after a crash: {got:?}");
+    nothing_more(&gw, "pb", "delivered again after a crash");
 }
 
 /// CONNECT with CleanSession 0 (raw, to read the CONNACK's session-present flag).
@@ -393,11 +393,7 @@ fn online_persistent_subscriber_gets_each_message_once_and_retained_on_subscribe
     );
     // No second copy of anything (subscribing to another filter: a new SUBSCRIBE to
     // `live/#` would rightly send the retained message again, [MQTT-3.8.4-3]).
-    let extra = subscribe(
-        &gw,
-        &["-c", "-i", "live", "-q", "1", "-t", "other/live", "-W", "2"],
-    );
-    assert!(extra.is_empty(), "{extra:?}");
+    nothing_more(&gw, "live", "a second copy");
 }
 
 /// A store written by the previous schema (1, before the sessions tables; the fixture was
@@ -593,5 +589,33 @@ fn a_new_subscriber_gets_every_retained_message_not_one_reads_worth() {
             "{id}: {:?}",
             &got[..3]
         );
+    }
+}
+
+/// A shared subscription ($share) cannot be kept in one persistent session's queue: refused
+/// for a persistent session (SUBACK 0x80), granted to a clean one.
+#[test]
+fn a_persistent_session_is_refused_a_shared_subscription() {
+    let gw = Gateway::start_with("[acl]\nlocal_subscribe = [\"#\", \"$share/#\"]\n");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (clean, want) in [(false, 0x80u8), (true, 1)] {
+        let body = rt.block_on(async {
+            let mut s = tokio::net::TcpStream::connect(gw.plain()).await.unwrap();
+            s.write_all(&connect_persistent(
+                if clean { "sh-c" } else { "sh-p" },
+                clean,
+            ))
+            .await
+            .unwrap();
+            let p = expect_packet(&mut s, Duration::from_secs(5), "CONNACK").await;
+            assert_eq!(p.kind(), 2);
+            s.write_all(&wire::subscribe(7, "$share/g/jobs", 1))
+                .await
+                .unwrap();
+            let p = expect_packet(&mut s, Duration::from_secs(5), "SUBACK").await;
+            assert_eq!(p.kind(), 9, "{p:?}");
+            p.body
+        });
+        assert_eq!(body, [0, 7, want], "clean {clean}\n{}", gw.log());
     }
 }

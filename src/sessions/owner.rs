@@ -41,6 +41,21 @@ struct Sess {
     sent_through: u64,
 }
 
+impl Sess {
+    /// A session with nothing queued (yet: `load` counts its queue).
+    fn new(rec: SessionRecord) -> Sess {
+        Sess {
+            rec,
+            count: 0,
+            bytes: 0,
+            next_seq: 1,
+            online: None,
+            more_sent: false,
+            sent_through: 0,
+        }
+    }
+}
+
 pub(super) struct Owner {
     store: Store,
     sessions_t: Table,
@@ -90,18 +105,7 @@ impl Owner {
                     // Everyone was away while the gateway was down: expiry counts from now
                     // for a session that was connected when it stopped.
                     rec.disconnected_ms.get_or_insert(now);
-                    sessions.insert(
-                        id,
-                        Sess {
-                            rec,
-                            count: 0,
-                            bytes: 0,
-                            next_seq: 1,
-                            online: None,
-                            more_sent: false,
-                            sent_through: 0,
-                        },
-                    );
+                    sessions.insert(id, Sess::new(rec));
                 }
                 Err(e) => {
                     return Err(SessionsError::Store(format!(
@@ -397,18 +401,7 @@ impl Owner {
             };
             self.put_record(&id, &rec)?;
             turn.wrote = true;
-            self.sessions.insert(
-                id.clone(),
-                Sess {
-                    rec,
-                    count: 0,
-                    bytes: 0,
-                    next_seq: 1,
-                    online: None,
-                    more_sent: false,
-                    sent_through: 0,
-                },
-            );
+            self.sessions.insert(id.clone(), Sess::new(rec));
         }
         self.next_epoch += 1;
         let epoch = self.next_epoch;

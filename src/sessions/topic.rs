@@ -142,32 +142,24 @@ fn remove_at(node: &mut Node, levels: &[&str], session: &str) -> bool {
     if *first == "#" {
         return node.hash.remove(session).is_some();
     }
-    let removed;
-    let prune;
-    if *first == "+" {
-        let Some(child) = node.plus.as_mut() else {
-            return false;
-        };
-        removed = if rest.is_empty() {
-            child.here.remove(session).is_some()
-        } else {
-            remove_at(child, rest, session)
-        };
-        prune = child.is_empty();
-        if prune {
-            node.plus = None;
-        }
+    let child = if *first == "+" {
+        node.plus.as_deref_mut()
     } else {
-        let Some(child) = node.children.get_mut(*first) else {
-            return false;
-        };
-        removed = if rest.is_empty() {
-            child.here.remove(session).is_some()
+        node.children.get_mut(*first)
+    };
+    let Some(child) = child else {
+        return false;
+    };
+    let removed = if rest.is_empty() {
+        child.here.remove(session).is_some()
+    } else {
+        remove_at(child, rest, session)
+    };
+    // Prune what no filter needs any more.
+    if child.is_empty() {
+        if *first == "+" {
+            node.plus = None;
         } else {
-            remove_at(child, rest, session)
-        };
-        prune = child.is_empty();
-        if prune {
             node.children.remove(*first);
         }
     }
