@@ -591,31 +591,3 @@ fn a_new_subscriber_gets_every_retained_message_not_one_reads_worth() {
         );
     }
 }
-
-/// A shared subscription ($share) cannot be kept in one persistent session's queue: refused
-/// for a persistent session (SUBACK 0x80), granted to a clean one.
-#[test]
-fn a_persistent_session_is_refused_a_shared_subscription() {
-    let gw = Gateway::start_with("[acl]\nlocal_subscribe = [\"#\", \"$share/#\"]\n");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    for (clean, want) in [(false, 0x80u8), (true, 1)] {
-        let body = rt.block_on(async {
-            let mut s = tokio::net::TcpStream::connect(gw.plain()).await.unwrap();
-            s.write_all(&connect_persistent(
-                if clean { "sh-c" } else { "sh-p" },
-                clean,
-            ))
-            .await
-            .unwrap();
-            let p = expect_packet(&mut s, Duration::from_secs(5), "CONNACK").await;
-            assert_eq!(p.kind(), 2);
-            s.write_all(&wire::subscribe(7, "$share/g/jobs", 1))
-                .await
-                .unwrap();
-            let p = expect_packet(&mut s, Duration::from_secs(5), "SUBACK").await;
-            assert_eq!(p.kind(), 9, "{p:?}");
-            p.body
-        });
-        assert_eq!(body, [0, 7, want], "clean {clean}\n{}", gw.log());
-    }
-}

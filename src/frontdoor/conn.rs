@@ -1081,16 +1081,7 @@ impl Upstream<'_> {
                     let mut template = Vec::with_capacity(sub.filters.len());
                     let mut permitted = Vec::with_capacity(sub.filters.len());
                     for (i, (f, _)) in sub.filters.iter().enumerate() {
-                        // A shared subscription's messages go to one member at a time, in the
-                        // core: a persistent session cannot keep them in its own queue (and
-                        // would lose the QoS 1/2 ones, whose core copies it drops).
-                        let shared_persistent = self.persist.is_some() && f.starts_with("$share/");
-                        if shared_persistent {
-                            if self.warn_allowed() {
-                                tracing::warn!(client = %self.identity, filter = %f, "shared subscription refused for a persistent session");
-                            }
-                            template.push(Some(mqtt::SUBACK_FAILURE));
-                        } else if self.rules.may_subscribe(self.identity, f) {
+                        if self.rules.may_subscribe(self.identity, f) {
                             template.push(None);
                             permitted.push(i);
                         } else {
