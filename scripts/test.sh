@@ -23,7 +23,7 @@ trap 'printf "\nscripts/test.sh: FAILED during: %s\n" "$current" >&2' ERR
 #        (unit verification). Installed only when a binary is missing.
 # QEMU, busybox, cpio, e2fsprogs and dmsetup: the VM tests (scripts/vm.sh, tests/power_cut.rs).
 needed=(mosquitto mosquitto_pub mosquitto_sub systemd-analyze strace qemu-system-x86_64 busybox
-    cpio mkfs.ext4 e2fsck dmsetup)
+    cpio mkfs.ext4 e2fsck dmsetup log2long)
 missing=()
 for bin in "${needed[@]}"; do
     command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
@@ -37,13 +37,13 @@ if ((${#missing[@]})); then
     else
         echo "scripts/test.sh: missing ${missing[*]} and not root (no sudo either)." >&2
         echo "Install them: apt-get install mosquitto mosquitto-clients systemd strace" \
-            "qemu-system-x86 busybox-static cpio e2fsprogs dmsetup" >&2
+            "qemu-system-x86 busybox-static cpio e2fsprogs dmsetup can-utils" >&2
         exit 1
     fi
     "${SUDO[@]}" apt-get update
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y --no-upgrade mosquitto mosquitto-clients systemd \
-        qemu-system-x86 busybox-static cpio e2fsprogs dmsetup strace
+        qemu-system-x86 busybox-static cpio e2fsprogs dmsetup strace can-utils
     # The package may have started a system broker on 1883: the tests start their own
     # instances, so stop it (and only it: the service's own unit or init script).
     if [[ -d /run/systemd/system ]]; then

@@ -8,6 +8,7 @@ pub mod acl;
 pub mod admin;
 pub mod broker;
 pub mod ca;
+pub mod can;
 pub mod config;
 pub mod device;
 pub mod duration;

@@ -170,3 +170,13 @@ fn every_internal_publisher_into_the_core_feeds_the_persistent_sessions() {
         "publish into the core without publish_internal: {bad:?}"
     );
 }
+
+/// Issue 12: the CAN frame model and the candump format are a leaf.
+#[test]
+fn the_can_frame_and_log_format_are_a_leaf() {
+    let mut bad = Vec::new();
+    for f in ["mod.rs", "frame.rs", "candump.rs"] {
+        check(&src("can").join(f), &["can"], f == "mod.rs", &mut bad);
+    }
+    assert!(bad.is_empty(), "src/can/ names:\n{}", bad.join("\n"));
+}
