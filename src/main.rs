@@ -6,6 +6,7 @@ mod cli;
 
 use clap::{Parser, Subcommand};
 use cli::ca::CaCmd;
+use cli::can::CanCmd;
 use cli::device::DeviceArgs;
 use cli::voucher::VoucherCmd;
 use cli::{load_config, ConfigArgs};
@@ -53,6 +54,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CaCmd,
     },
+    /// In-vehicle CAN on candump logs: learn a profile of normal traffic, grade frames.
+    Can {
+        #[command(subcommand)]
+        cmd: CanCmd,
+    },
     /// FIDO Device Onboard ownership vouchers: make devices, extend, show, import.
     Voucher {
         #[command(subcommand)]
@@ -78,6 +84,8 @@ fn main() -> ExitCode {
         }
         Cmd::Run(a) | Cmd::Cloud(a) | Cmd::Registry { cfg: a, .. } => a.clone(),
         Cmd::Device(_) => ConfigArgs::default(),
+        // Works on log and profile files only.
+        Cmd::Can { .. } => ConfigArgs::default(),
         Cmd::Ca {
             cmd:
                 CaCmd::IssueDevice { cfg, .. } | CaCmd::Revoke { cfg, .. } | CaCmd::List { cfg, .. },
@@ -121,6 +129,7 @@ fn main() -> ExitCode {
             Cmd::Device(a) => cli::device::device(a).await,
             Cmd::Registry { json, .. } => cli::registry::registry(config, json).await,
             Cmd::Ca { cmd } => cli::ca::ca_command(cmd, config).await,
+            Cmd::Can { cmd } => cli::can::can_command(cmd),
             Cmd::Voucher { cmd } => cli::voucher::voucher_command(cmd, config).await,
             Cmd::PrintDefaultConfig => Ok(()),
         }

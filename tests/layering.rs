@@ -175,7 +175,13 @@ fn every_internal_publisher_into_the_core_feeds_the_persistent_sessions() {
 #[test]
 fn the_can_frame_and_log_format_are_a_leaf() {
     let mut bad = Vec::new();
-    for f in ["mod.rs", "frame.rs", "candump.rs"] {
+    for f in [
+        "mod.rs",
+        "frame.rs",
+        "candump.rs",
+        "profile.rs",
+        "detect.rs",
+    ] {
         check(&src("can").join(f), &["can"], f == "mod.rs", &mut bad);
     }
     assert!(bad.is_empty(), "src/can/ names:\n{}", bad.join("\n"));

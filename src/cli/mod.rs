@@ -3,6 +3,7 @@
 //! error types underneath.
 
 pub mod ca;
+pub mod can;
 pub mod device;
 pub mod registry;
 pub mod run;
