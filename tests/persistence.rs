@@ -591,3 +591,33 @@ fn a_new_subscriber_gets_every_retained_message_not_one_reads_worth() {
         );
     }
 }
+
+/// `sessions.max_message_age`: a queued message older than that is dropped, counted, and
+/// not delivered; `sessions.session_expiry`: a session away for longer is deleted (at the
+/// next sweep; one runs at start), counted, and the client finds no session.
+#[test]
+fn old_messages_and_long_absent_sessions_expire_and_are_counted() {
+    common::require_mosquitto();
+    let mut gw =
+        Gateway::start_with("[sessions]\nmax_message_age = \"1s\"\nsession_expiry = \"2s\"\n");
+    open_session(&gw, "pe", "cmd/pe", "1");
+    publish(
+        &gw,
+        &["-i", "ctl", "-t", "cmd/pe", "-m", "stale", "-q", "1"],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let got = subscribe(
+        &gw,
+        &["-c", "-i", "pe", "-q", "1", "-t", "cmd/pe", "-W", "2"],
+    );
+    assert!(got.is_empty(), "an expired message was delivered: {got:?}");
+    assert_eq!(
+        gw.metric("outpost_session_dropped_total{reason=\"expired\"}"),
+        1
+    );
+    // Away for more than 2 s, then the gateway restarts (a sweep runs at start).
+    std::thread::sleep(Duration::from_millis(2500));
+    restart(&mut gw, "TERM");
+    assert_eq!(gw.metric("outpost_sessions_expired_total"), 1);
+    assert_eq!(gw.metric("outpost_sessions_persistent"), 0);
+}
