@@ -44,8 +44,13 @@ fn send(s: &mut TcpStream, first: u8, body: &[u8]) {
 }
 
 fn recv(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    try_recv(s).expect("packet")
+}
+
+/// The next packet, or `None` once the socket is quiet past its read timeout.
+fn try_recv(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
     let mut first = [0u8; 1];
-    s.read_exact(&mut first).expect("packet");
+    s.read_exact(&mut first).ok()?;
     let (mut len, mut mul) = (0usize, 1usize);
     loop {
         let mut b = [0u8; 1];
@@ -58,7 +63,7 @@ fn recv(s: &mut TcpStream) -> (u8, Vec<u8>) {
     }
     let mut body = vec![0u8; len];
     s.read_exact(&mut body).expect("body");
-    (first[0], body)
+    Some((first[0], body))
 }
 
 fn connect(port: u16, id: &str, clean: bool) -> (TcpStream, u8) {
@@ -190,24 +195,10 @@ fn verify(port: u16, p: &Params) -> String {
     let mut retained = 0;
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     while retained < p.retained {
-        let mut first = [0u8; 1];
-        if s.read_exact(&mut first).is_err() {
-            break;
-        }
-        let (mut len, mut mul) = (0usize, 1usize);
-        loop {
-            let mut b = [0u8; 1];
-            s.read_exact(&mut b).expect("length");
-            len += (b[0] & 0x7f) as usize * mul;
-            mul *= 128;
-            if b[0] & 0x80 == 0 {
-                break;
-            }
-        }
-        let mut body = vec![0u8; len];
-        s.read_exact(&mut body).expect("body");
-        if first[0] & 0xf0 == 0x30 {
-            retained += 1;
+        match try_recv(&mut s) {
+            Some((t, _)) if t & 0xf0 == 0x30 => retained += 1,
+            Some(_) => {}
+            None => break,
         }
     }
     let step = (p.sessions / p.sample.max(1)).max(1);

@@ -226,72 +226,36 @@ fn session_present_is_truthful_across_a_restart_and_a_clean_connect_discards_it(
     assert_eq!(ack(&gw, false), [0, 0], "discarded");
 }
 
+/// A full session queue applies `sessions.when_full` and counts what it drops.
 #[test]
-fn full_session_queue_drops_new_messages_and_counts_them() {
+fn full_session_queue_applies_its_policy_and_counts_the_drops() {
     common::require_mosquitto();
-    let gw = Gateway::start_with("[sessions]\nmax_queued_messages = 3\n");
-    open_session(&gw, "pq", "cmd/pq", "1");
-    for i in 0..5 {
-        publish(
+    for (policy, kept) in [
+        ("drop-new", ["m0", "m1", "m2"]),
+        ("drop-oldest", ["m2", "m3", "m4"]),
+    ] {
+        let gw = Gateway::start_with(&format!(
+            "[sessions]\nmax_queued_messages = 3\nwhen_full = \"{policy}\"\n"
+        ));
+        open_session(&gw, "pq", "cmd/pq", "1");
+        for i in 0..5 {
+            let m = format!("m{i}");
+            publish(&gw, &["-i", "ctl", "-t", "cmd/pq", "-m", &m, "-q", "1"]);
+        }
+        assert_eq!(
+            gw.metric("outpost_session_dropped_total{reason=\"full\"}"),
+            2,
+            "{policy}"
+        );
+        assert_eq!(gw.metric("outpost_session_queued_messages"), 3, "{policy}");
+        let got = subscribe(
             &gw,
             &[
-                "-i",
-                "ctl",
-                "-t",
-                "cmd/pq",
-                "-m",
-                &format!("m{i}"),
-                "-q",
-                "1",
+                "-c", "-i", "pq", "-q", "1", "-t", "cmd/pq", "-C", "5", "-W", "3", "-F", "%p",
             ],
         );
+        assert_eq!(got, kept, "{policy}");
     }
-    assert_eq!(
-        gw.metric("outpost_session_dropped_total{reason=\"full\"}"),
-        2
-    );
-    assert_eq!(gw.metric("outpost_session_queued_messages"), 3);
-    let got = subscribe(
-        &gw,
-        &[
-            "-c", "-i", "pq", "-q", "1", "-t", "cmd/pq", "-C", "5", "-W", "3", "-F", "%p",
-        ],
-    );
-    assert_eq!(got, ["m0", "m1", "m2"]);
-}
-
-#[test]
-fn full_session_queue_with_drop_oldest_keeps_the_newest() {
-    common::require_mosquitto();
-    let gw =
-        Gateway::start_with("[sessions]\nmax_queued_messages = 3\nwhen_full = \"drop-oldest\"\n");
-    open_session(&gw, "po", "cmd/po", "1");
-    for i in 0..5 {
-        publish(
-            &gw,
-            &[
-                "-i",
-                "ctl",
-                "-t",
-                "cmd/po",
-                "-m",
-                &format!("m{i}"),
-                "-q",
-                "1",
-            ],
-        );
-    }
-    assert_eq!(
-        gw.metric("outpost_session_dropped_total{reason=\"full\"}"),
-        2
-    );
-    let got = subscribe(
-        &gw,
-        &[
-            "-c", "-i", "po", "-q", "1", "-t", "cmd/po", "-C", "5", "-W", "3", "-F", "%p",
-        ],
-    );
-    assert_eq!(got, ["m2", "m3", "m4"]);
 }
 
 #[test]
