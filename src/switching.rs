@@ -88,16 +88,12 @@ pub async fn run(
                 // A device with a persistent session gets its QoS 1 messages from its
                 // durable queue (the core's copy to it is dropped): queue it there first.
                 if let Some(q) = &durable {
-                    for r in q.publish_internal(
-                        &topic(&d),
-                        CLIENT_ID,
-                        1,
-                        false,
-                        bytes::Bytes::from(body.clone()),
-                    ) {
-                        if !matches!(r.await, Ok(Ok(()))) {
-                            tracing::warn!(device = %d, "switch command not queued for the device's session");
-                        }
+                    let payload = bytes::Bytes::from(body.clone());
+                    if let Err(e) = q
+                        .publish_internal_durable(&topic(&d), CLIENT_ID, 1, false, payload)
+                        .await
+                    {
+                        tracing::warn!(device = %d, error = %e, "switch command not queued for the device's session");
                     }
                 }
                 if let Err(e) = client

@@ -137,7 +137,8 @@ fn the_sessions_capability_stands_on_the_store_only() {
 /// Issue 11: a persistent session gets its QoS 1/2 messages only from its durable queue (the
 /// front door drops the core's copies), so every one of the gateway's own publishers into
 /// the core (a `broker::local_client`) must queue what it publishes there too
-/// (`SessionsHandle::publish_internal`), or persistent sessions never see it.
+/// (`SessionsHandle::publish_internal` or `publish_internal_durable`), or persistent
+/// sessions never see it.
 #[test]
 fn every_internal_publisher_into_the_core_feeds_the_persistent_sessions() {
     let mut files = Vec::new();
@@ -156,7 +157,8 @@ fn every_internal_publisher_into_the_core_feeds_the_persistent_sessions() {
             .join("\n");
         if code.contains("local_client(") {
             publishers += 1;
-            if !code.contains("publish_internal(") {
+            // `publish_internal(` or `publish_internal_durable(`.
+            if !code.contains(".publish_internal") {
                 bad.push(f.display().to_string());
             }
         }

@@ -9,11 +9,31 @@ use std::process::{Command, Output};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
-fn run(gw: &Gateway, tool: &str, args: &[&str]) -> Output {
-    let port = gw.plain().port().to_string();
-    let mut all = vec!["-h", "127.0.0.1", "-p", &port];
-    all.extend_from_slice(args);
-    Command::new(tool).args(&all).output().expect(tool)
+/// A mosquitto tool pointed at the gateway's plain listener.
+fn tool(gw: &Gateway, tool: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(tool);
+    c.args(["-h", "127.0.0.1", "-p", &gw.plain().port().to_string()])
+        .args(args);
+    c
+}
+
+fn run(gw: &Gateway, name: &str, args: &[&str]) -> Output {
+    tool(gw, name, args).output().expect(name)
+}
+
+/// A mosquitto_sub left running, its output captured.
+fn spawn_sub(gw: &Gateway, args: &[&str]) -> std::process::Child {
+    tool(gw, "mosquitto_sub", args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub")
+}
+
+fn lines_of(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 fn publish(gw: &Gateway, args: &[&str]) {
@@ -27,11 +47,7 @@ fn publish(gw: &Gateway, args: &[&str]) {
 
 /// mosquitto_sub: the lines it printed (it exits after `-C` messages or `-W` seconds).
 fn subscribe(gw: &Gateway, args: &[&str]) -> Vec<String> {
-    let out = run(gw, "mosquitto_sub", args);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
+    lines_of(&run(gw, "mosquitto_sub", args))
 }
 
 /// Stop the gateway with `sig` and start it again on the same data directory.
@@ -301,13 +317,9 @@ fn online_persistent_subscriber_gets_each_message_once_and_retained_on_subscribe
             "1",
         ],
     );
-    let port = gw.plain().port().to_string();
-    let sub = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
+    let sub = spawn_sub(
+        &gw,
+        &[
             "-c",
             "-i",
             "live",
@@ -321,19 +333,14 @@ fn online_persistent_subscriber_gets_each_message_once_and_retained_on_subscribe
             "8",
             "-F",
             "%r %q %t %p",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    );
     std::thread::sleep(Duration::from_millis(700));
     publish(&gw, &["-i", "ctl", "-t", "live/a", "-m", "one", "-q", "1"]);
     publish(&gw, &["-i", "ctl", "-t", "live/b", "-m", "zero", "-q", "0"]);
     publish(&gw, &["-i", "ctl", "-t", "live/c", "-m", "two", "-q", "2"]);
     let out = sub.wait_with_output().unwrap();
-    let mut got: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(String::from)
-        .collect();
+    let mut got = lines_of(&out);
     // Retained on subscribe first, flagged ([MQTT-3.3.1-8]); live messages never are
     // ([MQTT-3.3.1-9]). QoS 0 goes live through the core, QoS 1/2 through the queue, so
     // their relative order is not fixed.
@@ -422,38 +429,18 @@ fn a_schema_1_data_dir_opens_and_keeps_its_certificates() {
 fn delivery_qos_is_the_minimum_of_publish_and_subscription_qos() {
     common::require_mosquitto();
     let gw = Gateway::start();
-    let port = gw.plain().port().to_string();
-    let sub = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-i",
-            "minq",
-            "-q",
-            "1",
-            "-t",
-            "minq/#",
-            "-C",
-            "3",
-            "-W",
-            "6",
-            "-F",
-            "%q %t",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let sub = spawn_sub(
+        &gw,
+        &[
+            "-i", "minq", "-q", "1", "-t", "minq/#", "-C", "3", "-W", "6", "-F", "%q %t",
+        ],
+    );
     std::thread::sleep(Duration::from_millis(500));
     publish(&gw, &["-i", "ctl", "-t", "minq/0", "-m", "x", "-q", "0"]);
     publish(&gw, &["-i", "ctl", "-t", "minq/1", "-m", "x", "-q", "1"]);
     publish(&gw, &["-i", "ctl", "-t", "minq/2", "-m", "x", "-q", "2"]);
     let out = sub.wait_with_output().unwrap();
-    let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(String::from)
-        .collect();
+    let got = lines_of(&out);
     assert_eq!(got, ["0 minq/0", "1 minq/1", "1 minq/2"]);
 }
 
@@ -465,13 +452,10 @@ fn a_will_reaches_an_absent_persistent_session_across_sigkill() {
     common::require_mosquitto();
     let mut gw = Gateway::start();
     open_session(&gw, "pw", "wills/#", "1");
-    let port = gw.plain().port().to_string();
-    let mut willer = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
+    let mut willer = tool(
+        &gw,
+        "mosquitto_sub",
+        &[
             "-i",
             "willer",
             "-t",
@@ -482,9 +466,10 @@ fn a_will_reaches_an_absent_persistent_session_across_sigkill() {
             "gone",
             "--will-qos",
             "1",
-        ])
-        .spawn()
-        .unwrap();
+        ],
+    )
+    .spawn()
+    .unwrap();
     std::thread::sleep(Duration::from_millis(700));
     // Killed: no DISCONNECT, so the will is published.
     willer.kill().unwrap();

@@ -777,12 +777,6 @@ fn count_retain_refused(shared: &Shared, r: super::bounds::RetainRefusal) {
     }
 }
 
-/// PUBREL carries the fixed-header flags 0b0010 ([MQTT-3.6.1-1]).
-fn pubrel(pid: u16) -> [u8; 4] {
-    let [a, b] = pid.to_be_bytes();
-    [(mqtt::PUBREL << 4) | 0b0010, 2, a, b]
-}
-
 /// Answer CONNECT with a refusal and close the stream cleanly (TLS close_notify included).
 async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, code: u8) {
     let _ = w.write_all(&mqtt::connack(false, code)).await;
@@ -834,8 +828,8 @@ struct Upstream<'a> {
 struct Persist {
     handle: crate::sessions::SessionsHandle,
     epoch: u64,
-    /// Packet id -> (sequence number, QoS) of what the client has not acknowledged.
-    inflight: HashMap<u16, (u64, u8)>,
+    /// Packet id -> sequence number of what the client has not acknowledged.
+    inflight: HashMap<u16, u64>,
     /// The highest sequence number fetched.
     after: u64,
     fetching: bool,
@@ -892,7 +886,8 @@ impl Upstream<'_> {
             ToConn::Released(seq) => {
                 let pid = packet_id(seq);
                 if p.inflight.contains_key(&pid) {
-                    self.to_client.extend_from_slice(&pubrel(pid));
+                    self.to_client
+                        .extend_from_slice(&mqtt::ack(mqtt::PUBREL, pid));
                 }
             }
             ToConn::Batch(list) => {
@@ -905,8 +900,9 @@ impl Upstream<'_> {
                     let pid = packet_id(d.seq);
                     if d.msg.released {
                         // Its PUBREC came before a restart: only the PUBREL is left.
-                        self.to_client.extend_from_slice(&pubrel(pid));
-                        p.inflight.insert(pid, (d.seq, 2));
+                        self.to_client
+                            .extend_from_slice(&mqtt::ack(mqtt::PUBREL, pid));
+                        p.inflight.insert(pid, d.seq);
                         continue;
                     }
                     self.to_client.extend_from_slice(&mqtt::encode_publish(
@@ -921,7 +917,7 @@ impl Upstream<'_> {
                     if d.msg.qos == 0 {
                         p.handle.acked(self.core_id, d.seq);
                     } else {
-                        p.inflight.insert(pid, (d.seq, d.msg.qos));
+                        p.inflight.insert(pid, d.seq);
                     }
                 }
             }
@@ -935,12 +931,12 @@ impl Upstream<'_> {
         };
         match ptype {
             mqtt::PUBREC => {
-                if let Some(&(seq, _)) = p.inflight.get(&pid) {
+                if let Some(&seq) = p.inflight.get(&pid) {
                     p.handle.release(self.core_id, p.epoch, seq);
                 }
             }
             _ => {
-                if let Some((seq, _)) = p.inflight.remove(&pid) {
+                if let Some(seq) = p.inflight.remove(&pid) {
                     p.handle.acked(self.core_id, seq);
                 }
             }
@@ -1016,21 +1012,25 @@ impl Upstream<'_> {
                         }
                         if let Some(d) = &self.shared.durable {
                             // The core clears a topic's retained message on any empty payload.
-                            if payload_len == 0 || (retain && !unretain) {
-                                kept.push(DurableRx::Sessions(d.retain(
-                                    &topic,
-                                    self.core_id,
-                                    qos,
-                                    bytes::Bytes::copy_from_slice(payload),
-                                )));
-                            }
+                            let keep_retained = payload_len == 0 || (retain && !unretain);
                             let targets = d.targets(&topic, qos);
-                            if !targets.is_empty() {
-                                kept.push(DurableRx::Sessions(d.publish(
-                                    targets,
-                                    &topic,
-                                    bytes::Bytes::copy_from_slice(payload),
-                                )));
+                            if keep_retained || !targets.is_empty() {
+                                let kept_payload = bytes::Bytes::copy_from_slice(payload);
+                                if keep_retained {
+                                    kept.push(DurableRx::Sessions(d.retain(
+                                        &topic,
+                                        self.core_id,
+                                        qos,
+                                        kept_payload.clone(),
+                                    )));
+                                }
+                                if !targets.is_empty() {
+                                    kept.push(DurableRx::Sessions(d.publish(
+                                        targets,
+                                        &topic,
+                                        kept_payload,
+                                    )));
+                                }
                             }
                         }
                         if let Some(up) = &self.shared.uplink {
@@ -1195,44 +1195,52 @@ enum DurableRx {
     Sessions(crate::sessions::Durable),
 }
 
+/// The verdict of one answer (`Err(())`: the store's owner is gone). MQTT 3.1.1 has no
+/// negative PUBACK: a refusal closes the connection without acknowledging, so the device
+/// keeps the messages and sends them again later.
+fn settle<E: std::fmt::Display>(
+    r: Result<Result<(), E>, ()>,
+    refused: fn(String) -> End,
+    owner: &str,
+) -> Result<(), End> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(refused(e.to_string())),
+        Err(()) => Err(refused(format!("{owner} stopped"))),
+    }
+}
+
 impl DurableRx {
     /// `None` while not answered yet.
     fn try_done(&mut self) -> Option<Result<(), End>> {
         use tokio::sync::oneshot::error::TryRecvError;
+        fn answered<T>(r: Result<T, TryRecvError>) -> Option<Result<T, ()>> {
+            match r {
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Closed) => Some(Err(())),
+                Ok(v) => Some(Ok(v)),
+            }
+        }
         match self {
-            DurableRx::Uplink(rx) => match rx.try_recv() {
-                Ok(Ok(())) => Some(Ok(())),
-                Ok(Err(e)) => Some(Err(End::UplinkRefused(e.to_string()))),
-                Err(TryRecvError::Empty) => None,
-                Err(TryRecvError::Closed) => {
-                    Some(Err(End::UplinkRefused("uplink queue stopped".into())))
-                }
-            },
-            DurableRx::Sessions(rx) => match rx.try_recv() {
-                Ok(Ok(())) => Some(Ok(())),
-                Ok(Err(e)) => Some(Err(End::SessionsRefused(e.to_string()))),
-                Err(TryRecvError::Empty) => None,
-                Err(TryRecvError::Closed) => {
-                    Some(Err(End::SessionsRefused("sessions owner stopped".into())))
-                }
-            },
+            DurableRx::Uplink(rx) => {
+                answered(rx.try_recv()).map(|r| settle(r, End::UplinkRefused, "uplink queue"))
+            }
+            DurableRx::Sessions(rx) => {
+                answered(rx.try_recv()).map(|r| settle(r, End::SessionsRefused, "sessions owner"))
+            }
         }
     }
 
     async fn done(&mut self) -> Result<(), End> {
         match self {
-            // MQTT 3.1.1 has no negative PUBACK: close without acknowledging, so the
-            // device keeps the messages and sends them again later.
-            DurableRx::Uplink(rx) => match rx.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(End::UplinkRefused(e.to_string())),
-                Err(_) => Err(End::UplinkRefused("uplink queue stopped".into())),
-            },
-            DurableRx::Sessions(rx) => match rx.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(End::SessionsRefused(e.to_string())),
-                Err(_) => Err(End::SessionsRefused("sessions owner stopped".into())),
-            },
+            DurableRx::Uplink(rx) => {
+                settle(rx.await.map_err(|_| ()), End::UplinkRefused, "uplink queue")
+            }
+            DurableRx::Sessions(rx) => settle(
+                rx.await.map_err(|_| ()),
+                End::SessionsRefused,
+                "sessions owner",
+            ),
         }
     }
 }

@@ -280,9 +280,12 @@ pub fn connack(session_present: bool, code: u8) -> Bytes {
     Bytes::from(vec![CONNACK << 4, 2, session_present as u8, code])
 }
 
+/// PUBACK, PUBREC, PUBREL, PUBCOMP or UNSUBACK with its packet id. PUBREL carries the
+/// fixed-header flags 0b0010 ([MQTT-3.6.1-1]); the others 0.
 pub fn ack(ptype: u8, pid: u16) -> Bytes {
     let [a, b] = pid.to_be_bytes();
-    Bytes::from(vec![ptype << 4, 2, a, b])
+    let flags = if ptype == PUBREL { 0b0010 } else { 0 };
+    Bytes::from(vec![ptype << 4 | flags, 2, a, b])
 }
 
 /// A PUBLISH frame ([MQTT-3.3]): `pid` is required for QoS 1 and 2 and ignored for 0.
@@ -473,6 +476,9 @@ mod publish_encoding {
             &b[..],
             &[0x32, 9, 0, 3, b'a', b'/', b'b', 0, 10, b'h', b'i']
         );
+        // PUBREL's reserved flags are 0b0010 ([MQTT-3.6.1-1]); PUBACK's are 0.
+        assert_eq!(&ack(PUBREL, 0x0102)[..], &[0x62, 2, 1, 2]);
+        assert_eq!(&ack(PUBACK, 0x0102)[..], &[0x40, 2, 1, 2]);
         let b = encode_publish("a/b", 2, true, true, 10, b"");
         assert_eq!(b[0], 0x3d);
         let b = encode_publish("a/b", 0, true, true, 10, b"x");

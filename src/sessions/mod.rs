@@ -183,7 +183,7 @@ enum Command {
         targets: Vec<(String, u8)>,
         topic: String,
         payload: Bytes,
-        reply: Option<DurableTx>,
+        reply: DurableTx,
     },
     /// Set (non-empty payload) or clear (empty) the retained message of a topic.
     Retain {
@@ -191,7 +191,7 @@ enum Command {
         owner: String,
         qos: u8,
         payload: Bytes,
-        reply: Option<DurableTx>,
+        reply: DurableTx,
     },
     Fetch {
         session: String,
@@ -360,37 +360,36 @@ impl SessionsHandle {
             .collect()
     }
 
-    /// Queue one publish for `targets` (from [`SessionsHandle::targets`]).
-    pub fn publish(&self, targets: Vec<(String, u8)>, topic: &str, payload: Bytes) -> Durable {
+    /// Send the command `make` builds around a reply channel; the reply resolves once its
+    /// writes are durable (at once with `Stopped` if the owner is gone).
+    fn durable(&self, make: impl FnOnce(DurableTx) -> Command) -> Durable {
         let (reply, rx) = oneshot::channel();
-        let c = Command::Publish {
-            targets,
-            topic: topic.to_string(),
-            payload,
-            reply: Some(reply),
-        };
-        if self.send(c) {
+        if self.send(make(reply)) {
             rx
         } else {
             closed()
         }
     }
 
+    /// Queue one publish for `targets` (from [`SessionsHandle::targets`]).
+    pub fn publish(&self, targets: Vec<(String, u8)>, topic: &str, payload: Bytes) -> Durable {
+        self.durable(|reply| Command::Publish {
+            targets,
+            topic: topic.to_string(),
+            payload,
+            reply,
+        })
+    }
+
     /// Record a retained message (an empty payload clears the topic).
     pub fn retain(&self, topic: &str, owner: &str, qos: u8, payload: Bytes) -> Durable {
-        let (reply, rx) = oneshot::channel();
-        let c = Command::Retain {
+        self.durable(|reply| Command::Retain {
             topic: topic.to_string(),
             owner: owner.to_string(),
             qos,
             payload,
-            reply: Some(reply),
-        };
-        if self.send(c) {
-            rx
-        } else {
-            closed()
-        }
+            reply,
+        })
     }
 
     /// A publish from inside the gateway (not through the front door) that goes to the core
@@ -413,6 +412,21 @@ impl SessionsHandle {
             out.push(self.publish(targets, topic, payload));
         }
         out
+    }
+
+    /// [`SessionsHandle::publish_internal`], waiting until all of it is durable.
+    pub async fn publish_internal_durable(
+        &self,
+        topic: &str,
+        owner: &str,
+        qos: u8,
+        retain: bool,
+        payload: Bytes,
+    ) -> Result<(), SessionsError> {
+        for d in self.publish_internal(topic, owner, qos, retain, payload) {
+            d.await.map_err(|_| SessionsError::Stopped)??;
+        }
+        Ok(())
     }
 
     /// CONNECT of `session`: with `clean`, forget any session it had (durably) and return
@@ -441,29 +455,19 @@ impl SessionsHandle {
     }
 
     pub fn subscribe(&self, session: &str, filters: Vec<(String, u8)>) -> Durable {
-        let (reply, rx) = oneshot::channel();
-        if self.send(Command::Subscribe {
+        self.durable(|reply| Command::Subscribe {
             session: session.to_string(),
             filters,
             reply,
-        }) {
-            rx
-        } else {
-            closed()
-        }
+        })
     }
 
     pub fn unsubscribe(&self, session: &str, filters: Vec<String>) -> Durable {
-        let (reply, rx) = oneshot::channel();
-        if self.send(Command::Unsubscribe {
+        self.durable(|reply| Command::Unsubscribe {
             session: session.to_string(),
             filters,
             reply,
-        }) {
-            rx
-        } else {
-            closed()
-        }
+        })
     }
 
     /// Ask for up to `max` queued messages after `after`; answered as [`ToConn::Batch`].

@@ -285,9 +285,7 @@ impl Owner {
                 payload,
                 reply,
             } => {
-                if let Some(r) = reply {
-                    turn.replies.push(r);
-                }
+                turn.replies.push(reply);
                 let mut r = Ok(());
                 for (id, qos) in targets {
                     if self.sessions.contains_key(&id) {
@@ -303,9 +301,7 @@ impl Owner {
                 payload,
                 reply,
             } => {
-                if let Some(r) = reply {
-                    turn.replies.push(r);
-                }
+                turn.replies.push(reply);
                 self.retain(topic, owner, qos, &payload, turn)
             }
             Command::Fetch {
@@ -323,23 +319,8 @@ impl Owner {
                 epoch,
                 seq,
             } => {
-                let k = queue_key(&session, seq);
-                let r = match self.queue_t.get(&k) {
-                    Ok(Some(v)) => match Queued::decode(&v) {
-                        Ok(mut q) => {
-                            q.released = true;
-                            turn.wrote = true;
-                            self.queue_t
-                                .apply(&[(k, q.encode())], &[])
-                                .map_err(Into::into)
-                        }
-                        Err(e) => Err(SessionsError::Store(e)),
-                    },
-                    Ok(None) => Ok(()),
-                    Err(e) => Err(e.into()),
-                };
-                turn.released.push((session, epoch, seq));
-                r
+                turn.released.push((session.clone(), epoch, seq));
+                self.release(&session, seq, turn)
             }
             Command::Retained { reply } => {
                 let _ = reply.send(self.all_retained());
@@ -353,6 +334,20 @@ impl Owner {
                 let _ = r.send(Err(e.clone()));
             }
         }
+    }
+
+    /// The client's PUBREC of `seq`: recorded, so that after a crash only its PUBREL is
+    /// sent again (the go-ahead for the PUBREL follows the flush).
+    fn release(&mut self, id: &str, seq: u64, turn: &mut Turn) -> Result<(), SessionsError> {
+        let k = queue_key(id, seq);
+        let Some(v) = self.queue_t.get(&k)? else {
+            return Ok(());
+        };
+        let mut q = Queued::decode(&v).map_err(SessionsError::Store)?;
+        q.released = true;
+        turn.wrote = true;
+        self.queue_t.apply(&[(k, q.encode())], &[])?;
+        Ok(())
     }
 
     fn all_retained(&self) -> Result<Vec<(String, RetainedRecord)>, SessionsError> {

@@ -618,20 +618,17 @@ impl Session {
                                 // Durable in every persistent session it reaches before the
                                 // cloud's PUBACK: a crash from here on loses nothing.
                                 if let Some(s) = &self.sessions {
-                                    let mut kept = true;
-                                    for d in s.publish_internal(
-                                        &local_topic,
-                                        "outpost~uplink",
-                                        qos as u8,
-                                        false,
-                                        p.payload.clone(),
-                                    ) {
-                                        if !matches!(d.await, Ok(Ok(()))) {
-                                            kept = false;
-                                        }
-                                    }
-                                    if !kept {
-                                        tracing::error!(%topic, "cloud message not stored for its persistent sessions: left unacknowledged for redelivery");
+                                    let kept = s
+                                        .publish_internal_durable(
+                                            &local_topic,
+                                            "outpost~uplink",
+                                            qos as u8,
+                                            false,
+                                            p.payload.clone(),
+                                        )
+                                        .await;
+                                    if let Err(e) = kept {
+                                        tracing::error!(%topic, error = %e, "cloud message not stored for its persistent sessions: left unacknowledged for redelivery");
                                         evidence = true;
                                         last_evidence = Instant::now();
                                         continue;
