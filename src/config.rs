@@ -56,6 +56,7 @@ pub struct Config {
     pub fdo: crate::fdo::service::FdoConfig,
     pub sync: crate::sync::SyncConfig,
     pub sessions: crate::sessions::SessionsConfig,
+    pub can: crate::can::config::CanConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -231,6 +232,9 @@ impl Config {
         }
         if let Err((field, reason)) = self.frontdoor.validate() {
             return Err(ConfigError::Invalid { field, reason });
+        }
+        if let Err((field, reason)) = self.can.validate() {
+            return Err(invalid(field, reason));
         }
         if let Err((field, reason)) = self.uplink.validate() {
             return Err(ConfigError::Invalid { field, reason });

@@ -71,6 +71,8 @@ pub enum RunError {
     Fdo(#[from] fdo::service::ServiceError),
     #[error(transparent)]
     Sessions(#[from] sessions::SessionsError),
+    #[error(transparent)]
+    Can(#[from] can::service::CanError),
     #[error("restoring retained messages: {0}")]
     Restore(#[from] frontdoor::restore::RestoreError),
 }
@@ -240,6 +242,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             "retained messages restored into the routing core"
         );
     }
+    let can_core = core.clone();
     let (uplink, queue_thread) = uplink::start(
         &config.uplink,
         &gateway_id,
@@ -252,6 +255,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     )?;
     shared.uplink = config.uplink.enabled.then(|| uplink.clone());
     let shared = Arc::new(shared);
+    let can = if config.can.enabled {
+        let ctx = can::service::Context {
+            gateway_id: gateway_id.clone(),
+            sessions: durable.clone(),
+            core: can_core,
+            queue: config.uplink.enabled.then(|| uplink.queue.clone()),
+        };
+        Some(can::service::start(
+            &config.can,
+            ctx,
+            &tracker,
+            shutdown.clone(),
+        )?)
+    } else {
+        None
+    };
 
     let endpoints = Endpoints {
         gateway_id: gateway_id.clone(),
@@ -340,10 +359,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         let (m, u, s) = (metrics.clone(), uplink.clone(), shutdown.clone());
         let fdo_metrics = fdo_svc.as_ref().map(|f| f.metrics());
         let d = durable.clone();
+        let can_stats = can.as_ref().map(|c| c.stats.clone());
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
             let mut text = m.render();
             u.render_metrics(&mut text);
             d.stats.render(&mut text);
+            if let Some(c) = &can_stats {
+                c.render(&mut text);
+            }
             if let Some(f) = &fdo_metrics {
                 f.render(&mut text);
             }
@@ -428,6 +451,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let _ = std::fs::remove_file(data_dir.join(admin::SOCKET));
     let _ = std::fs::remove_file(data_dir.join(ENDPOINTS_FILE));
     drop(shared);
+    drop(can);
     // Tasks abandoned after the grace period may still hold queue handles: stop it explicitly.
     uplink.queue.stop().await;
     drop(uplink);
