@@ -142,13 +142,17 @@ impl Sock {
             }
         }
     }
+}
 
-    fn try_read(&self) -> std::io::Result<CanAnyFrame> {
-        match self {
-            Sock::Fd(s) => s.try_read_frame(),
-            Sock::Classic(s) => s.try_read_frame().map(CanAnyFrame::from),
-        }
-    }
+/// How often a socket source checks that its interface is up.
+const LINK_CHECK: Duration = Duration::from_millis(250);
+
+/// Whether interface `name` is administratively up (`IFF_UP` in its sysfs flags); `None`
+/// if there is no such interface.
+pub fn link_up(name: &str) -> Option<bool> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/flags")).ok()?;
+    let flags = u32::from_str_radix(text.trim().trim_start_matches("0x"), 16).ok()?;
+    Some(flags & 1 != 0)
 }
 
 /// Read interface `name` until `shutdown`, sending to `out` as bus `bus`.
@@ -185,10 +189,44 @@ pub async fn socket(
                 }
             }
         };
+        let at_open = match link_up(&name) {
+            Some(false) => (false, "interface down"),
+            _ => (true, "open"),
+        };
+        if let Some(m) = state(at_open.0, at_open.1.into()) {
+            if out.send(m).await.is_err() {
+                return;
+            }
+        }
+        // A raw CAN socket signals a downed interface with EPOLLERR alone, which a read
+        // waiting for readability does not see until the next frame: the link is also
+        // checked on a timer.
+        let mut check = tokio::time::interval(LINK_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = sock.read() => r,
+                _ = check.tick() => {
+                    let m = match link_up(&name) {
+                        Some(true) => state(true, "up".into()),
+                        Some(false) => state(false, "interface down".into()),
+                        None => {
+                            if let Some(m) = state(false, "interface gone".into()) {
+                                if out.send(m).await.is_err() {
+                                    return;
+                                }
+                            }
+                            break;
+                        }
+                    };
+                    if let Some(m) = m {
+                        if out.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                }
             };
             match first {
                 Ok((f, t)) => {
@@ -200,13 +238,12 @@ pub async fn socket(
                     }
                     let mut frames = Vec::with_capacity(16);
                     frames.extend(from_socket(&f, micros(t)));
-                    // Whatever else is waiting, without another wake-up; these frames were
-                    // queued by the time the first one was read, so they share its time or
-                    // later: the read time is their stamp.
+                    // Whatever else is already waiting, each with its own kernel stamp: a
+                    // zero timeout polls the read once and gives up if it would wait.
                     while frames.len() < BATCH {
-                        match sock.try_read() {
-                            Ok(f) => frames.extend(from_socket(&f, micros(SystemTime::now()))),
-                            Err(_) => break,
+                        match tokio::time::timeout(Duration::ZERO, sock.read()).await {
+                            Ok(Ok((f, t))) => frames.extend(from_socket(&f, micros(t))),
+                            _ => break,
                         }
                     }
                     if out.send(Input::Frames { bus, frames }).await.is_err() {
@@ -215,6 +252,11 @@ pub async fn socket(
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NetworkDown => {
                     // Taken down: the socket stays bound and receives again once it is up.
+                    // The error is read only when the socket next wakes, which may be after
+                    // the interface is back: then it is stale.
+                    if link_up(&name) == Some(true) {
+                        continue;
+                    }
                     if let Some(m) = state(false, "interface down".into()) {
                         if out.send(m).await.is_err() {
                             return;
