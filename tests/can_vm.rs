@@ -220,8 +220,8 @@ name = "vcan0"
             .spawn()
             .unwrap()
     };
-    let mut alert_sub = sub("hmi-alert", "vehicle/can/alert", alert_file);
-    let mut status_sub = sub("hmi-status", "vehicle/can/status", status_file);
+    let alert_sub = sub("hmi-alert", "vehicle/can/alert", alert_file);
+    let status_sub = sub("hmi-status", "vehicle/can/status", status_file);
 
     // The socket is open once the status says so.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -291,6 +291,8 @@ name = "vcan0"
         std::fs::read_to_string("/tmp/gw.log").unwrap_or_default()
     );
     println!("GUEST exited 0");
-    let _ = alert_sub.kill();
-    let _ = status_sub.kill();
+    for mut sub in [alert_sub, status_sub] {
+        let _ = sub.kill();
+        let _ = sub.wait();
+    }
 }
