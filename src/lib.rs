@@ -160,6 +160,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let config = Arc::new(config);
     let data_dir = config.gateway.data_dir.clone();
     let gateway_id = config.gateway_id();
+    let can_profiles = if config.can.enabled {
+        Some(can::service::load_profiles(&config.can)?)
+    } else {
+        None
+    };
     let ca = open_ca(&config)?;
     let store = ca.store().clone();
     let admin_store = store.clone();
@@ -255,22 +260,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     )?;
     shared.uplink = config.uplink.enabled.then(|| uplink.clone());
     let shared = Arc::new(shared);
-    let can = if config.can.enabled {
+    let can = can_profiles.map(|profiles| {
         let ctx = can::service::Context {
             gateway_id: gateway_id.clone(),
             sessions: durable.clone(),
             core: can_core,
             queue: config.uplink.enabled.then(|| uplink.queue.clone()),
         };
-        Some(can::service::start(
-            &config.can,
-            ctx,
-            &tracker,
-            shutdown.clone(),
-        )?)
-    } else {
-        None
-    };
+        can::service::start(&config.can, profiles, ctx, &tracker, shutdown.clone())
+    });
 
     let endpoints = Endpoints {
         gateway_id: gateway_id.clone(),

@@ -16,64 +16,18 @@
 mod common;
 mod vm;
 
+use common::can::normal_log;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Normal traffic of three ECUs as candump -L lines on `iface`, `secs` long from `t0_us`:
-/// 0x1a0 every 10 ms (constant byte, 4-bit counter, slowly varying speed), 0x2b0 every
-/// 20 ms (counter in byte 7), 0x3c0 every 100 ms; each with up to ±0.3 ms of jitter.
-fn normal_log(iface: &str, t0_us: u64, secs: u64) -> String {
-    let mut lines = Vec::new();
-    let mut push = |ts: u64, text: String| lines.push((ts, text));
-    let jitter = |n: u64| (n.wrapping_mul(2_654_435_761) % 600) as i64 - 300;
-    for n in 0..secs * 100 {
-        let ts = (t0_us + n * 10_000) as i64 + jitter(n);
-        let speed = 80 + ((n / 50) % 40) as u8;
-        push(
-            ts as u64,
-            format!("1A0#A5{:02X}{speed:02X}0000000000", (n % 16) as u8),
-        );
-    }
-    for n in 0..secs * 50 {
-        let ts = (t0_us + 4_000 + n * 20_000) as i64 + jitter(n + 7);
-        push(ts as u64, format!("2B0#1122334455667{:X}", (n % 16) as u8));
-    }
-    for n in 0..secs * 10 {
-        let ts = (t0_us + 7_000 + n * 100_000) as i64 + jitter(n + 13);
-        push(ts as u64, "3C0#0102030405".to_string());
-    }
-    lines.sort_by_key(|(ts, _)| *ts);
-    let mut out = String::new();
-    for (ts, text) in lines {
-        out.push_str(&format!(
-            "({}.{:06}) {iface} {text}\n",
-            ts / 1_000_000,
-            ts % 1_000_000
-        ));
-    }
-    out
-}
-
 #[test]
 fn the_gateway_reads_vcan0_alerts_on_an_injection_and_survives_the_interface_going_down() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
-    std::fs::write(p("train.log"), normal_log("can0", 1_000_000_000, 120)).unwrap();
+    common::can::learn(&p("profile.json"));
     std::fs::write(p("replay.log"), normal_log("can0", 2_000_000_000, 40)).unwrap();
-    let learned = Command::new(common::BIN)
-        .args(["can", "learn", "--log"])
-        .arg(p("train.log"))
-        .arg("--out")
-        .arg(p("profile.json"))
-        .output()
-        .unwrap();
-    assert!(
-        learned.status.success(),
-        "{}",
-        String::from_utf8_lossy(&learned.stderr)
-    );
     let out = vm::Vm::new()
         .module("can-dev")
         .module("vcan")
@@ -243,30 +197,46 @@ name = "vcan0"
         .unwrap();
     std::thread::sleep(Duration::from_secs(4));
     let graded = metric(metrics, "outpost_can_frames");
-    assert!(graded > 100, "only {graded} frames graded after 4 s of replay");
+    assert!(
+        graded > 100,
+        "only {graded} frames graded after 4 s of replay"
+    );
     println!("GUEST graded {graded} replayed frames");
 
     // Spoofing a known id every 1 ms with random data.
     let t1 = now_s();
-    sh("cangen", &["vcan0", "-I", "1A0", "-L", "8", "-g", "1", "-n", "300"]);
+    sh(
+        "cangen",
+        &["vcan0", "-I", "1A0", "-L", "8", "-g", "1", "-n", "300"],
+    );
     let a = wait_alert(alert_file, "0x1a0", t1, &mut gw);
     println!("GUEST attack alerted: {a}");
 
     // Down and up: the gateway keeps running and reads again.
     sh("ip", &["link", "set", "vcan0", "down"]);
     std::thread::sleep(Duration::from_secs(1));
-    assert!(gw.try_wait().unwrap().is_none(), "gateway stopped on ifdown");
+    assert!(
+        gw.try_wait().unwrap().is_none(),
+        "gateway stopped on ifdown"
+    );
     let downs = metric(metrics, "outpost_can_interface_down");
     assert!(downs >= 1, "interface_down {downs}");
     let said_down = alerts(status_file)
         .iter()
         .any(|s| s["buses"][0]["up"] == false && s["buses"][0]["reason"] == "interface down");
-    assert!(said_down, "status never said down: {:?}", alerts(status_file));
+    assert!(
+        said_down,
+        "status never said down: {:?}",
+        alerts(status_file)
+    );
     sh("ip", &["link", "set", "vcan0", "up"]);
     std::thread::sleep(Duration::from_millis(500));
     println!("GUEST down and up survived (interface_down = {downs})");
     let t2 = now_s();
-    sh("cangen", &["vcan0", "-I", "2B0", "-L", "8", "-g", "1", "-n", "300"]);
+    sh(
+        "cangen",
+        &["vcan0", "-I", "2B0", "-L", "8", "-g", "1", "-n", "300"],
+    );
     let b = wait_alert(alert_file, "0x2b0", t2, &mut gw);
     println!("GUEST second attack alerted: {b}");
 

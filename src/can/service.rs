@@ -869,15 +869,13 @@ pub struct Context {
     pub queue: Option<QueueHandle>,
 }
 
-/// Load every bus's profile (an error here stops the start: the configuration is wrong),
-/// then start the sources and the owner.
-pub fn start(
-    cfg: &CanConfig,
-    ctx: Context,
-    tracker: &TaskTracker,
-    shutdown: CancellationToken,
-) -> Result<CanHandle, CanError> {
-    let mut buses = Vec::new();
+/// Every bus's profile, in the order of `can.interfaces` (each file read once).
+pub struct Profiles(Vec<(String, Profile)>);
+
+/// Read every bus's profile. `outpost run` does this before it binds anything: a missing
+/// or stale profile is a configuration error, not something to find out later.
+pub fn load_profiles(cfg: &CanConfig) -> Result<Profiles, CanError> {
+    let mut out = Vec::new();
     let mut loaded: HashMap<PathBuf, Profile> = HashMap::new();
     for i in &cfg.interfaces {
         let path = if i.profile.as_os_str().is_empty() {
@@ -893,8 +891,24 @@ pub fn start(
                 p
             }
         };
-        buses.push((i.name.clone(), Detector::new(&p)));
+        out.push((i.name.clone(), p));
     }
+    Ok(Profiles(out))
+}
+
+/// Start the sources and the owner.
+pub fn start(
+    cfg: &CanConfig,
+    profiles: Profiles,
+    ctx: Context,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> CanHandle {
+    let buses: Vec<(String, Detector)> = profiles
+        .0
+        .iter()
+        .map(|(name, p)| (name.clone(), Detector::new(p)))
+        .collect();
     let stats = Arc::new(CanStats::default());
     let client = crate::broker::local_client(&ctx.core, CLIENT_ID, shutdown.clone());
     let outbox_tx = ctx.queue.map(|q| {
@@ -933,7 +947,7 @@ pub fn start(
     );
     tracker.spawn(run(owner, in_rx, cmd_rx, shutdown));
     tracing::info!(buses = cfg.interfaces.len(), "CAN: grading every frame");
-    Ok(CanHandle { tx, stats })
+    CanHandle { tx, stats }
 }
 
 async fn run<S: Sink>(

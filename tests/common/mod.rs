@@ -12,6 +12,7 @@ pub use outpost::Endpoints;
 
 /// TLS clients, ACL, revocation and core-bypass helpers (mosquitto processes, raw MQTT over
 /// TLS, rumqttc, certificates made in the test).
+pub mod can;
 pub mod roles;
 pub mod security_helpers;
 
