@@ -248,6 +248,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         );
     }
     let can_core = core.clone();
+    let can_store = store.clone();
+    let (can_tx, can_rx) = if config.can.enabled && config.uplink.enabled {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
     let (uplink, queue_thread) = uplink::start(
         &config.uplink,
         &gateway_id,
@@ -257,18 +264,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         shutdown.clone(),
         sync_on.then_some(sync_tx),
         Some(durable.clone()),
+        can_tx,
     )?;
     shared.uplink = config.uplink.enabled.then(|| uplink.clone());
     let shared = Arc::new(shared);
-    let can = can_profiles.map(|profiles| {
-        let ctx = can::service::Context {
-            gateway_id: gateway_id.clone(),
-            sessions: durable.clone(),
-            core: can_core,
-            queue: config.uplink.enabled.then(|| uplink.queue.clone()),
-        };
-        can::service::start(&config.can, profiles, ctx, &tracker, shutdown.clone())
-    });
+    let can = match can_profiles {
+        Some(profiles) => {
+            let ctx = can::service::Context {
+                gateway_id: gateway_id.clone(),
+                sessions: durable.clone(),
+                core: can_core,
+                queue: config.uplink.enabled.then(|| uplink.queue.clone()),
+                store: can_store,
+                down: can_rx,
+            };
+            Some(can::service::start(
+                &config.can,
+                profiles,
+                ctx,
+                &tracker,
+                shutdown.clone(),
+            )?)
+        }
+        None => None,
+    };
 
     let endpoints = Endpoints {
         gateway_id: gateway_id.clone(),

@@ -275,10 +275,7 @@ mod tests {
 // Gateway side
 
 /// A sync message from the cloud, acknowledged (by `client`) once applied.
-pub struct Delivery {
-    pub publish: rumqttc::Publish,
-    pub client: rumqttc::AsyncClient,
-}
+pub use crate::uplink::Delivery;
 
 const UP_CURSOR: &str = "sync.up.registry";
 const SENT_REVOCATIONS: &str = "sync-sent-revocations";

@@ -35,6 +35,8 @@ pub struct CanConfig {
     pub alert_topic: String,
     /// Retained topic with each bus's state and counters (refreshed every summary).
     pub status_topic: String,
+    /// Retained topic with the latest alert from the fleet server.
+    pub fleet_alert_topic: String,
     /// Stop / slow-down instructions for safety-relevant ids.
     pub safety: Vec<SafetyRule>,
     /// Key-update requests for SecOC-protected ids.
@@ -153,6 +155,7 @@ impl Default for CanConfig {
             vehicle: VehicleConfig::default(),
             alert_topic: "vehicle/can/alert".into(),
             status_topic: "vehicle/can/status".into(),
+            fleet_alert_topic: "vehicle/can/fleet-alert".into(),
             safety: Vec::new(),
             secoc: SecocConfig::default(),
         }
@@ -245,6 +248,7 @@ impl CanConfig {
         for (field, topic) in [
             ("can.alert_topic", &self.alert_topic),
             ("can.status_topic", &self.status_topic),
+            ("can.fleet_alert_topic", &self.fleet_alert_topic),
             ("can.secoc.topic", &self.secoc.topic),
         ] {
             crate::acl::validate_topic_name(topic).map_err(|e| (field, e.to_string()))?;

@@ -28,9 +28,12 @@ use super::config::{parse_id, CanConfig, SafetyAction};
 use super::detect::Detector;
 use super::frame::{Frame, CAN_ERR_BUSOFF, CAN_ERR_RESTARTED, CAN_RTR_FLAG};
 use super::profile::{Profile, PROFILE_VERSION};
+use super::rules::Rules;
 use super::source::{self, Input};
 use crate::sessions::SessionsHandle;
+use crate::store::{Store, Table};
 use crate::uplink::queue::{now_ms, Message, QueueHandle};
+use crate::uplink::Delivery;
 use bytes::Bytes;
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
@@ -50,6 +53,13 @@ pub const REPORT_TOPIC: &str = "$outpost/can/report";
 pub const SUMMARY_TOPIC: &str = "$outpost/can/summary";
 /// Queue topic of key-update requests.
 pub const KEY_UPDATE_TOPIC: &str = "$outpost/can/key-update";
+/// Queue topic of the vehicle's declaration (sent at every start).
+pub const VEHICLE_TOPIC: &str = "$outpost/can/vehicle";
+/// Queue topic of what became of a rule set from the fleet server.
+pub const RULES_STATUS_TOPIC: &str = "$outpost/can/rules-status";
+/// Store table of the capability, and the key of the applied rule set in it.
+pub const TABLE: &str = "can";
+const RULES_KEY: &[u8] = b"rules";
 /// Ids per bus and window summarised one by one; more are counted together.
 pub const MAX_WINDOW_IDS: usize = 2048;
 /// Unknown ids named in one incident, at most.
@@ -71,6 +81,8 @@ pub enum CanError {
     Profile { path: PathBuf, reason: String },
     #[error("the CAN capability has stopped")]
     Stopped,
+    #[error("CAN store: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Read and check a profile written by `outpost can learn`.
@@ -108,6 +120,11 @@ pub struct CanStats {
     pub summaries: AtomicU64,
     pub safety_actions: AtomicU64,
     pub key_updates: AtomicU64,
+    pub rules_applied: AtomicU64,
+    pub rules_refused: AtomicU64,
+    pub fleet_alerts: AtomicU64,
+    pub fleet_instructions: AtomicU64,
+    pub fleet_refused: AtomicU64,
 }
 
 impl CanStats {
@@ -173,6 +190,31 @@ impl CanStats {
                 "Key-update requests made.",
                 &self.key_updates,
             ),
+            (
+                "rules_applied",
+                "Rule sets from the fleet server applied.",
+                &self.rules_applied,
+            ),
+            (
+                "rules_refused",
+                "Rule sets from the fleet server refused.",
+                &self.rules_refused,
+            ),
+            (
+                "fleet_alerts",
+                "Alerts from the fleet server.",
+                &self.fleet_alerts,
+            ),
+            (
+                "fleet_instructions",
+                "Instructions from the fleet server.",
+                &self.fleet_instructions,
+            ),
+            (
+                "fleet_refused",
+                "Fleet messages that were not understood.",
+                &self.fleet_refused,
+            ),
         ] {
             let kind = "counter";
             let _ = writeln!(
@@ -204,6 +246,22 @@ pub struct BusStatus {
 /// The closed set of requests to the owner.
 pub enum Command {
     Status(oneshot::Sender<Vec<BusStatus>>),
+    /// Grade by these rules from now on (they are on disk already).
+    ApplyRules {
+        rules: Box<Rules>,
+        reply: oneshot::Sender<()>,
+    },
+    /// A rule set that failed its checks: tell the fleet server why.
+    RulesRefused {
+        rules_id: String,
+        error: String,
+        reply: oneshot::Sender<()>,
+    },
+    /// An alert or an instruction from the fleet server.
+    Fleet {
+        msg: Value,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// What the rest of the gateway holds of the capability.
@@ -237,6 +295,7 @@ struct Settings {
     ecu_types: HashMap<String, String>,
     alert_topic: String,
     status_topic: String,
+    fleet_alert_topic: String,
     safety: HashMap<u32, Vec<(SafetyAction, f64, String)>>,
     secoc: HashMap<u32, f64>,
     secoc_topic: String,
@@ -277,6 +336,7 @@ impl Settings {
             ecu_types: cfg.vehicle.ecu_types.clone().into_iter().collect(),
             alert_topic: cfg.alert_topic.clone(),
             status_topic: cfg.status_topic.clone(),
+            fleet_alert_topic: cfg.fleet_alert_topic.clone(),
             safety,
             secoc: ids(&cfg.secoc.ids)
                 .into_iter()
@@ -293,6 +353,14 @@ fn id_text(key: u32) -> String {
 
 fn seconds(ts_us: u64) -> f64 {
     ts_us as f64 / 1e6
+}
+
+/// Frames per second of `frames` over `span_us` (0 for a single frame).
+fn rate_hz(frames: u64, span_us: u64) -> f64 {
+    if frames < 2 || span_us == 0 {
+        return 0.0;
+    }
+    ((frames - 1) as f64 * 1e6 / span_us as f64 * 10.0).round() / 10.0
 }
 
 fn hex(b: &[u8]) -> String {
@@ -385,6 +453,11 @@ struct Incident {
     frames: u64,
     max_level: f64,
     reasons: Vec<&'static str>,
+    /// Fleet rules that fired.
+    rules: Vec<String>,
+    /// Bitwise AND / OR of the anomalous frames' data (their common bits: the signature).
+    and: Vec<u8>,
+    or: Vec<u8>,
     before: Vec<String>,
     after: Vec<String>,
     opened_at: Instant,
@@ -424,6 +497,7 @@ impl Bus {
 struct Owner<S: Sink> {
     set: Settings,
     buses: Vec<Bus>,
+    rules: Rules,
     stats: Arc<CanStats>,
     sink: S,
     window_from_ms: u64,
@@ -434,6 +508,7 @@ impl<S: Sink> Owner<S> {
     fn new(set: Settings, buses: Vec<(String, Detector)>, stats: Arc<CanStats>, sink: S) -> Self {
         Owner {
             set,
+            rules: Rules::empty(),
             buses: buses
                 .into_iter()
                 .map(|(name, detector)| Bus {
@@ -524,7 +599,13 @@ impl<S: Sink> Owner<S> {
             return;
         }
         self.stats.frames.fetch_add(1, Ordering::Relaxed);
-        let v = b.detector.grade(f);
+        let mut v = b.detector.grade(f);
+        let mut rule = None;
+        if let Some((l, name)) = self.rules.grade(f) {
+            v.level = ((1.0 - (1.0 - v.level) * (1.0 - l)) * 1000.0).round() / 1000.0;
+            v.reasons.push("fleet-rule");
+            rule = Some(name.to_string());
+        }
         let key = f.can_id() & !CAN_RTR_FLAG;
         let windows = b.windows.len();
         match b.windows.get_mut(&key) {
@@ -556,6 +637,18 @@ impl<S: Sink> Owner<S> {
                             inc.reasons.push(r);
                         }
                     }
+                    if let Some(name) = rule {
+                        if !inc.rules.contains(&name) && inc.rules.len() < MAX_INCIDENT_IDS {
+                            inc.rules.push(name);
+                        }
+                    }
+                    let d = f.data();
+                    inc.and.truncate(d.len());
+                    inc.or.truncate(d.len());
+                    for (i, &x) in d.iter().enumerate().take(inc.and.len()) {
+                        inc.and[i] &= x;
+                        inc.or[i] |= x;
+                    }
                     if group.is_none()
                         && inc.ids.len() < MAX_INCIDENT_IDS
                         && !inc.ids.contains(&key)
@@ -582,6 +675,9 @@ impl<S: Sink> Owner<S> {
                             frames: 1,
                             max_level: v.level,
                             reasons: v.reasons.clone(),
+                            rules: rule.into_iter().collect(),
+                            and: f.data().to_vec(),
+                            or: f.data().to_vec(),
                             before: b.ring.iter().map(|p| format_line(&b.name, p)).collect(),
                             after: Vec::new(),
                             opened_at: now,
@@ -665,6 +761,9 @@ impl<S: Sink> Owner<S> {
             "level": inc.first_level,
             "max_level": inc.max_level,
             "reasons": inc.reasons,
+            "rules": inc.rules,
+            "payload": {"len": inc.and.len(), "and": hex(&inc.and), "or": hex(&inc.or)},
+            "rate_hz": rate_hz(inc.frames, inc.last_ts.saturating_sub(inc.first.ts_us)),
             "frame": format_line(bus, &inc.first),
             "actions": inc.actions,
         });
@@ -759,6 +858,88 @@ impl<S: Sink> Owner<S> {
         self.window_from_ms = to_ms;
         self.window_started = now;
         self.publish_status();
+    }
+
+    /// The vehicle's declaration for the fleet server.
+    fn declare(&mut self) {
+        let mut senders: Vec<(u32, String)> = self
+            .set
+            .senders
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        senders.sort();
+        let ecus: std::collections::BTreeMap<&String, &String> =
+            self.set.ecu_types.iter().collect();
+        let senders: serde_json::Map<String, Value> = senders
+            .into_iter()
+            .map(|(k, v)| (id_text(k), Value::from(v)))
+            .collect();
+        let rules_id = &self.rules.set.rules_id;
+        let body = json!({
+            "vehicle": self.set.vehicle,
+            "network_config": self.set.network_config,
+            "gateway": self.set.gateway,
+            "ecus": ecus,
+            "senders": senders,
+            "rules_id": (!rules_id.is_empty()).then_some(rules_id),
+        });
+        self.sink
+            .cloud(VEHICLE_TOPIC, Bytes::from(body.to_string()));
+    }
+
+    fn apply_rules(&mut self, rules: Rules) {
+        let n = rules.set.rules.len();
+        tracing::info!(rules_id = %rules.set.rules_id, rules = n, "CAN: fleet rules applied");
+        let status = json!({"rules_id": rules.set.rules_id, "state": "applied", "rules": n});
+        self.rules = rules;
+        self.stats.rules_applied.fetch_add(1, Ordering::Relaxed);
+        self.sink
+            .cloud(RULES_STATUS_TOPIC, Bytes::from(status.to_string()));
+    }
+
+    fn refuse_rules(&mut self, rules_id: String, error: String) {
+        tracing::warn!(%rules_id, %error, "CAN: fleet rules refused; the rules before stay");
+        self.stats.rules_refused.fetch_add(1, Ordering::Relaxed);
+        let status = json!({"rules_id": rules_id, "state": "refused", "error": error});
+        self.sink
+            .cloud(RULES_STATUS_TOPIC, Bytes::from(status.to_string()));
+    }
+
+    /// An alert goes on the retained fleet alert topic; an instruction to the vehicle
+    /// function that acts on it.
+    fn fleet(&mut self, msg: Value) {
+        let kind = msg["kind"].as_str().unwrap_or("");
+        let action = msg["action"].as_str().unwrap_or("");
+        let payload = Bytes::from(msg.to_string());
+        match (kind, action) {
+            ("alert", _) => {
+                self.stats.fleet_alerts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(id = ?msg["id"].as_str(), severity = ?msg["severity"].as_str(), why = ?msg["why"].as_str(), "CAN: fleet alert");
+                let topic = self.set.fleet_alert_topic.clone();
+                self.sink.local(&topic, 1, true, payload);
+            }
+            ("instruction", "stop" | "slow-down" | "key-update") => {
+                self.stats
+                    .fleet_instructions
+                    .fetch_add(1, Ordering::Relaxed);
+                let id = msg["id"].as_str().and_then(|s| parse_id(s).ok());
+                let topic = if action == "key-update" {
+                    self.set.secoc_topic.clone()
+                } else {
+                    id.and_then(|id| self.set.safety.get(&id))
+                        .and_then(|rules| rules.first())
+                        .map(|(_, _, t)| t.clone())
+                        .unwrap_or_else(|| "vehicle/control/safety".to_string())
+                };
+                tracing::warn!(%action, id = ?msg["id"].as_str(), %topic, "CAN: fleet instruction");
+                self.sink.local(&topic, 1, false, payload);
+            }
+            _ => {
+                self.stats.fleet_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%kind, %action, "CAN: fleet message not understood; dropped");
+            }
+        }
     }
 
     fn status(&self) -> Vec<BusStatus> {
@@ -867,6 +1048,11 @@ pub struct Context {
     pub core: crate::broker::BrokerLink,
     /// The uplink queue, when the uplink is on (else nothing goes to the cloud).
     pub queue: Option<QueueHandle>,
+    /// Where the applied fleet rules are kept.
+    pub store: Store,
+    /// What the fleet server sends (`outpost/{gw}/can/rules` and `.../down`), when the
+    /// uplink is on.
+    pub down: Option<mpsc::Receiver<Delivery>>,
 }
 
 /// Every bus's profile, in the order of `can.interfaces` (each file read once).
@@ -903,7 +1089,18 @@ pub fn start(
     ctx: Context,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
-) -> CanHandle {
+) -> Result<CanHandle, CanError> {
+    let table = ctx.store.table(TABLE)?;
+    let kept = match table.get(RULES_KEY)? {
+        Some(bytes) => match Rules::parse(&bytes) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(error = %e, "CAN: the stored fleet rules are unreadable; none applied");
+                None
+            }
+        },
+        None => None,
+    };
     let buses: Vec<(String, Detector)> = profiles
         .0
         .iter()
@@ -939,15 +1136,104 @@ pub fn start(
     }
     drop(in_tx);
     let (tx, cmd_rx) = mpsc::channel(16);
-    let owner = Owner::new(
+    let mut owner = Owner::new(
         Settings::new(cfg, &ctx.gateway_id),
         buses,
         stats.clone(),
         sink,
     );
-    tracker.spawn(run(owner, in_rx, cmd_rx, shutdown));
+    if let Some(r) = kept {
+        tracing::info!(rules_id = %r.set.rules_id, rules = r.set.rules.len(), "CAN: fleet rules restored");
+        owner.rules = r;
+    }
+    let current = owner.rules.set.rules_id.clone();
+    tracker.spawn(run(owner, in_rx, cmd_rx, shutdown.clone()));
+    if let Some(down) = ctx.down {
+        tracker.spawn(intake(
+            down,
+            tx.clone(),
+            ctx.store,
+            table,
+            current,
+            shutdown,
+        ));
+    }
     tracing::info!(buses = cfg.interfaces.len(), "CAN: grading every frame");
-    CanHandle { tx, stats }
+    Ok(CanHandle { tx, stats })
+}
+
+/// Takes the fleet server's messages off the uplink: a rule set is checked, written and
+/// flushed, then applied, and only then acknowledged (a crash before the flush gets it
+/// again); a refused set is reported and acknowledged (it would only be refused again); an
+/// alert or instruction is acknowledged once the owner has passed it on.
+async fn intake(
+    mut down: mpsc::Receiver<Delivery>,
+    owner: mpsc::Sender<Command>,
+    store: Store,
+    table: Table,
+    mut current: String,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let d = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            d = down.recv() => match d { Some(d) => d, None => return },
+        };
+        let (reply, done) = oneshot::channel();
+        let cmd = if d.publish.topic.ends_with("/can/rules") {
+            match Rules::parse(&d.publish.payload) {
+                Ok(r) if r.set.rules_id == current => {
+                    // The retained set again (at every reconnect): nothing to do.
+                    let _ = d.client.ack(&d.publish).await;
+                    continue;
+                }
+                Ok(r) => {
+                    let (t, st) = (table.clone(), store.clone());
+                    let bytes = d.publish.payload.clone();
+                    let kept = tokio::task::spawn_blocking(move || {
+                        t.put(RULES_KEY, &bytes)?;
+                        st.flush()
+                    })
+                    .await;
+                    match kept {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "CAN: fleet rules not stored: left unacknowledged for redelivery");
+                            continue;
+                        }
+                        Err(_) => return,
+                    }
+                    current = r.set.rules_id.clone();
+                    Command::ApplyRules {
+                        rules: Box::new(r),
+                        reply,
+                    }
+                }
+                Err(e) => {
+                    let rules_id = serde_json::from_slice::<Value>(&d.publish.payload)
+                        .ok()
+                        .and_then(|v| v["rules_id"].as_str().map(str::to_string))
+                        .unwrap_or_default();
+                    Command::RulesRefused {
+                        rules_id,
+                        error: e.to_string(),
+                        reply,
+                    }
+                }
+            }
+        } else {
+            let msg = if d.publish.payload.len() <= super::rules::MAX_DOCUMENT {
+                serde_json::from_slice::<Value>(&d.publish.payload).unwrap_or(Value::Null)
+            } else {
+                Value::Null
+            };
+            Command::Fleet { msg, reply }
+        };
+        if owner.send(cmd).await.is_err() || done.await.is_err() {
+            return;
+        }
+        let _ = d.client.ack(&d.publish).await;
+    }
 }
 
 async fn run<S: Sink>(
@@ -960,6 +1246,7 @@ async fn run<S: Sink>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sources = true;
     owner.publish_status();
+    owner.declare();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -969,6 +1256,18 @@ async fn run<S: Sink>(
             },
             Some(c) = cmds.recv() => match c {
                 Command::Status(reply) => { let _ = reply.send(owner.status()); }
+                Command::ApplyRules { rules, reply } => {
+                    owner.apply_rules(*rules);
+                    let _ = reply.send(());
+                }
+                Command::RulesRefused { rules_id, error, reply } => {
+                    owner.refuse_rules(rules_id, error);
+                    let _ = reply.send(());
+                }
+                Command::Fleet { msg, reply } => {
+                    owner.fleet(msg);
+                    let _ = reply.send(());
+                }
             },
             _ = tick.tick() => owner.tick(Instant::now(), false),
         }
@@ -1235,5 +1534,90 @@ mod tests {
         assert_eq!(s["buses"][0]["up"], false);
         assert_eq!(s["buses"][0]["reason"], "interface down");
         assert_eq!(o.stats.interface_down.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn rules_applied_at_run_time_grade_the_next_frames_and_name_themselves() {
+        let c = cfg();
+        let (mut o, sink) = owner(&c);
+        let t0 = Instant::now();
+        // A frame the profile finds normal...
+        let normal_frames = normal(3000);
+        feed(&mut o, &normal_frames, t0);
+        assert_eq!(o.stats.anomalous.load(Ordering::Relaxed), 0);
+        // ...is anomalous by a fleet signature on its payload.
+        let doc = br#"{"kind":"rules","rules_id":"cfg-a-1","rules":[
+            {"name":"fleet-1","id":"0x2b0","mask":"ffffffff","value":"01020304","level":0.9}]}"#;
+        o.apply_rules(Rules::parse(doc).unwrap());
+        feed(&mut o, &normal(3001), t0);
+        assert_eq!(o.stats.anomalous.load(Ordering::Relaxed), 1);
+        o.tick(t0 + Duration::from_millis(200), false);
+        let rec = sink.0.lock().unwrap();
+        let status = rec
+            .cloud
+            .iter()
+            .find(|(t, _)| t == RULES_STATUS_TOPIC)
+            .unwrap();
+        assert_eq!(status.1["state"], "applied");
+        let (_, r) = rec.cloud.iter().find(|(t, _)| t == REPORT_TOPIC).unwrap();
+        assert_eq!(r["id"], "0x2b0");
+        assert_eq!(r["rules"], json!(["fleet-1"]));
+        assert!(r["reasons"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("fleet-rule")));
+        assert_eq!(
+            r["payload"],
+            json!({"len": 4, "and": "01020304", "or": "01020304"})
+        );
+    }
+
+    #[test]
+    fn fleet_alerts_are_retained_for_the_hmi_and_instructions_reach_the_vehicle_function() {
+        let c = cfg();
+        let (mut o, sink) = owner(&c);
+        o.fleet(json!({"kind": "alert", "id": "0x4d0", "severity": "warning", "vehicles": 2}));
+        o.fleet(json!({"kind": "instruction", "action": "slow-down", "id": "0x1a0"}));
+        o.fleet(json!({"kind": "instruction", "action": "key-update", "id": "0x2b0"}));
+        o.fleet(json!({"kind": "instruction", "action": "explode", "id": "0x1a0"}));
+        o.fleet(Value::Null);
+        o.refuse_rules("cfg-a-9".into(), "rules[0].id: bad".into());
+        let rec = sink.0.lock().unwrap();
+        let topics: Vec<(&str, bool)> =
+            rec.local.iter().map(|(t, r, _)| (t.as_str(), *r)).collect();
+        assert_eq!(
+            topics,
+            [
+                ("vehicle/can/fleet-alert", true),
+                ("vehicle/control/speed", false),
+                ("vehicle/secoc/key-update", false)
+            ]
+        );
+        assert_eq!(o.stats.fleet_refused.load(Ordering::Relaxed), 2);
+        assert_eq!(o.stats.rules_refused.load(Ordering::Relaxed), 1);
+        let (_, st) = rec
+            .cloud
+            .iter()
+            .find(|(t, _)| t == RULES_STATUS_TOPIC)
+            .unwrap();
+        assert_eq!(
+            (&st["state"], &st["rules_id"]),
+            (&json!("refused"), &json!("cfg-a-9"))
+        );
+    }
+
+    #[test]
+    fn the_vehicle_declares_itself() {
+        let c = cfg();
+        let (mut o, sink) = owner(&c);
+        o.declare();
+        let rec = sink.0.lock().unwrap();
+        let (t, v) = &rec.cloud[0];
+        assert_eq!(t, VEHICLE_TOPIC);
+        assert_eq!(
+            v,
+            &json!({"vehicle": "VIN1", "network_config": "cfg-a", "gateway": "gw1",
+                    "ecus": {"ABS": "abs-9"}, "senders": {"0x1a0": "ABS"}, "rules_id": null})
+        );
     }
 }

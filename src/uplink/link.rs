@@ -159,7 +159,10 @@ pub struct Session {
     state_tx: watch::Sender<LinkState>,
     stats: Arc<UplinkStats>,
     /// Where sync messages from the cloud go (`outpost/{gateway}/sync/down`), if enabled.
-    pub sync_down: Option<tokio::sync::mpsc::Sender<crate::sync::Delivery>>,
+    pub sync_down: Option<tokio::sync::mpsc::Sender<super::Delivery>>,
+    /// Where the fleet server's CAN messages go (`outpost/{gateway}/can/rules` and
+    /// `.../can/down`), if the CAN capability is on.
+    pub can_down: Option<tokio::sync::mpsc::Sender<super::Delivery>>,
     /// Retained messages and persistent sessions: the state topic is recorded there, and a
     /// cloud command is queued durably for the persistent sessions it reaches before the
     /// cloud gets its PUBACK.
@@ -188,6 +191,7 @@ impl Session {
             state_tx,
             stats,
             sync_down: None,
+            can_down: None,
             sessions: None,
         }
     }
@@ -542,6 +546,17 @@ impl Session {
                             outstanding = 0;
                             heartbeat = None;
                             cursor = self.queue.first_seq().ok().flatten().unwrap_or(cursor);
+                            // Every time, not only for a new session: the capability may
+                            // have been turned on since, and the retained rule set is
+                            // delivered again on subscribing (the CAN intake skips a set it
+                            // has).
+                            if let (true, Some(l)) = (self.can_down.is_some(), link.as_ref()) {
+                                for t in self.mapping.can_down() {
+                                    if let Err(e) = l.client.try_subscribe(t, QoS::AtLeastOnce) {
+                                        tracing::error!(error = %e, "cannot subscribe for the fleet's CAN messages");
+                                    }
+                                }
+                            }
                             if !ack.session_present {
                                 if let Some(l) = link.as_ref() {
                                     for f in self.mapping.down_filters() {
@@ -588,12 +603,32 @@ impl Session {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p)))
+                        if self.can_down.is_some()
+                            && self.mapping.can_down().contains(&p.topic) =>
+                    {
+                        // Acknowledged by the CAN intake once handled (a rule set: once on
+                        // disk); if it is busy the message comes again after a reconnect.
+                        if let (Some(tx), Some(l)) = (&self.can_down, link.as_ref()) {
+                            let d = super::Delivery {
+                                publish: p,
+                                client: l.client.clone(),
+                            };
+                            if tx.try_send(d).is_err() {
+                                tracing::warn!(
+                                    "CAN: too many fleet messages waiting; one left for redelivery"
+                                );
+                            }
+                        }
+                        evidence = true;
+                        last_evidence = Instant::now();
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p)))
                         if self.sync_down.is_some() && p.topic == self.mapping.sync_down() =>
                     {
                         // Acknowledged by the sync once applied; if its queue is full the
                         // message stays unacknowledged and comes again after a reconnect.
                         if let (Some(tx), Some(l)) = (&self.sync_down, link.as_ref()) {
-                            let d = crate::sync::Delivery {
+                            let d = super::Delivery {
                                 publish: p,
                                 client: l.client.clone(),
                             };

@@ -97,6 +97,15 @@ impl Mapping {
         crate::sync::down_topic(&self.gateway)
     }
 
+    /// The cloud topics of the fleet server's messages for this gateway's CAN capability
+    /// (docs/can-fleet.md): the retained rule set, and the alerts and instructions.
+    pub fn can_down(&self) -> [String; 2] {
+        [
+            format!("outpost/{}/can/rules", self.gateway),
+            format!("outpost/{}/can/down", self.gateway),
+        ]
+    }
+
     /// The cloud filters to subscribe to.
     pub fn down_filters(&self) -> impl Iterator<Item = &str> {
         self.down.iter().map(|(f, _, _, _)| f.as_str())

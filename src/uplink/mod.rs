@@ -211,6 +211,13 @@ pub struct UplinkStats {
     pub last_transition_ms: AtomicU64,
 }
 
+/// A message from the cloud for one capability (registry sync, CAN rules), acknowledged
+/// (by `client`) once that capability has handled it; an unacknowledged one comes again.
+pub struct Delivery {
+    pub publish: rumqttc::Publish,
+    pub client: rumqttc::AsyncClient,
+}
+
 /// What the rest of the gateway sees of the uplink.
 #[derive(Clone)]
 pub struct UplinkHandle {
@@ -358,8 +365,9 @@ pub fn start(
     core: BrokerLink,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
-    sync_down: Option<tokio::sync::mpsc::Sender<crate::sync::Delivery>>,
+    sync_down: Option<tokio::sync::mpsc::Sender<Delivery>>,
     sessions: Option<crate::sessions::SessionsHandle>,
+    can_down: Option<tokio::sync::mpsc::Sender<Delivery>>,
 ) -> Result<(UplinkHandle, std::thread::JoinHandle<()>), UplinkError> {
     let mapping = Arc::new(Mapping::new(gateway_id, &cfg.up, &cfg.down)?);
     let (queue, queue_thread) = QueueHandle::spawn(
@@ -388,6 +396,7 @@ pub fn start(
         stats,
     );
     session.sync_down = sync_down;
+    session.can_down = can_down;
     session.sessions = sessions;
     tracker.spawn(session.run(shutdown));
     Ok((handle, queue_thread))
