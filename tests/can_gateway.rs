@@ -5,27 +5,12 @@ mod cloud;
 mod common;
 
 use cloud::{tls_client_config, Cloud, CloudPki, CloudSubscriber, Fault, Proxy};
-use common::can::{learn, normal_log};
+use common::can::{learn, merged, normal_log};
 use common::Gateway;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// `normal` with `extra` candump lines merged in by time.
-fn merged(normal: &str, extra: &[String]) -> String {
-    let ts = |l: &str| -> f64 {
-        l.trim_start_matches('(')
-            .split(')')
-            .next()
-            .and_then(|t| t.parse().ok())
-            .unwrap_or(0.0)
-    };
-    let mut lines: Vec<&str> = normal.lines().collect();
-    lines.extend(extra.iter().map(String::as_str));
-    lines.sort_by(|a, b| ts(a).total_cmp(&ts(b)));
-    lines.join("\n") + "\n"
-}
 
 /// 0x1a0 spoofed every 1 ms for 300 ms from `t0_us`, with its constant byte broken.
 fn spoofing(t0_us: u64) -> Vec<String> {
@@ -250,8 +235,8 @@ fn bad_log_lines_error_floods_and_bus_off_are_counted_and_nothing_stops() {
     assert_eq!(gw.metric("outpost_can_skipped_lines"), bad);
     assert_eq!(gw.metric("outpost_can_bus_off"), 1);
     assert_eq!(gw.metric("outpost_can_restarts"), 1);
-    // 8 s of normal traffic (800 + 400 + 80) and the 300 spoofed frames.
-    assert_eq!(gw.metric("outpost_can_frames"), 1580);
+    // 8 s of normal traffic (800 + 400 + 160 + 80) and the 300 spoofed frames.
+    assert_eq!(gw.metric("outpost_can_frames"), 1740);
     let log = gw.log();
     assert!(log.contains("CAN controller bus-off"), "{log}");
     assert!(log.contains("log lines skipped"), "{log}");
