@@ -15,7 +15,7 @@
 mod cloud;
 mod common;
 
-use cloud::{Cloud as Broker, CloudPki, Fault, Proxy};
+use cloud::{tls_client_config, Cloud as Broker, CloudPki, CloudSubscriber, Fault, Proxy};
 use common::can::{learn, masquerade, merged, normal_log};
 use common::roles::{uplink_section, Cloud};
 use common::Gateway;
@@ -137,6 +137,7 @@ fn an_attack_on_one_vehicle_alerts_its_configuration_and_ecu_type_and_teaches_th
     let names = ["gw-a", "gw-b", "gw-c", "gw-d"];
     let creds: Vec<_> = names.iter().map(|n| pki.issue(n, false)).collect();
     let (cl_cert, cl_key) = pki.issue("cloud-test", false);
+    let (app_cert, app_key) = pki.issue("cloud-app", false);
     let broker = Broker::start(&pki);
     let proxies: Vec<Proxy> = names
         .iter()
@@ -252,6 +253,48 @@ fn an_attack_on_one_vehicle_alerts_its_configuration_and_ecu_type_and_teaches_th
     );
     let b_alert = retained(&gws[1], "vehicle/can/fleet-alert").expect("B's fleet alert");
     assert_eq!(b_alert["why"], "same-network-config", "{b_alert}");
+
+    // A malformed rule set from the cloud is refused with the reason, and the rules before
+    // stay; a local client cannot change them at all.
+    let applied = gws[1].metric("outpost_can_rules_applied");
+    let app = CloudSubscriber::start(
+        broker.port,
+        tls_client_config(&pki.ca, &app_cert, &app_key),
+        "cloud-app",
+        "outpost/gw-b/can/rules-status",
+    );
+    app.publish(
+        "outpost/gw-b/can/rules",
+        r#"{"kind":"rules","rules_id":"evil-1","rules":[
+            {"name":"x","id":"0x4d0","mask":"ff","value":"01","level":7}]}"#,
+    );
+    wait(
+        "the refusal",
+        Duration::from_secs(20),
+        &|| all_logs(&cloud, &gws),
+        || {
+            app.received.lock().unwrap().iter().any(|(_, b)| {
+                b.contains("\"refused\"") && b.contains("evil-1") && b.contains("rules[0].level")
+            })
+        },
+    );
+    assert_eq!(gws[1].metric("outpost_can_rules_refused"), 1);
+    let local = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &gws[1].plain().port().to_string()])
+        .args([
+            "-i",
+            "local-tamper",
+            "-q",
+            "1",
+            "-t",
+            "outpost/gw-b/can/rules",
+        ])
+        .args(["-m", r#"{"kind":"rules","rules_id":"local-1","rules":[]}"#])
+        .output()
+        .unwrap();
+    println!("local publish: {:?}", local.status);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(gws[1].metric("outpost_can_rules_applied"), applied);
 
     // SIGKILL B; started again (same masquerade log) it detects with the fleet's rule.
     gws[1].signal("KILL");
