@@ -480,6 +480,8 @@ struct Bus {
     errors: u64,
     incidents: HashMap<Option<u32>, Incident>,
     warned: Option<Instant>,
+    /// Log lines the source skipped so far.
+    skipped: u64,
 }
 
 impl Bus {
@@ -523,6 +525,7 @@ impl<S: Sink> Owner<S> {
                     errors: 0,
                     incidents: HashMap::new(),
                     warned: None,
+                    skipped: 0,
                 })
                 .collect(),
             stats,
@@ -558,10 +561,9 @@ impl<S: Sink> Owner<S> {
                     return;
                 };
                 // `lines` is the source's running total.
-                let seen = self.stats.skipped_lines.load(Ordering::Relaxed);
-                self.stats
-                    .skipped_lines
-                    .store(seen.max(lines), Ordering::Relaxed);
+                let delta = lines.saturating_sub(b.skipped);
+                b.skipped = b.skipped.max(lines);
+                self.stats.skipped_lines.fetch_add(delta, Ordering::Relaxed);
                 if b.warn_due(now) {
                     tracing::warn!(bus = %b.name, lines, first = ?first, "log lines skipped: not frames");
                 }
