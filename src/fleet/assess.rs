@@ -146,6 +146,12 @@ impl Why {
     }
 }
 
+/// A rule derived from a report.
+enum Derived {
+    Signature { mask: Vec<u8>, value: Vec<u8> },
+    Rate { window_ms: u32, max_frames: u32 },
+}
+
 /// Something to publish.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Out {
@@ -252,7 +258,7 @@ pub fn could_match(normal: &Fingerprint, mask: &[u8], value: &[u8]) -> bool {
     }
     let (nmask, nvalue) = signature(normal);
     mask.iter()
-        .zip(&value[..])
+        .zip(value)
         .zip(nmask.iter().zip(&nvalue))
         .all(|((m, v), (nm, nv))| (m & nm) & (v ^ nv) == 0)
 }
@@ -325,8 +331,7 @@ impl Fleet {
 
     /// Insert or update the vehicle of `gateway`; returns it.
     fn touch(&mut self, gateway: &str, vehicle: &str, network_config: &str, now_ms: u64) {
-        if !self.vehicles.contains_key(gateway) && self.vehicles.len() >= self.cfg.max_vehicles
-        {
+        if !self.vehicles.contains_key(gateway) && self.vehicles.len() >= self.cfg.max_vehicles {
             if let Some(old) = self
                 .vehicles
                 .values()
@@ -370,7 +375,10 @@ impl Fleet {
         }
         match self.rule_sets.get(&m.network_config) {
             Some(set)
-                if self.vehicles.get(gateway).and_then(|v| v.rules_id.as_deref())
+                if self
+                    .vehicles
+                    .get(gateway)
+                    .and_then(|v| v.rules_id.as_deref())
                     != Some(set.rules_id().as_str()) =>
             {
                 vec![Out::Rules {
@@ -390,7 +398,11 @@ impl Fleet {
         if let Some(v) = self.vehicles.get_mut(gateway) {
             if s.applied {
                 v.rules_id = Some(s.rules_id.clone());
-                v.rules_status = Some(format!("applied {} ({} rules)", s.rules_id, s.rules.unwrap_or(0)));
+                v.rules_status = Some(format!(
+                    "applied {} ({} rules)",
+                    s.rules_id,
+                    s.rules.unwrap_or(0)
+                ));
             } else {
                 v.rules_status = Some(format!(
                     "refused {}: {}",
@@ -480,7 +492,12 @@ impl Fleet {
 
     /// The most frames of an id in `window_ms` that the normal summaries show (from the
     /// mean rate and from the shortest gap, whichever is more).
-    pub fn normal_max_per_window(&self, network_config: &str, id: u32, window_ms: u32) -> Option<f64> {
+    pub fn normal_max_per_window(
+        &self,
+        network_config: &str,
+        id: u32,
+        window_ms: u32,
+    ) -> Option<f64> {
         let w = f64::from(window_ms);
         self.normal_stats(network_config, id)
             .iter()
@@ -523,8 +540,7 @@ impl Fleet {
             .iter()
             .filter(|(g, s)| s.anomalous + s.suspect > 0 && !reporters.contains_key(*g))
             .count();
-        if stats.len() >= min && quiet as f64 > self.cfg.downgrade_fraction * stats.len() as f64
-        {
+        if stats.len() >= min && quiet as f64 > self.cfg.downgrade_fraction * stats.len() as f64 {
             return Some(format!(
                 "{quiet} of {} vehicles of {} show the same pattern on {} in their summaries without an incident",
                 stats.len(),
@@ -554,20 +570,24 @@ impl Fleet {
     }
 
     /// Derive a rule from the report, or say why there is none.
-    fn derive_rule(&self, r: &Report, id: u32) -> Result<(Option<(Vec<u8>, Vec<u8>)>, Option<(u32, u32)>), String> {
+    fn derive_rule(&self, r: &Report, id: u32) -> Result<Derived, String> {
         if let Some(fp) = &r.payload {
             let (mask, value) = signature(fp);
             let bits = popcount(&mask);
             let normal = self.normal_fingerprint(&r.network_config, id);
             if bits >= self.cfg.signature_min_bits
-                && !normal.as_ref().is_some_and(|n| could_match(n, &mask, &value))
+                && !normal
+                    .as_ref()
+                    .is_some_and(|n| could_match(n, &mask, &value))
             {
-                return Ok((Some((mask, value)), None));
+                return Ok(Derived::Signature { mask, value });
             }
         }
         let window_ms = u32::try_from(self.cfg.rate_window.as_millis()).unwrap_or(100);
         let Some(normal) = self.normal_max_per_window(&r.network_config, id, window_ms) else {
-            return Err("no signature and no normal rate of the id in the fleet's summaries".into());
+            return Err(
+                "no signature and no normal rate of the id in the fleet's summaries".into(),
+            );
         };
         let max_frames = (normal * (1.0 + self.cfg.rate_margin)).ceil() + 1.0;
         let max_frames = max_frames.clamp(1.0, f64::from(u32::MAX)) as u32;
@@ -578,7 +598,10 @@ impl Fleet {
                 r.rate_hz
             ));
         }
-        Ok((None, Some((window_ms, max_frames))))
+        Ok(Derived::Rate {
+            window_ms,
+            max_frames,
+        })
     }
 
     /// Add a rule for the report's id to its configuration's set (unless the set has one for
@@ -587,12 +610,17 @@ impl Fleet {
         let config = &r.network_config;
         if let Some(set) = self.rule_sets.get(config) {
             if let Some(rule) = set.rules.iter().find(|x| x.id == format_id(id)) {
-                return format!("{} already has {} for {}", set.rules_id(), rule.name, rule.id);
+                return format!(
+                    "{} already has {} for {}",
+                    set.rules_id(),
+                    rule.name,
+                    rule.id
+                );
             }
         } else if self.rule_sets.len() >= MAX_RULE_SETS {
             return format!("no rule: {MAX_RULE_SETS} configurations have rule sets already");
         }
-        let (sig, rate) = match self.derive_rule(r, id) {
+        let derived = match self.derive_rule(r, id) {
             Ok(x) => x,
             Err(why) => return format!("no rule: {why}"),
         };
@@ -616,12 +644,18 @@ impl Fleet {
             max_frames: None,
             level: self.cfg.rule_level,
         };
-        if let Some((mask, value)) = sig {
-            rule.mask = Some(hex::encode(mask));
-            rule.value = Some(hex::encode(value));
-        } else if let Some((w, m)) = rate {
-            rule.window_ms = Some(w);
-            rule.max_frames = Some(m);
+        match derived {
+            Derived::Signature { mask, value } => {
+                rule.mask = Some(hex::encode(mask));
+                rule.value = Some(hex::encode(value));
+            }
+            Derived::Rate {
+                window_ms,
+                max_frames,
+            } => {
+                rule.window_ms = Some(window_ms);
+                rule.max_frames = Some(max_frames);
+            }
         }
         if set.rules.len() >= MAX_RULES {
             set.rules.remove(0);
@@ -629,7 +663,11 @@ impl Fleet {
         let what = format!(
             "{} {} for {}",
             rule.name,
-            if rule.mask.is_some() { "signature" } else { "rate limit" },
+            if rule.mask.is_some() {
+                "signature"
+            } else {
+                "rate limit"
+            },
             rule.id
         );
         set.rules.push(rule);
@@ -637,7 +675,11 @@ impl Fleet {
         let set = set.clone();
         self.counters.rule_sets += 1;
         self.dirty.rule_sets.insert(config.clone());
-        for v in self.vehicles.values().filter(|v| &v.network_config == config) {
+        for v in self
+            .vehicles
+            .values()
+            .filter(|v| &v.network_config == config)
+        {
             outs.push(Out::Rules {
                 gateway: v.gateway.clone(),
                 set: set.clone(),
@@ -697,9 +739,7 @@ impl Fleet {
             }
         }
         self.dirty.incidents.insert(key.to_string());
-        self.incidents
-            .get_mut(key)
-            .expect("inserted above")
+        self.incidents.get_mut(key).expect("inserted above")
     }
 
     /// `outpost/{gw}/can/report`: assess an incident with the fleet and decide what goes to
@@ -1020,5 +1060,523 @@ impl Fleet {
             per.retain(|_, s| s.at_ms.saturating_add(BASELINE_MAX_AGE_MS) >= now_ms);
             !per.is_empty()
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::msg::{IdSummary, ReportState};
+    use crate::fleet::InstructionConfig;
+
+    const T0: f64 = 1_796_345_994.0;
+    const NOW: u64 = 1_796_346_000_000;
+
+    fn vehicle(gw: &str, config: &str, ecus: &[(&str, &str)]) -> VehicleMsg {
+        VehicleMsg {
+            vehicle: format!("VIN-{gw}"),
+            network_config: config.into(),
+            ecus: ecus
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+            senders: BTreeMap::new(),
+            rules_id: None,
+        }
+    }
+
+    /// A (cfg-a, ABS abs-9.3), B (cfg-a), C (cfg-b, with an abs-9.3), D (cfg-b, without).
+    fn fleet_with(cfg: FleetConfig) -> Fleet {
+        let mut f = Fleet::new(cfg);
+        f.on_vehicle("gw-a", vehicle("gw-a", "cfg-a", &[("ABS", "abs-9.3")]), NOW);
+        f.on_vehicle("gw-b", vehicle("gw-b", "cfg-a", &[("ABS", "abs-9.3")]), NOW);
+        f.on_vehicle("gw-c", vehicle("gw-c", "cfg-b", &[("BRK", "abs-9.3")]), NOW);
+        f.on_vehicle("gw-d", vehicle("gw-d", "cfg-b", &[("EPS", "eps-2")]), NOW);
+        f
+    }
+
+    fn fleet() -> Fleet {
+        fleet_with(FleetConfig::default())
+    }
+
+    fn fp(and: &str, or: &str) -> Fingerprint {
+        Fingerprint {
+            and: hex::decode(and).unwrap(),
+            or: hex::decode(or).unwrap(),
+        }
+    }
+
+    fn report(gw: &str, ts: f64) -> Report {
+        Report {
+            incident: format!("can0-{gw}-0x1a0"),
+            state: ReportState::Open,
+            vehicle: format!("VIN-{gw}"),
+            network_config: "cfg-a".into(),
+            id: Some(0x1a0),
+            sender: Some("ABS".into()),
+            ecu_type: Some("abs-9.3".into()),
+            first_ts: ts,
+            last_ts: ts,
+            frames: 300,
+            max_level: 1.0,
+            reasons: vec!["early".into()],
+            payload: Some(fp("0000ff0000000000", "000fff0000000000")),
+            rate_hz: 1000.0,
+        }
+    }
+
+    /// A normal summary of 0x1a0: 100 Hz over 10 s.
+    fn summary(config: &str, anomalous: u64, suspect: u64) -> Summary {
+        let mut ids = BTreeMap::new();
+        ids.insert(
+            0x1a0,
+            IdSummary {
+                n: 1000,
+                anomalous,
+                suspect,
+                gap_min_us: Some(9701.0),
+                gap_mean_us: Some(10000.0),
+                fingerprint: Some(fp("a500500000000000", "a50f7f0000000000")),
+            },
+        );
+        Summary {
+            vehicle: "v".into(),
+            network_config: config.into(),
+            from_ms: NOW - 10_000,
+            to_ms: NOW,
+            ids,
+        }
+    }
+
+    fn alerts(outs: &[Out]) -> Vec<(String, String, u32, String)> {
+        let mut v: Vec<_> = outs
+            .iter()
+            .filter_map(|o| match o {
+                Out::Down {
+                    gateway,
+                    msg:
+                        DownMsg::Alert {
+                            why,
+                            vehicles,
+                            severity,
+                            ..
+                        },
+                } => Some((gateway.clone(), why.clone(), *vehicles, severity.clone())),
+                _ => None,
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn rules_to(outs: &[Out]) -> Vec<String> {
+        let mut v: Vec<_> = outs
+            .iter()
+            .filter_map(|o| match o {
+                Out::Rules { gateway, .. } => Some(gateway.clone()),
+                _ => None,
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn report_on_one_vehicle_alerts_same_config_and_same_ecu_type_never_the_rest() {
+        let mut f = fleet();
+        let a = f.on_report("gw-a", report("gw-a", T0), NOW);
+        assert_eq!(a.verdict, Verdict::Anomalous);
+        assert_eq!(a.vehicles, 1);
+        assert_eq!(
+            alerts(&a.outs),
+            vec![
+                (
+                    "gw-b".into(),
+                    "same-network-config".into(),
+                    1,
+                    "watch".into()
+                ),
+                ("gw-c".into(), "same-ecu-type".into(), 1, "watch".into()),
+            ]
+        );
+        // The rule set goes to every vehicle of the configuration, the reporter included.
+        assert_eq!(rules_to(&a.outs), vec!["gw-a", "gw-b"]);
+        assert!(a.outs.iter().all(|o| o.gateway() != "gw-d"));
+    }
+
+    #[test]
+    fn second_vehicle_within_window_escalates_and_raises_severity() {
+        let mut f = fleet();
+        f.on_report("gw-a", report("gw-a", T0), NOW);
+        let b = f.on_report("gw-b", report("gw-b", T0 + 5.0), NOW + 5000);
+        assert_eq!(b.verdict, Verdict::Escalated);
+        assert_eq!(b.vehicles, 2);
+        assert_eq!(b.fleet_level, 1.0);
+        assert_eq!(
+            alerts(&b.outs),
+            vec![
+                (
+                    "gw-a".into(),
+                    "same-network-config".into(),
+                    2,
+                    "warning".into()
+                ),
+                ("gw-c".into(), "same-ecu-type".into(), 2, "warning".into()),
+            ]
+        );
+        // No second rule for the same id: the set is unchanged, not re-sent.
+        assert!(rules_to(&b.outs).is_empty(), "{}", b.rule);
+        assert_eq!(f.counters.escalated, 1);
+    }
+
+    #[test]
+    fn update_at_the_same_severity_is_not_alerted_again() {
+        let mut f = fleet();
+        f.on_report("gw-a", report("gw-a", T0), NOW);
+        let mut again = report("gw-a", T0 + 1.0);
+        again.state = ReportState::Update;
+        let a = f.on_report("gw-a", again, NOW + 1000);
+        assert!(alerts(&a.outs).is_empty());
+        assert_eq!(f.counters.alerts, 2);
+    }
+
+    #[test]
+    fn report_after_the_window_starts_a_new_incident_that_alerts_again() {
+        let mut f = fleet();
+        f.on_report("gw-a", report("gw-a", T0), NOW);
+        let b = f.on_report("gw-b", report("gw-b", T0 + 61.0), NOW + 61_000);
+        assert_eq!(b.verdict, Verdict::Anomalous);
+        assert_eq!(b.vehicles, 1);
+        assert_eq!(
+            alerts(&b.outs),
+            vec![
+                (
+                    "gw-a".into(),
+                    "same-network-config".into(),
+                    1,
+                    "watch".into()
+                ),
+                ("gw-c".into(), "same-ecu-type".into(), 1, "watch".into()),
+            ]
+        );
+        assert_eq!(f.incident("cfg-a/0x1a0").unwrap().seq, 2);
+    }
+
+    #[test]
+    fn five_vehicles_within_the_window_are_critical() {
+        let mut f = fleet();
+        for i in 0..5 {
+            let gw = format!("gw-x{i}");
+            f.on_vehicle(&gw, vehicle(&gw, "cfg-a", &[]), NOW);
+        }
+        let mut last = None;
+        for i in 0..5 {
+            let gw = format!("gw-x{i}");
+            last = Some(f.on_report(&gw, report(&gw, T0 + i as f64), NOW));
+        }
+        let last = last.unwrap();
+        assert_eq!(last.vehicles, 5);
+        assert_eq!(last.severity, Severity::Critical);
+        assert!(alerts(&last.outs).iter().all(|a| a.3 == "critical"));
+    }
+
+    #[test]
+    fn fleet_wide_quiet_pattern_is_downgraded_with_no_alerts() {
+        let mut f = fleet();
+        for g in ["gw-b", "gw-x1", "gw-x2", "gw-x3"] {
+            f.on_summary(g, summary("cfg-a", 0, 40), NOW);
+        }
+        let a = f.on_report("gw-a", report("gw-a", T0), NOW);
+        assert!(
+            matches!(a.verdict, Verdict::Downgraded(_)),
+            "{:?}",
+            a.verdict
+        );
+        assert!(a.outs.is_empty());
+        assert_eq!(f.counters.downgraded, 1);
+        assert!(f.rule_set("cfg-a").is_none());
+    }
+
+    #[test]
+    fn normal_payload_at_normal_rate_is_downgraded() {
+        let mut f = fleet();
+        for g in ["gw-b", "gw-x1", "gw-x2"] {
+            f.on_summary(g, summary("cfg-a", 0, 0), NOW);
+        }
+        let mut r = report("gw-a", T0);
+        r.payload = Some(fp("a500500000000000", "a5007f0000000000"));
+        r.rate_hz = 100.0;
+        let a = f.on_report("gw-a", r, NOW);
+        assert!(
+            matches!(a.verdict, Verdict::Downgraded(_)),
+            "{:?}",
+            a.verdict
+        );
+        assert!(a.outs.is_empty());
+    }
+
+    #[test]
+    fn attack_payload_on_a_normal_fleet_is_not_downgraded_and_gets_a_signature_rule() {
+        let mut f = fleet();
+        for g in ["gw-b", "gw-x1", "gw-x2"] {
+            f.on_summary(g, summary("cfg-a", 0, 0), NOW);
+        }
+        let a = f.on_report("gw-a", report("gw-a", T0), NOW);
+        assert_eq!(a.verdict, Verdict::Anomalous);
+        let set = f.rule_set("cfg-a").unwrap();
+        assert_eq!(set.rules_id(), "cfg-a-1");
+        let r = &set.rules[0];
+        assert_eq!(r.name, "fleet-1");
+        assert_eq!(r.id, "0x1a0");
+        // mask = !(and ^ or), value = and & mask.
+        assert_eq!(r.mask.as_deref(), Some("fff0ffffffffffff"));
+        assert_eq!(r.value.as_deref(), Some("0000ff0000000000"));
+        assert_eq!(r.level, 0.9);
+    }
+
+    #[test]
+    fn weak_signature_falls_back_to_a_rate_limit_from_the_normal_rate() {
+        let mut f = fleet();
+        f.on_summary("gw-b", summary("cfg-a", 0, 0), NOW);
+        let mut r = report("gw-a", T0);
+        r.payload = Some(fp("0000", "ff0f")); // 4 constant bits
+        let a = f.on_report("gw-a", r, NOW);
+        let set = f.rule_set("cfg-a").unwrap();
+        let rule = &set.rules[0];
+        assert_eq!(rule.mask, None);
+        assert_eq!(rule.window_ms, Some(100));
+        // Normal: floor(100 ms / 9.701 ms) + 1 = 11 per 100 ms; × 1.5 → 17, + 1.
+        assert_eq!(rule.max_frames, Some(18), "{}", a.rule);
+    }
+
+    #[test]
+    fn signature_that_normal_frames_could_match_falls_back_to_a_rate_limit() {
+        let mut f = fleet();
+        f.on_summary("gw-b", summary("cfg-a", 0, 0), NOW);
+        let mut r = report("gw-a", T0);
+        // Constant bits agree with the normal constant bits (a5 .. 50): normal frames match.
+        r.payload = Some(fp("a500500000000000", "a500500000000000"));
+        f.on_report("gw-a", r, NOW);
+        let rule = &f.rule_set("cfg-a").unwrap().rules[0];
+        assert_eq!(rule.mask, None);
+        assert!(rule.max_frames.is_some());
+    }
+
+    #[test]
+    fn no_rule_without_a_baseline_or_when_the_rate_is_normal() {
+        let mut f = fleet();
+        let mut r = report("gw-a", T0);
+        r.payload = None;
+        let a = f.on_report("gw-a", r, NOW);
+        assert!(a.rule.starts_with("no rule"), "{}", a.rule);
+        assert!(f.rule_set("cfg-a").is_none());
+        // Alerts go out anyway.
+        assert_eq!(alerts(&a.outs).len(), 2);
+
+        let mut f = fleet();
+        f.on_summary("gw-b", summary("cfg-a", 0, 0), NOW);
+        let mut r = report("gw-a", T0);
+        r.payload = None;
+        r.rate_hz = 100.0;
+        let a = f.on_report("gw-a", r, NOW);
+        assert!(
+            a.rule.contains("within the fleet's normal rate"),
+            "{}",
+            a.rule
+        );
+    }
+
+    #[test]
+    fn rule_set_is_capped_at_256_and_drops_the_oldest() {
+        let mut f = fleet();
+        for id in 0..300u32 {
+            let mut r = report("gw-a", T0);
+            r.id = Some(id);
+            f.on_report("gw-a", r, NOW);
+        }
+        let set = f.rule_set("cfg-a").unwrap();
+        assert_eq!(set.rules.len(), MAX_RULES);
+        assert_eq!(set.rules[0].name, "fleet-45");
+        assert_eq!(set.version, 300);
+        let names: BTreeSet<_> = set.rules.iter().map(|r| &r.name).collect();
+        assert_eq!(names.len(), MAX_RULES, "names unique");
+    }
+
+    #[test]
+    fn vehicle_without_the_current_rule_set_gets_it_when_it_announces_itself() {
+        let mut f = fleet();
+        f.on_report("gw-a", report("gw-a", T0), NOW);
+        let outs = f.on_vehicle("gw-e", vehicle("gw-e", "cfg-a", &[]), NOW);
+        assert_eq!(rules_to(&outs), vec!["gw-e"]);
+        let mut v = vehicle("gw-e", "cfg-a", &[]);
+        v.rules_id = Some("cfg-a-1".into());
+        assert!(f.on_vehicle("gw-e", v, NOW).is_empty());
+        assert!(f
+            .on_vehicle("gw-d", vehicle("gw-d", "cfg-b", &[]), NOW)
+            .is_empty());
+    }
+
+    #[test]
+    fn configured_instruction_goes_to_each_vehicle_of_the_configuration_once() {
+        let mut cfg = FleetConfig::default();
+        cfg.instructions.push(InstructionConfig {
+            network_config: "cfg-a".into(),
+            ids: vec!["0x1a0".into()],
+            action: Action::SlowDown,
+            min_vehicles: 1,
+        });
+        let mut f = fleet_with(cfg);
+        let a = f.on_report("gw-a", report("gw-a", T0), NOW);
+        let to: Vec<&str> = a
+            .outs
+            .iter()
+            .filter_map(|o| match o {
+                Out::Down {
+                    gateway,
+                    msg: DownMsg::Instruction { action, .. },
+                } if action == "slow-down" => Some(gateway.as_str()),
+                _ => None,
+            })
+            .collect();
+        let mut to = to;
+        to.sort();
+        assert_eq!(to, vec!["gw-a", "gw-b"]);
+        let b = f.on_report("gw-b", report("gw-b", T0 + 1.0), NOW);
+        assert!(!b.outs.iter().any(|o| matches!(
+            o,
+            Out::Down {
+                msg: DownMsg::Instruction { .. },
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn key_update_instructs_every_vehicle_of_the_configuration_once() {
+        let mut f = fleet();
+        let k = KeyUpdate {
+            id: 0x2b0,
+            incident: "i".into(),
+            vehicle: "VIN-gw-a".into(),
+            level: 1.0,
+        };
+        let outs = f.on_key_update("gw-a", k.clone(), NOW);
+        let mut to: Vec<_> = outs.iter().map(|o| o.gateway().to_string()).collect();
+        to.sort();
+        assert_eq!(to, vec!["gw-a", "gw-b"]);
+        assert!(f.on_key_update("gw-a", k, NOW).is_empty());
+        assert!(f
+            .on_key_update(
+                "gw-unknown",
+                KeyUpdate {
+                    id: 1,
+                    incident: String::new(),
+                    vehicle: String::new(),
+                    level: 1.0
+                },
+                NOW
+            )
+            .is_empty());
+    }
+
+    #[test]
+    fn vehicles_beyond_the_bound_forget_the_least_recently_heard() {
+        let cfg = FleetConfig {
+            max_vehicles: 3,
+            ..FleetConfig::default()
+        };
+        let mut f = Fleet::new(cfg);
+        for (i, g) in ["g1", "g2", "g3", "g4"].iter().enumerate() {
+            f.on_vehicle(g, vehicle(g, "c", &[]), NOW + i as u64);
+        }
+        assert_eq!(f.vehicles().count(), 3);
+        assert!(f.vehicle("g1").is_none());
+        let d = f.take_dirty();
+        assert!(d.vehicles.contains("g1"), "the removal is persisted");
+        assert_eq!(f.counters.evicted, 1);
+    }
+
+    #[test]
+    fn rules_status_refused_is_counted_and_applied_records_the_set() {
+        let mut f = fleet();
+        f.on_rules_status(
+            "gw-a",
+            RulesStatus {
+                rules_id: "cfg-a-2".into(),
+                applied: false,
+                rules: None,
+                error: Some("rules[1].mask".into()),
+            },
+        );
+        assert_eq!(f.counters.rules_refused, 1);
+        f.on_rules_status(
+            "gw-a",
+            RulesStatus {
+                rules_id: "cfg-a-3".into(),
+                applied: true,
+                rules: Some(3),
+                error: None,
+            },
+        );
+        assert_eq!(
+            f.vehicle("gw-a").unwrap().rules_id.as_deref(),
+            Some("cfg-a-3")
+        );
+    }
+
+    #[test]
+    fn incidents_are_bounded_and_expire_after_the_window() {
+        let mut f = fleet();
+        for id in 0..(MAX_INCIDENTS as u32 + 10) {
+            let mut r = report("gw-a", T0);
+            r.id = Some(id);
+            r.payload = None;
+            f.on_report("gw-a", r, NOW + u64::from(id));
+        }
+        assert_eq!(f.incidents.len(), MAX_INCIDENTS);
+        f.tick(NOW + 3_600_000);
+        assert!(f.incidents.is_empty());
+    }
+
+    #[test]
+    fn restored_state_keeps_dedupe_and_rule_sets() {
+        let mut f = fleet();
+        f.on_report("gw-a", report("gw-a", T0), NOW);
+        let d = f.take_dirty();
+        let mut g = Fleet::new(FleetConfig::default());
+        for k in &d.vehicles {
+            g.restore_vehicle(f.vehicle(k).unwrap().clone());
+        }
+        for k in &d.rule_sets {
+            g.restore_rule_set(f.rule_set(k).unwrap().clone());
+        }
+        for k in &d.incidents {
+            g.restore_incident(f.incident(k).unwrap().clone());
+        }
+        let mut again = report("gw-a", T0 + 1.0);
+        again.state = ReportState::Closed;
+        let a = g.on_report("gw-a", again, NOW + 1000);
+        assert!(alerts(&a.outs).is_empty(), "deduped across the restart");
+        assert_eq!(g.rule_set("cfg-a").unwrap().rules_id(), "cfg-a-1");
+    }
+
+    #[test]
+    fn unknown_id_incident_alerts_the_configuration_without_a_rule() {
+        let mut f = fleet();
+        let mut r = report("gw-a", T0);
+        r.id = None;
+        r.sender = None;
+        r.ecu_type = None;
+        let a = f.on_report("gw-a", r, NOW);
+        assert_eq!(
+            alerts(&a.outs),
+            vec![(
+                "gw-b".into(),
+                "same-network-config".into(),
+                1,
+                "watch".into()
+            )]
+        );
+        assert!(f.rule_set("cfg-a").is_none());
     }
 }

@@ -158,7 +158,8 @@ impl FleetConfig {
             return Err(("fleet.signature_min_bits", "must be in 1..=512".into()));
         }
         let w = self.rate_window.as_millis();
-        if !(1..=10_000).contains(&w) || self.rate_window.subsec_nanos() % 1_000_000 != 0 {
+        if !(1..=10_000).contains(&w) || !self.rate_window.subsec_nanos().is_multiple_of(1_000_000)
+        {
             return Err((
                 "fleet.rate_window",
                 "must be whole milliseconds in 1ms..=10s".into(),
@@ -191,7 +192,10 @@ impl FleetConfig {
                     .map_err(|e| ("fleet.instructions.ids", format!("{id:?}: {e}")))?;
             }
             if i.min_vehicles < 1 {
-                return Err(("fleet.instructions.min_vehicles", "must be at least 1".into()));
+                return Err((
+                    "fleet.instructions.min_vehicles",
+                    "must be at least 1".into(),
+                ));
             }
         }
         Ok(())

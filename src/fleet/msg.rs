@@ -635,21 +635,28 @@ mod tests {
 
     #[test]
     fn malformed_messages_are_errors_not_panics() {
+        for bad in [&b"{"[..], b"null", b"[]", b"{\"vehicle\": 5}", b"\xff\xfe"] {
+            for k in Kind::ALL {
+                assert!(
+                    parse(k, bad).is_err(),
+                    "{k:?} {:?}",
+                    String::from_utf8_lossy(bad)
+                );
+            }
+        }
         for bad in [
-            &b"{"[..],
-            b"null",
-            b"[]",
-            b"{\"vehicle\": 5}",
-            b"\xff\xfe",
-            br#"{"incident":"i","state":"open","vehicle":"v","network_config":"c","id":"1a0"}"#,
+            &br#"{"incident":"i","state":"open","vehicle":"v","network_config":"c","id":"1a0"}"#[..],
             br#"{"incident":"i","state":"gone","vehicle":"v","network_config":"c"}"#,
             br#"{"incident":"i","state":"open","vehicle":"v","network_config":"c","payload":{"len":2,"and":"ff","or":"ff"}}"#,
             br#"{"incident":"i","state":"open","vehicle":"v","network_config":"c","payload":{"len":1,"and":"ff","or":"00"}}"#,
             br#"{"incident":"i","state":"open","vehicle":"","network_config":"c"}"#,
+            br#"{"incident":"i","state":"open","vehicle":"v","network_config":"c","max_level":7}"#,
         ] {
-            for k in Kind::ALL {
-                assert!(parse(k, bad).is_err(), "{k:?} {:?}", String::from_utf8_lossy(bad));
-            }
+            assert!(
+                parse(Kind::Report, bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         let big = vec![b' '; MAX_MESSAGE + 1];
         assert_eq!(

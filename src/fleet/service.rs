@@ -98,13 +98,21 @@ impl Tables {
     }
 
     /// Write what changed and the new outbox entries, then flush.
-    fn commit(&self, fleet: &mut Fleet, outs: &[Out], next_seq: &mut u64) -> Result<(), FleetError> {
+    fn commit(
+        &self,
+        fleet: &mut Fleet,
+        outs: &[Out],
+        next_seq: &mut u64,
+    ) -> Result<(), FleetError> {
         let d = fleet.take_dirty();
         let mut puts = Vec::new();
         let mut removes = Vec::new();
         for g in &d.vehicles {
             match fleet.vehicle(g) {
-                Some(v) => puts.push((g.as_bytes().to_vec(), serde_json::to_vec(v).unwrap_or_default())),
+                Some(v) => puts.push((
+                    g.as_bytes().to_vec(),
+                    serde_json::to_vec(v).unwrap_or_default(),
+                )),
                 None => removes.push(g.as_bytes().to_vec()),
             }
         }
@@ -112,7 +120,10 @@ impl Tables {
         let (mut puts, mut removes) = (Vec::new(), Vec::new());
         for c in &d.rule_sets {
             match fleet.rule_set(c) {
-                Some(s) => puts.push((c.as_bytes().to_vec(), serde_json::to_vec(s).unwrap_or_default())),
+                Some(s) => puts.push((
+                    c.as_bytes().to_vec(),
+                    serde_json::to_vec(s).unwrap_or_default(),
+                )),
                 None => removes.push(c.as_bytes().to_vec()),
             }
         }
@@ -120,7 +131,10 @@ impl Tables {
         let (mut puts, mut removes) = (Vec::new(), Vec::new());
         for k in &d.incidents {
             match fleet.incident(k) {
-                Some(i) => puts.push((k.as_bytes().to_vec(), serde_json::to_vec(i).unwrap_or_default())),
+                Some(i) => puts.push((
+                    k.as_bytes().to_vec(),
+                    serde_json::to_vec(i).unwrap_or_default(),
+                )),
                 None => removes.push(k.as_bytes().to_vec()),
             }
         }
@@ -135,7 +149,10 @@ impl Tables {
                     serde_json::to_vec(m).unwrap_or_default(),
                 ),
             };
-            puts.push((next_seq.to_be_bytes().to_vec(), encode_out(&topic, retain, &payload)));
+            puts.push((
+                next_seq.to_be_bytes().to_vec(),
+                encode_out(&topic, retain, &payload),
+            ));
             *next_seq += 1;
         }
         self.outbox.apply(&puts, &[])?;
@@ -147,7 +164,10 @@ impl Tables {
                 .into_iter()
                 .map(|(k, _)| k)
                 .collect();
-            tracing::warn!(dropped = old.len(), "fleet: outbox full, dropping the oldest messages");
+            tracing::warn!(
+                dropped = old.len(),
+                "fleet: outbox full, dropping the oldest messages"
+            );
             self.outbox.remove(&old)?;
         }
         self.store.flush()?;
@@ -163,11 +183,19 @@ struct RateLimitedLog {
 
 impl RateLimitedLog {
     fn warn(&mut self, topic: &str, error: &str) {
-        if self.last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
             self.suppressed += 1;
             return;
         }
-        tracing::warn!(topic, error, suppressed = self.suppressed, "fleet: dropping a malformed message");
+        tracing::warn!(
+            topic,
+            error,
+            suppressed = self.suppressed,
+            "fleet: dropping a malformed message"
+        );
         self.last = Some(Instant::now());
         self.suppressed = 0;
     }
@@ -231,8 +259,8 @@ pub async fn run(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     use rumqttc::{
-        AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeFilter,
-        TlsConfiguration, Transport,
+        AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeFilter, TlsConfiguration,
+        Transport,
     };
     let tls = match crate::uplink::link::client_tls(&up) {
         Ok(t) => t,
@@ -254,7 +282,12 @@ pub async fn run(
         return;
     }
     let mut next_seq = match tables.outbox.last_with_prefix(b"") {
-        Ok(Some((k, _))) => <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes).unwrap_or(0) + 1,
+        Ok(Some((k, _))) => {
+            <[u8; 8]>::try_from(k.as_slice())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0)
+                + 1
+        }
         _ => 1,
     };
     tracing::info!(
@@ -263,7 +296,10 @@ pub async fn run(
         "fleet: state loaded"
     );
     let mut malformed = 0u64;
-    let mut bad_log = RateLimitedLog { last: None, suppressed: 0 };
+    let mut bad_log = RateLimitedLog {
+        last: None,
+        suppressed: 0,
+    };
     let mut logged = fleet.counters.clone();
     let mut attempt = 0u32;
     loop {
@@ -273,7 +309,9 @@ pub async fn run(
         mo.set_manual_acks(true);
         mo.set_inflight(100);
         mo.set_max_packet_size(MAX_PACKET, MAX_PACKET);
-        mo.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls.clone())));
+        mo.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            tls.clone(),
+        )));
         let (client, mut el) = AsyncClient::new(mo, 512);
         let mut net = rumqttc::NetworkOptions::new();
         net.set_connection_timeout(up.connect_timeout.as_secs().max(1));
@@ -299,16 +337,24 @@ pub async fn run(
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         let ended = loop {
             if connected && unmapped.len() + inflight.len() < WINDOW {
-                match tables.outbox.scan_prefix_from(b"", &cursor.to_be_bytes(), WINDOW) {
+                match tables
+                    .outbox
+                    .scan_prefix_from(b"", &cursor.to_be_bytes(), WINDOW)
+                {
                     Ok(batch) => {
                         for (k, v) in batch {
-                            let Ok(seq) = <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes) else {
+                            let Ok(seq) = <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes)
+                            else {
                                 continue;
                             };
                             cursor = seq + 1;
                             match decode_out(&v) {
                                 Some((topic, retain, payload)) => {
-                                    if client.publish(topic, QoS::AtLeastOnce, retain, payload).await.is_err() {
+                                    if client
+                                        .publish(topic, QoS::AtLeastOnce, retain, payload)
+                                        .await
+                                        .is_err()
+                                    {
                                         break;
                                     }
                                     unmapped.push_back(seq);
