@@ -103,7 +103,7 @@ pub struct Incident {
 }
 
 /// One vehicle's latest summary statistics of one id.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IdStat {
     pub n: u64,
     pub anomalous: u64,
@@ -212,11 +212,16 @@ pub struct Dirty {
     pub vehicles: BTreeSet<String>,
     pub rule_sets: BTreeSet<String>,
     pub incidents: BTreeSet<String>,
+    /// (network configuration, id, gateway) of the baseline.
+    pub baseline: BTreeSet<(String, u32, String)>,
 }
 
 impl Dirty {
     pub fn is_empty(&self) -> bool {
-        self.vehicles.is_empty() && self.rule_sets.is_empty() && self.incidents.is_empty()
+        self.vehicles.is_empty()
+            && self.rule_sets.is_empty()
+            && self.incidents.is_empty()
+            && self.baseline.is_empty()
     }
 }
 
@@ -305,6 +310,24 @@ impl Fleet {
             self.incidents
                 .insert(incident_key(&i.network_config, i.id), i);
         }
+    }
+
+    /// A stored baseline statistic (dropped when the baseline is full).
+    pub fn restore_stat(&mut self, network_config: &str, id: u32, gateway: &str, stat: IdStat) {
+        let key = (network_config.to_string(), id);
+        if !self.baseline.contains_key(&key) && self.baseline.len() >= MAX_BASELINE_IDS {
+            return;
+        }
+        let per = self.baseline.entry(key).or_default();
+        if per.len() < MAX_BASELINE_VEHICLES {
+            per.insert(gateway.to_string(), stat);
+        }
+    }
+
+    pub fn stat(&self, network_config: &str, id: u32, gateway: &str) -> Option<&IdStat> {
+        self.baseline
+            .get(&(network_config.to_string(), id))?
+            .get(gateway)
     }
 
     pub fn take_dirty(&mut self) -> Dirty {
@@ -435,8 +458,14 @@ impl Fleet {
                     .map(|(g, _)| g.clone())
                 {
                     per.remove(&old);
+                    self.dirty
+                        .baseline
+                        .insert((s.network_config.clone(), id, old));
                 }
             }
+            self.dirty
+                .baseline
+                .insert((s.network_config.clone(), id, gateway.to_string()));
             per.insert(
                 gateway.to_string(),
                 IdStat {
@@ -1056,8 +1085,15 @@ impl Fleet {
             }
             self.dirty.incidents.insert(k);
         }
-        self.baseline.retain(|_, per| {
-            per.retain(|_, s| s.at_ms.saturating_add(BASELINE_MAX_AGE_MS) >= now_ms);
+        let dirty = &mut self.dirty.baseline;
+        self.baseline.retain(|(config, id), per| {
+            per.retain(|g, s| {
+                let keep = s.at_ms.saturating_add(BASELINE_MAX_AGE_MS) >= now_ms;
+                if !keep {
+                    dirty.insert((config.clone(), *id, g.clone()));
+                }
+                keep
+            });
             !per.is_empty()
         });
     }

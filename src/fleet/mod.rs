@@ -201,3 +201,35 @@ impl FleetConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn fleet_config_errors_name_the_dotted_field() {
+        assert!(err("[fleet]\nenabled = true\n").contains("fleet.enabled"));
+        assert!(err("[fleet]\nwindow = \"0s\"\n").contains("fleet.window"));
+        assert!(err("[fleet]\ncritical_vehicles = 2\n").contains("fleet.critical_vehicles"));
+        assert!(err("[fleet]\nrule_level = 1.5\n").contains("fleet.rule_level"));
+        assert!(err("[fleet]\nrate_window = \"20s\"\n").contains("fleet.rate_window"));
+        assert!(err("[fleet]\nescalate = 2\n").contains("escalate"));
+        let bad_id = "[[fleet.instructions]]\nnetwork_config = \"cfg-a\"\nids = [\"1a0\"]\naction = \"stop\"\n";
+        assert!(err(bad_id).contains("fleet.instructions.ids"));
+        let bad_action = "[[fleet.instructions]]\nnetwork_config = \"cfg-a\"\nids = [\"0x1a0\"]\naction = \"brake\"\n";
+        assert!(
+            err(bad_action).contains("fleet.instructions"),
+            "{}",
+            err(bad_action)
+        );
+        let ok = "[[fleet.instructions]]\nnetwork_config = \"cfg-a\"\nids = [\"0x1a0\"]\naction = \"key-update\"\n";
+        let c = Config::from_toml(ok).unwrap();
+        assert_eq!(c.fleet.instructions[0].action, super::Action::KeyUpdate);
+        assert_eq!(c.fleet.instructions[0].min_vehicles, 1);
+        assert!(!Config::default().fleet.enabled);
+    }
+}

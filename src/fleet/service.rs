@@ -7,7 +7,7 @@
 //! outbox is published in order, at least once: an entry leaves it when the broker
 //! acknowledged it, and what is left is published again after a reconnect or a restart.
 
-use super::assess::{incident_key, Fleet, Incident, Out, RuleSet, Vehicle, Verdict};
+use super::assess::{incident_key, Fleet, IdStat, Incident, Out, RuleSet, Vehicle, Verdict};
 use super::msg::{self, Incoming, Kind};
 use super::{FleetConfig, FleetError};
 use crate::store::{Store, Table};
@@ -18,6 +18,20 @@ const VEHICLES: &str = "fleet-vehicles";
 const RULE_SETS: &str = "fleet-rules";
 const INCIDENTS: &str = "fleet-incidents";
 const OUTBOX: &str = "fleet-outbox";
+const BASELINE: &str = "fleet-baseline";
+
+/// A baseline record: one vehicle's statistics of one id.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredStat {
+    network_config: String,
+    id: u32,
+    gateway: String,
+    stat: IdStat,
+}
+
+fn stat_key(config: &str, id: u32, gw: &str) -> Vec<u8> {
+    format!("{config}\0{id:08x}\0{gw}").into_bytes()
+}
 /// Outbox entries kept at most; beyond, the oldest are dropped (counted).
 pub const MAX_OUTBOX: usize = 100_000;
 /// The largest MQTT packet accepted from the broker. Larger than [`msg::MAX_MESSAGE`] so that
@@ -34,6 +48,7 @@ struct Tables {
     rule_sets: Table,
     incidents: Table,
     outbox: Table,
+    baseline: Table,
 }
 
 fn now_ms() -> u64 {
@@ -68,6 +83,7 @@ impl Tables {
             rule_sets: store.table(RULE_SETS)?,
             incidents: store.table(INCIDENTS)?,
             outbox: store.table(OUTBOX)?,
+            baseline: store.table(BASELINE)?,
         })
     }
 
@@ -94,6 +110,9 @@ impl Tables {
         each::<Vehicle>(&self.vehicles, VEHICLES, |v| fleet.restore_vehicle(v))?;
         each::<RuleSet>(&self.rule_sets, RULE_SETS, |s| fleet.restore_rule_set(s))?;
         each::<Incident>(&self.incidents, INCIDENTS, |i| fleet.restore_incident(i))?;
+        each::<StoredStat>(&self.baseline, BASELINE, |s| {
+            fleet.restore_stat(&s.network_config, s.id, &s.gateway, s.stat)
+        })?;
         Ok(())
     }
 
@@ -139,6 +158,24 @@ impl Tables {
             }
         }
         self.incidents.apply(&puts, &removes)?;
+        let (mut puts, mut removes) = (Vec::new(), Vec::new());
+        for (c, id, g) in &d.baseline {
+            let key = stat_key(c, *id, g);
+            match fleet.stat(c, *id, g) {
+                Some(st) => puts.push((
+                    key,
+                    serde_json::to_vec(&StoredStat {
+                        network_config: c.clone(),
+                        id: *id,
+                        gateway: g.clone(),
+                        stat: st.clone(),
+                    })
+                    .unwrap_or_default(),
+                )),
+                None => removes.push(key),
+            }
+        }
+        self.baseline.apply(&puts, &removes)?;
         let mut puts = Vec::new();
         for o in outs {
             let (topic, retain, payload) = match o {
