@@ -57,6 +57,7 @@ pub struct Config {
     pub sync: crate::sync::SyncConfig,
     pub sessions: crate::sessions::SessionsConfig,
     pub can: crate::can::config::CanConfig,
+    pub fleet: crate::fleet::FleetConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -244,6 +245,16 @@ impl Config {
         }
         if let Err((field, reason)) = self.sync.validate() {
             return Err(ConfigError::Invalid { field, reason });
+        }
+        if let Err((field, reason)) = self.fleet.validate() {
+            return Err(invalid(field, reason));
+        }
+        if self.fleet.enabled && !self.uplink.enabled {
+            return Err(invalid(
+                "fleet.enabled",
+                "the fleet server connects to the cloud broker with the [uplink] settings: \
+                 uplink.enabled must be true",
+            ));
         }
         if self.shutdown.grace > Duration::from_secs(600) {
             return Err(invalid("shutdown.grace", "must be at most 10 minutes"));

@@ -14,6 +14,7 @@ pub mod device;
 pub mod duration;
 pub mod fdo;
 pub mod fdo_wire;
+pub mod fleet;
 pub mod frontdoor;
 pub mod mdns;
 pub mod metrics;
@@ -629,6 +630,21 @@ pub async fn run_cloud(config: Config, shutdown: CancellationToken) -> Result<()
             shutdown.clone(),
         ));
         tracing::info!(broker = %config.uplink.host, "registry sync with the gateways: on");
+    }
+    if config.fleet.enabled && config.uplink.enabled {
+        let base = if config.uplink.client_id.is_empty() {
+            id.clone()
+        } else {
+            config.uplink.client_id.clone()
+        };
+        tracker.spawn(fleet::service::run(
+            config.fleet.clone(),
+            config.uplink.clone(),
+            format!("{base}-fleet"),
+            store.clone(),
+            shutdown.clone(),
+        ));
+        tracing::info!(broker = %config.uplink.host, "fleet server (CAN): on");
     }
     tracker.spawn(admin::serve(
         admin_l,
