@@ -255,17 +255,29 @@ pub fn signature(fp: &Fingerprint) -> (Vec<u8>, Vec<u8>) {
     (mask, value)
 }
 
-/// Whether a frame of the normal fingerprint `normal` could match (`mask`, `value`): no bit
-/// that is constant in both disagrees.
-pub fn could_match(normal: &Fingerprint, mask: &[u8], value: &[u8]) -> bool {
+/// Whether normal frames (fingerprint `normal`) are unlikely to match (`mask`, `value`):
+/// either a bit constant in normal traffic disagrees with the signature (no normal frame
+/// can match), or the signature pins at least `min_bits` bits that vary in normal traffic
+/// (a normal frame matches by chance at most about once in 2^min_bits). A payload that
+/// looks random in normal traffic (a MAC, a SecOC id) has no constant bits, yet an
+/// attacker's fixed payload on it is a fine signature: the envelope of AND and OR alone
+/// cannot tell.
+pub fn distinguishes(normal: &Fingerprint, mask: &[u8], value: &[u8], min_bits: u32) -> bool {
     if normal.and.len() != mask.len() {
-        return false;
+        return true;
     }
     let (nmask, nvalue) = signature(normal);
-    mask.iter()
+    let contradicts = mask
+        .iter()
         .zip(value)
         .zip(nmask.iter().zip(&nvalue))
-        .all(|((m, v), (nm, nv))| (m & nm) & (v ^ nv) == 0)
+        .any(|((m, v), (nm, nv))| (m & nm) & (v ^ nv) != 0);
+    let varying: u32 = mask
+        .iter()
+        .zip(&nmask)
+        .map(|(m, nm)| (m & !nm).count_ones())
+        .sum();
+    contradicts || varying >= min_bits
 }
 
 /// Whether every frame of `fp` lies within the normal fingerprint (its AND has every bit
@@ -605,9 +617,9 @@ impl Fleet {
             let bits = popcount(&mask);
             let normal = self.normal_fingerprint(&r.network_config, id);
             if bits >= self.cfg.signature_min_bits
-                && !normal
+                && normal
                     .as_ref()
-                    .is_some_and(|n| could_match(n, &mask, &value))
+                    .is_none_or(|n| distinguishes(n, &mask, &value, self.cfg.signature_min_bits))
             {
                 return Ok(Derived::Signature { mask, value });
             }
@@ -1390,12 +1402,45 @@ mod tests {
         let mut f = fleet();
         f.on_summary("gw-b", summary("cfg-a", 0, 0), NOW);
         let mut r = report("gw-a", T0);
-        // Constant bits agree with the normal constant bits (a5 .. 50): normal frames match.
+        // Constant bits agree with the normal constant bits (a5 .. 50) and pin only 9 bits
+        // that vary in normal traffic: normal frames would match.
         r.payload = Some(fp("a500500000000000", "a500500000000000"));
         f.on_report("gw-a", r, NOW);
         let rule = &f.rule_set("cfg-a").unwrap().rules[0];
         assert_eq!(rule.mask, None);
         assert!(rule.max_frames.is_some());
+    }
+
+    #[test]
+    fn fixed_payload_on_an_id_that_looks_random_gets_a_signature_rule() {
+        let random = Fingerprint {
+            and: vec![0; 8],
+            or: vec![0xff; 8],
+        };
+        let (mask, value) = (
+            vec![0xff; 8],
+            vec![0xde, 0xad, 0xbe, 0xef, 0, 0xc0, 0xff, 0xee],
+        );
+        assert!(distinguishes(&random, &mask, &value, 16));
+        // Only 8 pinned bits of a random payload: too weak.
+        let short = [0xff, 0, 0, 0, 0, 0, 0, 0];
+        assert!(!distinguishes(
+            &random,
+            &short,
+            &[0xde, 0, 0, 0, 0, 0, 0, 0],
+            16
+        ));
+        // A constant normal bit that the signature contradicts: never a normal frame.
+        let normal = Fingerprint {
+            and: vec![0xa5, 0, 0, 0, 0, 0, 0, 0],
+            or: vec![0xa5, 0xff, 0xff, 0, 0, 0, 0, 0],
+        };
+        assert!(distinguishes(
+            &normal,
+            &short,
+            &[0xa4, 0, 0, 0, 0, 0, 0, 0],
+            16
+        ));
     }
 
     #[test]
