@@ -74,6 +74,13 @@ impl Vehicle {
     }
 }
 
+fn instructions(v: &Vehicle) -> usize {
+    v.got("down")
+        .iter()
+        .filter(|m| m["action"] == "slow-down")
+        .count()
+}
+
 fn vehicle_msg(gw: &str, config: &str, ecus: Value, senders: Value) -> Value {
     json!({"vehicle": format!("VIN-{gw}"), "network_config": config, "gateway": gw,
            "ecus": ecus, "senders": senders, "rules_id": null})
@@ -124,7 +131,7 @@ fn report_alerts_same_config_and_same_ecu_type_escalates_survives_garbage_and_re
     let (cl_cert, cl_key) = pki.issue("cloud-test", false);
     let broker = Broker::start(&pki);
     let mut cloud = Cloud::prepare(&format!(
-        "mqtt_servers = [\"mqtts://127.0.0.1:8883\"]\n\n{}\n[sync]\nenabled = false\n\n[fleet]\nenabled = true\n",
+        "mqtt_servers = [\"mqtts://127.0.0.1:8883\"]\n\n{}\n[sync]\nenabled = false\n\n[fleet]\nenabled = true\n\n[[fleet.instructions]]\nnetwork_config = \"cfg-a\"\nids = [\"0x1a0\"]\naction = \"slow-down\"\n",
         uplink_section(broker.port, &pki.ca, &cl_cert, &cl_key)
     ));
     cloud.start();
@@ -203,6 +210,49 @@ fn report_alerts_same_config_and_same_ecu_type_escalates_survives_garbage_and_re
                 "value": "0000ff0000000000", "level": 0.9}])
     );
 
+    // The configured instruction for 0x1a0 of cfg-a goes to A and B (once each), not C or D.
+    for v in [&a, &b] {
+        let t0 = Instant::now();
+        while !v.got("down").iter().any(|m| m["kind"] == "instruction") {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{}: no instruction",
+                v.gw
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let i = v
+            .got("down")
+            .into_iter()
+            .find(|m| m["kind"] == "instruction")
+            .unwrap();
+        assert_eq!(i["action"], "slow-down");
+        assert_eq!(i["id"], "0x1a0");
+        assert_eq!(i["incident"], "can0-gw-a-0x1a0");
+    }
+
+    // A SecOC id attacked on A: every vehicle of cfg-a gets a key update.
+    a.send(
+        "key-update",
+        &json!({"action": "key-update", "id": "0x2b0", "incident": "can0-gw-a-0x2b0",
+                "vehicle": "VIN-gw-a", "level": 1.0, "reasons": ["length"], "ts": T0}),
+    );
+    for v in [&a, &b] {
+        let t0 = Instant::now();
+        while !v
+            .got("down")
+            .iter()
+            .any(|m| m["action"] == "key-update" && m["id"] == "0x2b0")
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{}: no key update",
+                v.gw
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     // B subscribes to its rules topic only now: the retained set is there.
     let (bc, bk) = pki.issue("gw-b-late", false);
     let late = CloudSubscriber::start(
@@ -254,6 +304,12 @@ fn report_alerts_same_config_and_same_ecu_type_escalates_survives_garbage_and_re
         2,
         "one alert per severity: {:?}",
         c.alerts()
+    );
+    assert!(c.got("down").iter().all(|m| m["kind"] == "alert"));
+    assert_eq!(
+        (instructions(&a), instructions(&b)),
+        (1, 1),
+        "once per incident"
     );
 
     // SIGKILL and restart: the vehicles, the rule set (and its counter) and the dedupe are kept.
@@ -316,6 +372,11 @@ fn report_alerts_same_config_and_same_ecu_type_escalates_survives_garbage_and_re
         2,
         "no repeated alert after the restart: {:?}",
         c.alerts()
+    );
+    assert_eq!(
+        (instructions(&a), instructions(&b)),
+        (1, 1),
+        "instruction dedupe kept across the restart"
     );
     println!("fleet scenario took {:?}", t_start.elapsed());
 }

@@ -210,6 +210,29 @@ mod tests {
         Config::from_toml(text).unwrap_err().to_string()
     }
 
+    /// The assessment and the messages are pure: no I/O, no clock, no runtime.
+    #[test]
+    fn assess_and_msg_name_no_io() {
+        for (file, text) in [
+            ("assess.rs", include_str!("assess.rs")),
+            ("msg.rs", include_str!("msg.rs")),
+        ] {
+            let code = text.split("#[cfg(test)]").next().unwrap_or(text);
+            for banned in [
+                "crate::store",
+                "tokio",
+                "rumqttc",
+                "std::fs",
+                "std::net",
+                "SystemTime",
+                "Instant",
+                "tracing",
+            ] {
+                assert!(!code.contains(banned), "{file} names {banned}");
+            }
+        }
+    }
+
     #[test]
     fn fleet_config_errors_name_the_dotted_field() {
         assert!(err("[fleet]\nenabled = true\n").contains("fleet.enabled"));
