@@ -430,6 +430,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dbc", help="a DBC file or an opendbc name (see --list)")
     ap.add_argument("--list", action="store_true", help="list the opendbc DBCs that load")
+    ap.add_argument("--dump-dbcs", metavar="DIR",
+                    help="write every opendbc DBC (shipped and generated) into DIR")
     ap.add_argument("--seed", type=int, default=1, help="the drive and the attacks")
     ap.add_argument("--vehicle-seed", default=None,
                     help="the vehicle (default: from the DBC's name)")
@@ -454,6 +456,12 @@ def main():
                 print(f"{name}\t{n} usable messages")
             except Exception as e:
                 print(f"{name}\tdoes not load: {str(e).splitlines()[0][:60]}")
+        return
+    if a.dump_dbcs:
+        os.makedirs(a.dump_dbcs, exist_ok=True)
+        for name, text in sorted(opendbc_texts().items()):
+            with open(os.path.join(a.dump_dbcs, name + ".dbc"), "w", encoding="utf-8") as fh:
+                fh.write(text)
         return
     if not a.dbc or not a.log or not a.labels:
         ap.error("--dbc, --log and --labels are needed")

@@ -4,7 +4,10 @@
 //! (`detect.rs`), which `outpost can learn` and `outpost can detect` run on logs. None does
 //! I/O beyond a `BufRead` or names another module of the crate.
 
+pub mod baseline;
 pub mod candump;
+pub mod dbc;
 pub mod detect;
 pub mod frame;
+pub mod payload;
 pub mod profile;
