@@ -129,6 +129,9 @@ fn learn_then_detect_grades_every_frame_in_order() {
         } else {
             normal_n += 1;
             fp += (level >= 0.5) as usize;
+            if level >= 0.5 && fp <= 5 {
+                eprintln!("false positive: {l}");
+            }
         }
     }
     eprintln!("caught {caught}/{attacks}, false positives {fp}/{normal_n}");

@@ -656,9 +656,13 @@ def main():
                 t += step
 
     # The bus: the lowest identifier among the pending frames wins; one frame at a time.
+    # A controller holds one pending frame per identifier: a newer one replaces it (the
+    # older is never sent), so a flood delays frames but leaves no stale backlog. The ECU
+    # and the attacker are separate controllers.
     events.sort()
     out = []
     pending = []
+    current = {}
     i, bus_free = 0, 0.0
     n = len(events)
     while i < n or pending:
@@ -666,9 +670,16 @@ def main():
             bus_free = max(bus_free, events[i][0])
         while i < n and events[i][0] <= bus_free:
             ev = events[i]
+            src = "ecu" if ev[6] in ("normal", "range") else "attacker"
+            current[(src, ev[3], ev[4])] = ev[2]
             heapq.heappush(pending, (ev[1], ev[0], ev[2], ev))
             i += 1
         _, _, _, ev = heapq.heappop(pending)
+        src = "ecu" if ev[6] in ("normal", "range") else "attacker"
+        if current.get((src, ev[3], ev[4])) != ev[2]:
+            if not pending and i >= n:
+                break
+            continue
         _, _, _, can_id, ext, data, label = ev
         end = bus_free + frame_bits(can_id, ext, data) / BITRATE
         bus_free = end

@@ -7,7 +7,10 @@
 //!
 //! Real DBCs (opendbc's) are not all by the book; accepted on purpose: an identifier over
 //! 11 bits without the extended flag (bit 31) is an extended id; names that start with a
-//! digit; a message or signal name used twice (the later one wins for lookups by name).
+//! digit; a message or signal name used twice (the later one wins for lookups); a bare `m`
+//! as multiplexer indicator (multiplexed, value unknown: `Mux::When(u32::MAX)`). Messages
+//! with bit 30 of the id set (Vector's `VECTOR__INDEPENDENT_SIG_MSG` pseudo-message, or no
+//! CAN id at all) are skipped with their signals.
 
 use super::payload::Field;
 use thiserror::Error;
@@ -210,10 +213,18 @@ fn ident_ok(s: &str) -> bool {
     !s.is_empty() && !s.starts_with('"') && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-fn parse_bo(c: &mut Cursor) -> Result<Message, DbcError> {
+/// Bit 30 of a DBC message id: not a CAN id (Vector's pseudo-message for signals of no
+/// message).
+const PSEUDO: u32 = 0x4000_0000;
+
+/// A message, or `None` for a pseudo-message (skipped).
+fn parse_bo(c: &mut Cursor) -> Result<Option<Message>, DbcError> {
     c.expect("BO_")?;
     let raw: u64 = c.num("the message id")?;
     let raw = u32::try_from(raw).map_err(|_| c.err("the message id is over 32 bits"))?;
+    if raw & PSEUDO != 0 {
+        return Ok(None);
+    }
     let name = c.next("the message name")?.to_string();
     if !ident_ok(&name) {
         return Err(c.err(format!("'{name}' is not a message name")));
@@ -240,7 +251,7 @@ fn parse_bo(c: &mut Cursor) -> Result<Message, DbcError> {
     } else {
         vec![tx]
     };
-    Ok(Message {
+    Ok(Some(Message {
         id,
         extended,
         name,
@@ -248,7 +259,7 @@ fn parse_bo(c: &mut Cursor) -> Result<Message, DbcError> {
         transmitters,
         cycle_ms: None,
         signals: Vec::new(),
-    })
+    }))
 }
 
 fn parse_sg(c: &mut Cursor) -> Result<Signal, DbcError> {
@@ -262,6 +273,8 @@ fn parse_sg(c: &mut Cursor) -> Result<Signal, DbcError> {
     if t != ":" {
         if t == "M" {
             mux = Mux::Switch;
+        } else if t == "m" {
+            mux = Mux::When(u32::MAX);
         } else if let Some(v) = t.strip_prefix('m') {
             let v = v.trim_end_matches('M');
             mux = Mux::When(
@@ -339,6 +352,8 @@ pub fn parse(text: &str) -> Result<Dbc, DbcError> {
     let mut lines = text.lines().enumerate().peekable();
     let mut cycle: Vec<(u32, u32)> = Vec::new();
     let mut tx: Vec<(u32, Vec<String>)> = Vec::new();
+    // Inside a skipped pseudo-message: its signals go nowhere.
+    let mut skipping = false;
     while let Some((n, line)) = lines.next() {
         let lineno = n + 1;
         let mut stmt = line.to_string();
@@ -363,15 +378,28 @@ pub fn parse(text: &str) -> Result<Dbc, DbcError> {
             "BO_" | "SG_" | "BU_" | "BU_:" | "BA_" | "BO_TX_BU_" => tokens(trimmed),
             _ => continue,
         };
+        if toks.len() == 1 {
+            // A keyword alone: the new-symbols list (NS_) names them one a line.
+            continue;
+        }
         let mut c = Cursor {
             t: &toks,
             i: 0,
             line: lineno,
         };
         match first {
-            "BO_" => dbc.messages.push(parse_bo(&mut c)?),
+            "BO_" => match parse_bo(&mut c)? {
+                Some(m) => {
+                    dbc.messages.push(m);
+                    skipping = false;
+                }
+                None => skipping = true,
+            },
             "SG_" => {
                 let s = parse_sg(&mut c)?;
+                if skipping {
+                    continue;
+                }
                 dbc.messages
                     .last_mut()
                     .ok_or(DbcError::Orphan { line: lineno })?
@@ -458,6 +486,8 @@ mod tests {
 NS_ :
     CM_
     BA_
+    BO_TX_BU_
+    SG_MUL_VAL_
 
 BS_:
 
@@ -473,6 +503,9 @@ BO_ 2566844926 DM1: 8 Vector__XXX
  SG_ TEMP m1 : 8|8@1- (0.5,-40) [-50|80] "degC" ECM
 
 BO_ 420 GEAR: 2 ECM
+
+BO_ 3221225472 VECTOR__INDEPENDENT_SIG_MSG: 0 Vector__XXX
+ SG_ LOOSE m : 0|8@1+ (1,0) [0|255] "" XXX
 
 CM_ SG_ 384 WHEEL_SPEED_FL "front left;
 still the comment BO_ 1 NOT_A_MESSAGE: 8 X";

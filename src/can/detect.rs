@@ -358,30 +358,33 @@ impl Detector {
         }
         let flooded = f.ts_us < self.flood_until && self.flood_src != i;
         let base = hits.n;
-        eval(&self.slots, i, f, false, flooded, over, &mut hits);
-        let mut level = hits.level();
+        let sched = eval(&self.slots, i, f, false, flooded, over, &mut hits);
+        let level = hits.level();
+        // A frame delayed by a flood keeps the schedule's time as the reference.
+        let reference = |f: &Frame, sched: Option<u64>| {
+            let mut r = as_ref(f);
+            if flooded {
+                r.ts = sched.unwrap_or(r.ts);
+            }
+            r
+        };
         if level >= ACCEPT_BELOW && base == 0 && self.slots[i].prev.valid {
             let mut again = Hits::new();
-            eval(&self.slots, i, f, true, flooded, over, &mut again);
+            let sched = eval(&self.slots, i, f, true, flooded, over, &mut again);
             if again.level() < ACCEPT_BELOW {
-                let s = &mut self.slots[i];
-                s.last = as_ref(f);
+                self.slots[i].last = reference(f, sched);
                 return again.verdict();
             }
         }
-        let rate = hits.h[..hits.n].iter().any(|(_, r)| *r == "rate");
-        if rate {
+        if hits.h[..hits.n].iter().any(|(_, r)| *r == "rate") {
             self.flood_until = f.ts_us + FLOOD_HOLD_US;
             self.flood_src = i;
         }
         if level < ACCEPT_BELOW {
             let s = &mut self.slots[i];
             s.prev = s.last;
-            s.last = as_ref(f);
-        } else {
-            level = level.min(1.0);
+            s.last = reference(f, sched);
         }
-        let _ = level;
         hits.verdict()
     }
 }
@@ -399,6 +402,8 @@ fn as_ref(f: &Frame) -> Ref {
 }
 
 /// The checks of one frame of slot `i` against its last (or, `prev`, its previous) reference.
+/// Returns the time on the sender's schedule nearest the frame (under a flood, when frames
+/// are delayed, an accepted frame stands for that time, so the schedule is kept).
 fn eval(
     slots: &[Slot],
     i: usize,
@@ -407,7 +412,7 @@ fn eval(
     flooded: bool,
     over: bool,
     hits: &mut Hits,
-) {
+) -> Option<u64> {
     let s = &slots[i];
     let r = if prev { &s.prev } else { &s.last };
     let t = f.ts_us;
@@ -415,11 +420,13 @@ fn eval(
     let soft = if flooded { 0.4 } else { 1.0 };
     let mut k = 1u64;
     let mut timing = false;
+    let mut sched = None;
     if s.periodic && !fresh {
         let gap = t - r.ts;
         let (n, dev) = lattice(gap, s.period);
         k = n.max(1);
         let tol = s.tol + k * s.period * DRIFT_PPM / 1_000_000;
+        sched = Some(r.ts + n * s.period);
         if n == 0 {
             hits.push(0.7 * soft, "early");
             timing = true;
@@ -433,7 +440,7 @@ fn eval(
     }
     let d = f.data();
     if d.len() != s.width || s.width == 0 {
-        return;
+        return sched;
     }
     let mut constant = false;
     for (j, &b) in d.iter().enumerate() {
@@ -510,13 +517,19 @@ fn eval(
     let mut inconsistent = false;
     for rel in &s.rels {
         let o = &slots[rel.other];
-        if !o.last.valid || t < o.last.ts || t - o.last.ts > 2 * o.period + o.tol {
+        // A partner in the same frame is read from it; another id from its last accepted
+        // frame, if that is recent.
+        let partner = if rel.other == i {
+            d
+        } else if !o.last.valid || t < o.last.ts || t - o.last.ts > 2 * o.period + o.tol {
             continue;
-        }
+        } else {
+            o.last.data()
+        };
         let (Some(g), Some(og)) = (s.sigs.get(rel.sig), o.sigs.get(rel.other_sig)) else {
             continue;
         };
-        let (Some(a), Some(b)) = (g.field.raw(d), og.field.raw(o.last.data())) else {
+        let (Some(a), Some(b)) = (g.field.raw(d), og.field.raw(partner)) else {
             continue;
         };
         let a = a as f64 * g.scale + g.offset;
@@ -526,6 +539,7 @@ fn eval(
     if inconsistent {
         hits.push(0.6, "consistency");
     }
+    sched
 }
 
 #[cfg(test)]

@@ -343,7 +343,19 @@ fn profile_of(a: &Acc, msg: Option<&super::dbc::Message>, id: u32) -> IdProfile 
         .map(|w| w[1].saturating_sub(w[0]))
         .collect();
     gaps.sort_unstable();
-    p.period_us = quantile(&gaps, 0.5);
+    // The period: the mean of the gaps near the median (a whole number of periods apart,
+    // the mean is the sender's clock; the median can sit at one side of its jitter).
+    let median = quantile(&gaps, 0.5);
+    let near: Vec<u64> = gaps
+        .iter()
+        .copied()
+        .filter(|&g| g * 2 >= median && g * 2 <= median * 3)
+        .collect();
+    p.period_us = if near.is_empty() {
+        median
+    } else {
+        (near.iter().sum::<u64>() as f64 / near.len() as f64).round() as u64
+    };
     p.min_gap_us = quantile(&gaps, 0.001);
     p.max_gap_us = quantile(&gaps, 0.999);
     let dev = gaps
