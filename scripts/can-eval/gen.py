@@ -90,6 +90,65 @@ def opendbc_texts():
     return out
 
 
+def sanitize(text):
+    """The DBC as cantools reads it: real DBCs (opendbc's) are not all by the book. Comments
+    and value descriptions go (the generator needs neither; cantools is strict about
+    them); an id over 11 bits without the extended flag gets it; names that start with a
+    digit get a prefix; `.25` becomes `0.25`; pseudo-messages (bit 30 of the id) go."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    ids = {}
+    for l in lines:
+        m = re.match(r"\s*BO_ (\d+) ", l)
+        if m:
+            raw = int(m.group(1))
+            if raw & 0x40000000:
+                ids[raw] = None
+            elif not raw & 0x80000000 and raw > 0x7FF:
+                ids[raw] = raw | 0x80000000
+    out, i, skip = [], 0, False
+    while i < len(lines):
+        l = lines[i]
+        st = l.lstrip()
+        if st.startswith(("CM_ ", "VAL_ ", "VAL_TABLE_ ", "SIG_VALTYPE_ ")):
+            stmt = l
+            while stmt.count('"') % 2 == 1 and i + 1 < len(lines):
+                i += 1
+                stmt += "\n" + lines[i]
+            i += 1
+            continue
+        m = re.match(r"(\s*BO_ )(\d+)( +)(\w+)(\s*:.*)", l)
+        if m:
+            raw = int(m.group(2))
+            skip = raw in ids and ids[raw] is None
+            if skip:
+                i += 1
+                continue
+            name = m.group(4)
+            if name[0].isdigit():
+                name = "M_" + name
+            l = m.group(1) + str(ids.get(raw, raw)) + m.group(3) + name + m.group(5)
+        elif st.startswith("SG_ "):
+            if skip:
+                i += 1
+                continue
+            m = re.match(r"(\s*SG_ )(\w+)(.*)", l)
+            if m and m.group(2)[0].isdigit():
+                l = m.group(1) + "S_" + m.group(2) + m.group(3)
+        elif st == "":
+            skip = False
+        else:
+            for kw in ("BO_ ", "SG_ ", "BO_TX_BU_ "):
+                def sub(m):
+                    raw = int(m.group(2))
+                    v = ids.get(raw, raw)
+                    return m.group(1) + str(v if v is not None else raw)
+                l = re.sub(r"(\b" + kw + r")(\d+)", sub, l)
+        l = re.sub(r"([(\[,|])(-?)\.(\d)", r"\g<1>\g<2>0.\3", l)
+        out.append(l)
+        i += 1
+    return "\n".join(out)
+
+
 def load(spec):
     if os.path.isfile(spec):
         with open(spec, encoding="utf-8", errors="replace") as fh:
@@ -101,6 +160,7 @@ def load(spec):
         if name not in texts:
             sys.exit(f"gen.py: no DBC {spec!r} (a file, or an opendbc name: --list)")
         text = texts[name]
+    text = sanitize(text)
     db = cantools.database.load_string(text, database_format="dbc", strict=False)
     return name, text, db
 
@@ -378,22 +438,33 @@ class Msg:
                 (s.role == "other" and s.kind == "wander")]
 
     def encode(self, values, counter):
-        vals = {}
+        """The payload: physical values to raw ones (rounded, clamped to what the field
+        holds), the counter, and the checksum over the payload with its field cleared."""
+        raw = {}
         for s in self.signals:
+            sig = s.s
+            lo = -(1 << (sig.length - 1)) if sig.is_signed else 0
+            hi = (1 << (sig.length - 1)) - 1 if sig.is_signed else (1 << sig.length) - 1
             if s.role == "counter":
-                mod = 1 << s.s.length
-                if s.hi > s.lo and s.hi < mod - 1 and s.s.scale == 1 and s.s.offset == 0:
+                mod = hi - lo + 1
+                if s.hi > s.lo and s.hi < hi and sig.scale == 1 and sig.offset == 0:
                     mod = int(s.hi) + 1
-                vals[s.name] = (counter % mod) * s.s.scale + s.s.offset
+                v = counter % mod
+                raw[s.name] = v if v <= hi else v - (hi - lo + 1)
             elif s.role == "checksum":
-                vals[s.name] = s.s.offset
+                raw[s.name] = 0
             else:
-                vals[s.name] = clamp_phys(s, values[s.name])
-        data = bytearray(self.m.encode(vals, scaling=True, padding=False, strict=False))
+                v = values[s.name]
+                v = clamp_phys(s, v) if not getattr(s, "unclamped", False) else v
+                r = int(round((v - sig.offset) / sig.scale)) if sig.scale else 0
+                raw[s.name] = max(lo, min(hi, r))
+        data = bytearray(self.m.encode(raw, scaling=False, padding=False, strict=False))
         if self.checksum is not None:
             c = self.ck(bytes(data), self.id) & ((1 << self.checksum.s.length) - 1)
-            vals[self.checksum.name] = c * self.checksum.s.scale + self.checksum.s.offset
-            data = bytearray(self.m.encode(vals, scaling=True, padding=False, strict=False))
+            if self.checksum.s.is_signed and c >= 1 << (self.checksum.s.length - 1):
+                c -= 1 << self.checksum.s.length
+            raw[self.checksum.name] = c
+            data = bytearray(self.m.encode(raw, scaling=False, padding=False, strict=False))
         return bytes(data)
 
     def values(self, t, drive):
@@ -451,7 +522,8 @@ def main():
     if a.list:
         for name, text in sorted(opendbc_texts().items()):
             try:
-                db = cantools.database.load_string(text, database_format="dbc", strict=False)
+                db = cantools.database.load_string(sanitize(text), database_format="dbc",
+                                                   strict=False)
                 n = sum(1 for m in db.messages if usable(m))
                 print(f"{name}\t{n} usable messages")
             except Exception as e:
@@ -578,10 +650,9 @@ def main():
                 v = high if high - s.hi > 0 or (high - vals[s.name]) > 0.5 * span else low
                 vals[s.name] = v
                 # Beyond the DBC's range where the raw range allows, else at the raw extreme.
-                s_lo, s_hi = s.lo, s.hi
-                s.lo, s.hi = s.phys_lo, s.phys_hi
+                s.unclamped = True
                 data = m.encode(vals, counter)
-                s.lo, s.hi = s_lo, s_hi
+                s.unclamped = False
                 push(t, m.id, m.ext, data, "range")
                 continue
             data = m.encode(vals, counter)

@@ -210,7 +210,7 @@ impl Detector {
                 .signals
                 .iter()
                 .map(|s| {
-                    let span = s.hi - s.lo;
+                    let span = s.hi.saturating_sub(s.lo);
                     let dbc = (s.dbc_max > s.dbc_min
                         && s.lo as f64 * s.scale + s.offset
                             >= s.dbc_min.min(s.dbc_max) - s.scale.abs()
@@ -228,9 +228,17 @@ impl Detector {
                         scale: s.scale,
                         offset: s.offset,
                         dbc,
-                        lo: if span == 0 { s.lo } else { s.lo - m },
-                        hi: if span == 0 { s.hi } else { s.hi + m },
-                        step: (s.max_step * 2).max(2),
+                        lo: if span == 0 {
+                            s.lo
+                        } else {
+                            s.lo.saturating_sub(m)
+                        },
+                        hi: if span == 0 {
+                            s.hi
+                        } else {
+                            s.hi.saturating_add(m)
+                        },
+                        step: s.max_step.saturating_mul(2).max(2),
                     }
                 })
                 .collect();
@@ -247,7 +255,7 @@ impl Detector {
                 tol: v.tol_us,
                 reset: reset_us(v.max_gap_us),
                 window_us: v.window_us,
-                window_limit: (v.window_max + margin) as usize,
+                window_limit: v.window_max.saturating_add(margin) as usize,
                 width,
                 cmask: v.constant_mask.iter().take(64).copied().collect(),
                 cval: v.constant_value.iter().take(64).copied().collect(),
@@ -261,7 +269,9 @@ impl Detector {
                 rels: Vec::new(),
                 last: NO_REF,
                 prev: NO_REF,
-                window: VecDeque::with_capacity((4 * (v.window_max + margin)) as usize + 1),
+                window: VecDeque::with_capacity(
+                    (4 * (v.window_max.min(1 << 16) + margin.min(1 << 16))) as usize + 1,
+                ),
             });
         }
         for (k, v) in &p.ids {
@@ -425,8 +435,10 @@ fn eval(
         let gap = t - r.ts;
         let (n, dev) = lattice(gap, s.period);
         k = n.max(1);
-        let tol = s.tol + k * s.period * DRIFT_PPM / 1_000_000;
-        sched = Some(r.ts + n * s.period);
+        let tol = s
+            .tol
+            .saturating_add(k.saturating_mul(s.period).saturating_mul(DRIFT_PPM) / 1_000_000);
+        sched = Some(r.ts.saturating_add(n.saturating_mul(s.period)));
         if n == 0 {
             hits.push(0.7 * soft, "early");
             timing = true;
@@ -457,7 +469,8 @@ fn eval(
         for (j, &b) in d.iter().enumerate() {
             range |= b < s.bmin[j] || b > s.bmax[j];
             if comparable {
-                jump |= u64::from(r.data[j].abs_diff(b)) > u64::from(s.bdelta[j]) * slack;
+                jump |=
+                    u64::from(r.data[j].abs_diff(b)) > u64::from(s.bdelta[j]).saturating_mul(slack);
             }
         }
         if range {
@@ -479,7 +492,7 @@ fn eval(
             }
             if comparable {
                 if let Some(old) = g.field.raw(r.data()) {
-                    jump |= raw.abs_diff(old) > g.step.unsigned_abs() * slack;
+                    jump |= raw.abs_diff(old) > g.step.unsigned_abs().saturating_mul(slack);
                 }
             }
         }
@@ -521,7 +534,10 @@ fn eval(
         // frame, if that is recent.
         let partner = if rel.other == i {
             d
-        } else if !o.last.valid || t < o.last.ts || t - o.last.ts > 2 * o.period + o.tol {
+        } else if !o.last.valid
+            || t < o.last.ts
+            || t - o.last.ts > o.period.saturating_mul(2).saturating_add(o.tol)
+        {
             continue;
         } else {
             o.last.data()

@@ -425,7 +425,7 @@ fn profile_of(a: &Acc, msg: Option<&super::dbc::Message>, id: u32) -> IdProfile 
                     };
                     let max_step = vals
                         .windows(2)
-                        .map(|w| w[0].abs_diff(w[1]) as i64)
+                        .map(|w| w[0].abs_diff(w[1]).min(i64::MAX as u64) as i64)
                         .max()
                         .unwrap_or(0);
                     if hi > lo {
@@ -510,7 +510,7 @@ fn learn_relations(ids: &mut BTreeMap<String, IdProfile>, accs: &[(String, Acc)]
             continue;
         }
         for (i, s) in p.signals.iter().enumerate() {
-            if s.hi - s.lo < 8 {
+            if s.hi.saturating_sub(s.lo) < 8 {
                 continue;
             }
             let vals: Vec<f64> = a
