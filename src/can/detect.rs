@@ -1,8 +1,10 @@
 //! Grades every frame against a [`Profile`]: a level in [0, 1] and the reasons behind it.
 //! Cheap detectors, each giving a level for what it saw; the frame's level combines them as
 //! independent evidence, `1 - Π(1 - lᵢ)` (rounded to 3 decimals). A frame is anomalous at
-//! level ≥ 0.5 (`can.alert_level`); every reason but `signal-jump`/`range`-style hints
-//! reaches it alone.
+//! level ≥ 0.5 (`can.alert_level`); every reason reaches it alone except the byte-level
+//! hints used without a DBC (`range`, `jump`, partial `constant-bits`: drive-dependent
+//! values make them noisy; all three together do) and any timing reason during a flood
+//! (see below).
 //!
 //! | reason | what | level |
 //! |---|---|---|
@@ -10,14 +12,15 @@
 //! | `kind` / `length` | a frame kind or data length (DLC) the id never had | 1.0 |
 //! | `early` | less than half a period since the id's reference frame: an extra frame | 0.7 |
 //! | `off-schedule` | a gap that is not a whole number of periods within the learned tolerance (jitter, bus delays, clock drift): a frame off the sender's schedule | 0.6 |
+//! | `phase` | the id's frames keep to its period but their average phase has moved from the sender's long-run schedule (a slowly corrected lattice) by more than ever learned: another sender of the id | 0.6 |
 //! | `rate` | more frames of the id in its window than ever learned (plus a margin), charged to frames off the schedule (all frames of an aperiodic id) | 0.9 |
-//! | `constant-bits` | a bit that never changed has changed (with a DBC: bits of no varying signal) | 0.9 |
+//! | `constant-bits` | a bit that never changed has changed (with a DBC: bits of no varying signal; without one, 0.25 when the byte's other bits vary) | 0.9 |
 //! | `counter` | a rolling counter did not advance by exactly one step per elapsed period | 0.7 |
 //! | `checksum` | the learned checksum family (CRC-8 J1850/AUTOSAR, sums, XOR, nibble) does not hold | 0.9 |
 //! | `signal-range` | a DBC signal outside the DBC's range, or well outside its learned range | 0.8 |
 //! | `signal-jump` | a DBC signal changed more per period than it ever did | 0.6 |
 //! | `consistency` | a DBC signal disagrees with a related signal of another (or the same) id, by the learned linear relation (wheel speeds vs vehicle speed…) | 0.6 |
-//! | `range` / `jump` | without a DBC: a byte outside its learned range / changed more than it ever did | 0.4 / 0.3 |
+//! | `range` / `jump` | without a DBC: a byte outside its learned range / changed more than it ever did | 0.3 / 0.2 |
 //!
 //! **References.** Timing, counters and steps are judged against the id's last *accepted*
 //! frame (graded below [`ACCEPT_BELOW`]), so injected frames do not make the genuine ones
@@ -42,7 +45,9 @@
 
 use super::frame::{Frame, Kind, CAN_EFF_FLAG};
 use super::payload::Field;
-use super::profile::{key_u32, lattice, parse_key, ChecksumRule, CounterRule, Profile};
+use super::profile::{
+    key_u32, lattice, parse_key, ChecksumRule, CounterRule, PhaseTracker, Profile,
+};
 use std::collections::{HashMap, VecDeque};
 
 /// A frame graded below this becomes its id's reference for timing, steps and counters.
@@ -106,6 +111,8 @@ struct Slot {
     periodic: bool,
     period: u64,
     tol: u64,
+    phase_tol: f64,
+    phase: PhaseTracker,
     reset: u64,
     window_us: u64,
     window_limit: usize,
@@ -253,6 +260,8 @@ impl Detector {
                 periodic: v.period_us > 0 && v.tol_us * 2 < v.period_us,
                 period: v.period_us,
                 tol: v.tol_us,
+                phase_tol: v.phase_tol_us as f64,
+                phase: PhaseTracker::default(),
                 reset: reset_us(v.max_gap_us),
                 window_us: v.window_us,
                 window_limit: v.window_max.saturating_add(margin) as usize,
@@ -370,6 +379,20 @@ impl Detector {
         let base = hits.n;
         let sched = eval(&self.slots, i, f, false, flooded, over, &mut hits);
         let level = hits.level();
+        // The long-run schedule follows the frames that keep to the short-run one.
+        let on_schedule = !hits.h[base..hits.n]
+            .iter()
+            .any(|(_, r)| matches!(*r, "early" | "off-schedule" | "rate"));
+        {
+            let s = &mut self.slots[i];
+            if s.periodic && !flooded && on_schedule {
+                if s.last.valid && f.ts_us.saturating_sub(s.last.ts) > s.reset {
+                    s.phase.reset();
+                }
+                let other_sender = hits.h[base..hits.n].iter().any(|(_, r)| *r == "phase");
+                s.phase.update(f.ts_us, s.period, !other_sender);
+            }
+        }
         // A frame delayed by a flood keeps the schedule's time as the reference.
         let reference = |f: &Frame, sched: Option<u64>| {
             let mut r = as_ref(f);
@@ -445,6 +468,13 @@ fn eval(
         } else if dev > tol {
             hits.push(0.6 * soft, "off-schedule");
             timing = true;
+        } else if !flooded && s.phase_tol > 0.0 {
+            // The average and the frame itself off the same way: a genuine frame after
+            // another sender's (its own deviation near 0) is not charged for their average.
+            let (avg, own) = s.phase.deviation(t, s.period);
+            if avg.abs() > s.phase_tol && own.abs() * 2.0 > s.phase_tol && avg * own > 0.0 {
+                hits.push(0.6, "phase");
+            }
         }
     }
     if over && (timing || !s.periodic) {
@@ -454,12 +484,23 @@ fn eval(
     if d.len() != s.width || s.width == 0 {
         return sched;
     }
-    let mut constant = false;
+    // A whole constant byte that changed is strong evidence; some bits of a byte whose other
+    // bits vary are, without a DBC, often the high bits of a value the capture did not
+    // take everywhere (with a DBC those are left out of the mask).
+    let (mut strong, mut weak) = (false, false);
     for (j, &b) in d.iter().enumerate() {
-        constant |= b & s.cmask[j] != s.cval[j];
+        if b & s.cmask[j] != s.cval[j] {
+            if s.cmask[j] == 0xff || !s.sigs.is_empty() {
+                strong = true;
+            } else {
+                weak = true;
+            }
+        }
     }
-    if constant {
+    if strong {
         hits.push(0.9, "constant-bits");
+    } else if weak {
+        hits.push(0.25, "constant-bits");
     }
     let comparable = !fresh && usize::from(r.len) == d.len();
     let slack = if flooded { k + 4 } else { k };
@@ -474,10 +515,10 @@ fn eval(
             }
         }
         if range {
-            hits.push(0.4, "range");
+            hits.push(0.3, "range");
         }
         if jump {
-            hits.push(0.3, "jump");
+            hits.push(0.2, "jump");
         }
     } else {
         let mut range = false;
@@ -639,6 +680,39 @@ mod tests {
         f = data(f.ts_us, 0x1a0, &[0xa5, 0x30 | (3018 % 16) as u8, 50]);
         let v = d.grade(&f);
         assert!(v.reasons.contains(&"counter"), "{v:?}");
+    }
+
+    /// A masquerade that keeps the period and the counter, 0.5 ms off the genuine phase
+    /// (inside the gap tolerance of 1 ms bus delays): the long-run schedule sees it.
+    #[test]
+    fn another_sender_at_the_same_period_moves_the_phase() {
+        let f = |i: u64, shift: u64| {
+            // ±20 µs of jitter, and now and then a 700 µs bus delay.
+            let j = i * 7919 % 40 + if i % 97 == 0 { 700 } else { 0 };
+            data(
+                1_000_000 + i * 10_000 + j + shift,
+                0x1a0,
+                &[0xa5, 0x30 | (i % 16) as u8, 50],
+            )
+        };
+        let mut l = Learner::default();
+        for i in 0..3000 {
+            l.add(&f(i, 0));
+        }
+        let p = l.finish();
+        let id = &p.ids["0x1a0"];
+        assert!(id.tol_us > 1_000 && id.phase_tol_us < 250, "{id:?}");
+        let mut d = Detector::new(&p);
+        for i in 3000..3100 {
+            assert_eq!(d.grade(&f(i, 0)).level, 0.0);
+        }
+        let first = (3100..3200)
+            .find(|&i| {
+                let v = d.grade(&f(i, 500));
+                v.level >= 0.5 && v.reasons.contains(&"phase")
+            })
+            .expect("the phase moved");
+        assert!(first < 3110, "caught at frame {first}");
     }
 
     #[test]

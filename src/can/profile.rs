@@ -41,6 +41,75 @@ pub struct Profile {
     pub ids: BTreeMap<String, IdProfile>,
 }
 
+/// The sender's long-run schedule of a periodic id: a lattice of `period` through `anchor`,
+/// pulled slowly (1/16 of each deviation) towards the frames, and the running average
+/// (1/8) of the frames' deviations from it. A sender that keeps its clock stays near 0; a
+/// frame stream of another phase (an attacker who took over the id at its period, a
+/// masquerade) moves the average by its offset within a few frames.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PhaseTracker {
+    anchor: Option<u64>,
+    avg: f64,
+    seen: u32,
+}
+
+impl PhaseTracker {
+    /// Frames before the average means anything.
+    pub const WARMUP: usize = 32;
+
+    fn dev(&self, t: u64, period: u64) -> Option<(u64, f64)> {
+        let a = self.anchor?;
+        if period == 0 || t < a {
+            return None;
+        }
+        let n = ((t - a) + period / 2) / period;
+        let predicted = a + n * period;
+        Some((predicted, t as f64 - predicted as f64))
+    }
+
+    /// The average deviation if a frame at `t` joined it, and the frame's own deviation
+    /// (µs); (0, 0) before the warm-up.
+    pub fn deviation(&self, t: u64, period: u64) -> (f64, f64) {
+        match self.dev(t, period) {
+            Some((_, d)) if self.seen as usize >= Self::WARMUP => {
+                (self.avg + (d - self.avg) / 8.0, d)
+            }
+            _ => (0.0, 0.0),
+        }
+    }
+
+    /// A frame at `t` joins the average; with `pull`, the lattice moves 1/16 of the way to
+    /// it too (not for a frame judged to be another sender's, so the schedule stays the
+    /// genuine sender's).
+    pub fn update(&mut self, t: u64, period: u64, pull: bool) {
+        match self.dev(t, period) {
+            Some((predicted, d)) => {
+                self.avg += (d - self.avg) / 8.0;
+                // Faster while warming up: the first frame may have been a delayed one.
+                let gain = if (self.seen as usize) < Self::WARMUP {
+                    4.0
+                } else {
+                    16.0
+                };
+                let moved = predicted as f64 + if pull { d / gain } else { 0.0 };
+                self.anchor = Some(moved.max(0.0) as u64);
+                self.seen = self.seen.saturating_add(1);
+            }
+            None => {
+                *self = PhaseTracker {
+                    anchor: Some(t),
+                    avg: 0.0,
+                    seen: 0,
+                }
+            }
+        }
+    }
+
+    pub fn reset(&mut self) {
+        *self = PhaseTracker::default();
+    }
+}
+
 /// A rolling counter: the field goes up by `step` modulo `modulo` from one frame to the next.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CounterRule {
@@ -99,6 +168,10 @@ pub struct IdProfile {
     /// The largest distance of a gap from a whole number of periods (jitter, bus delays),
     /// with a margin; at `period_us / 2` or more the id is not periodic.
     pub tol_us: u64,
+    /// The largest drift of the id's phase seen by [`PhaseTracker`] (its average deviation
+    /// from the sender's long-run schedule), with a margin; 0: not tracked.
+    #[serde(default)]
+    pub phase_tol_us: u64,
     /// Most frames seen in any window of `window_us` (sliding).
     pub window_us: u64,
     pub window_max: u32,
@@ -320,6 +393,7 @@ fn profile_of(a: &Acc, msg: Option<&super::dbc::Message>, id: u32) -> IdProfile 
         min_gap_us: 0,
         max_gap_us: 0,
         tol_us: 0,
+        phase_tol_us: 0,
         window_us: 0,
         window_max: 0,
         constant_mask: vec![0; width],
@@ -364,6 +438,18 @@ fn profile_of(a: &Acc, msg: Option<&super::dbc::Message>, id: u32) -> IdProfile 
         .max()
         .unwrap_or(0);
     p.tol_us = dev + dev / 2 + 100;
+    if p.tol_us * 2 < p.period_us {
+        let mut ph = PhaseTracker::default();
+        let mut worst = 0.0f64;
+        for (n, &t) in a.times.iter().enumerate() {
+            let (avg, _) = ph.deviation(t, p.period_us);
+            if n > PhaseTracker::WARMUP {
+                worst = worst.max(avg.abs());
+            }
+            ph.update(t, p.period_us, true);
+        }
+        p.phase_tol_us = (worst * 1.5) as u64 + 30;
+    }
     p.window_us = window_for(p.period_us);
     let mut ring = VecDeque::new();
     for &t in &a.times {
