@@ -413,17 +413,16 @@ pub fn parse(text: &str) -> Result<Dbc, DbcError> {
                     .cloned()
                     .collect();
             }
-            "BA_" => {
-                // BA_ "GenMsgCycleTime" BO_ <id> <ms>;
+            // BA_ "GenMsgCycleTime" BO_ <id> <ms>;
+            "BA_"
                 if toks.get(1).map(String::as_str) == Some("\"GenMsgCycleTime")
-                    && toks.get(2).map(String::as_str) == Some("BO_")
-                {
-                    c.i = 3;
-                    let id: u64 = c.num("the message id")?;
-                    let ms: f64 = c.float("the cycle time")?;
-                    if (0.0..=u32::MAX as f64).contains(&ms) && ms > 0.0 {
-                        cycle.push((id as u32, ms as u32));
-                    }
+                    && toks.get(2).map(String::as_str) == Some("BO_") =>
+            {
+                c.i = 3;
+                let id: u64 = c.num("the message id")?;
+                let ms: f64 = c.float("the cycle time")?;
+                if (0.0..=u32::MAX as f64).contains(&ms) && ms > 0.0 {
+                    cycle.push((id as u32, ms as u32));
                 }
             }
             "BO_TX_BU_" => {

@@ -688,7 +688,7 @@ mod tests {
     fn another_sender_at_the_same_period_moves_the_phase() {
         let f = |i: u64, shift: u64| {
             // ±20 µs of jitter, and now and then a 700 µs bus delay.
-            let j = i * 7919 % 40 + if i % 97 == 0 { 700 } else { 0 };
+            let j = i * 7919 % 40 + if i.is_multiple_of(97) { 700 } else { 0 };
             data(
                 1_000_000 + i * 10_000 + j + shift,
                 0x1a0,

@@ -517,9 +517,14 @@ fn profile_of(a: &Acc, msg: Option<&super::dbc::Message>, id: u32) -> IdProfile 
                     if hi > lo {
                         // A value that varies: its range is checked, not its bits.
                         let m = field.byte_mask();
-                        for i in 0..width {
-                            p.constant_mask[i] &= !m[i];
-                            p.constant_value[i] &= !m[i];
+                        for ((cm, cv), mb) in p
+                            .constant_mask
+                            .iter_mut()
+                            .zip(p.constant_value.iter_mut())
+                            .zip(m)
+                        {
+                            *cm &= !mb;
+                            *cv &= !mb;
                         }
                     }
                     p.signals.push(SignalProfile {
