@@ -295,8 +295,10 @@ fn parse_sg(c: &mut Cursor) -> Result<Signal, DbcError> {
     c.expect("@")?;
     let order = c.next("the byte order")?.to_string();
     // The byte order and the sign come as one token ("1+", "0-") or two.
-    let (o, sign) = if order.len() == 2 {
-        (order[..1].to_string(), order[1..].to_string())
+    // (Characters, not bytes: the token may be anything; found by the fuzz target.)
+    let mut ch = order.chars();
+    let (o, sign) = if let (Some(a), Some(b), None) = (ch.next(), ch.next(), ch.next()) {
+        (a.to_string(), b.to_string())
     } else {
         (order, c.next("the sign")?.to_string())
     };
@@ -573,6 +575,9 @@ BO_TX_BU_ 420 : ECM,TCM;
             Err(DbcError::Syntax { line: 1, .. })
         ));
         assert_eq!(parse("VERSION \"\"\n"), Err(DbcError::Empty));
+        // A multi-byte character where the byte order is (cargo fuzz found this one).
+        let e = parse("BO_ 1 A: 8 X\n SG_ S : 0|8@\u{7bf}+ (1,0) [0|1] \"\" X\n").unwrap_err();
+        assert!(e.to_string().contains("byte order"), "{e}");
         let e = parse("BO_ 1 A: 8 X\n SG_ S : 0|8@1+ (1,0) [0|1e999] \"\" X\n").unwrap_err();
         assert!(
             e.to_string().contains("finite") || e.to_string().contains("number"),
