@@ -53,6 +53,13 @@ if ((${#missing[@]})); then
     fi
 fi
 
+# The CAN evaluation set's generator (scripts/can-eval/gen.py, tests/can_eval.rs): real DBCs
+# from opendbc, encoded with cantools. Pinned; pip skips what is already installed.
+if ! python3 -c 'import cantools, opendbc' 2>/dev/null; then
+    step "installing the CAN evaluation generator's Python packages"
+    python3 -m pip install --user --quiet cantools==45.1.0 opendbc==0.3.1
+fi
+
 # --- 2. Formatting.
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check

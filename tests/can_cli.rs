@@ -129,6 +129,9 @@ fn learn_then_detect_grades_every_frame_in_order() {
         } else {
             normal_n += 1;
             fp += (level >= 0.5) as usize;
+            if level >= 0.5 && fp <= 5 {
+                eprintln!("false positive: {l}");
+            }
         }
     }
     eprintln!("caught {caught}/{attacks}, false positives {fp}/{normal_n}");
@@ -142,7 +145,7 @@ fn learn_then_detect_grades_every_frame_in_order() {
 fn a_bad_profile_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("p.json");
-    std::fs::write(&p, "{\"version\": 1}").unwrap();
+    std::fs::write(&p, "{\"version\": 2}").unwrap();
     let log = dir.path().join("l.log");
     std::fs::write(&log, "").unwrap();
     let out = Command::new(common::BIN)

@@ -20,6 +20,10 @@ pub enum CanCmd {
         /// Where to write the profile (JSON).
         #[arg(long)]
         out: PathBuf,
+        /// A DBC of the vehicle's bus: also learn its signals (ranges, steps, relations
+        /// between them), counters, checksums and the transmitter ECU of each id.
+        #[arg(long)]
+        dbc: Option<PathBuf>,
     },
     /// Grade every frame of a log against a profile.
     Detect {
@@ -66,9 +70,18 @@ fn report_skipped<R>(r: &Reader<R>, path: &Path) {
 
 pub fn can_command(cmd: CanCmd) -> anyhow::Result<()> {
     match cmd {
-        CanCmd::Learn { log, out } => {
+        CanCmd::Learn { log, out, dbc } => {
+            let mut l = match &dbc {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let d = outpost::can::dbc::parse(&text)
+                        .with_context(|| format!("{} is not a DBC", path.display()))?;
+                    Learner::with_dbc(d)
+                }
+                None => Learner::default(),
+            };
             let mut r = Reader::new(open(&log)?);
-            let mut l = Learner::default();
             for f in r.by_ref() {
                 l.add(
                     &f.with_context(|| format!("reading {}", log.display()))?
@@ -83,12 +96,19 @@ pub fn can_command(cmd: CanCmd) -> anyhow::Result<()> {
             let text = serde_json::to_string_pretty(&p)?;
             std::fs::write(&out, text + "\n")
                 .with_context(|| format!("writing {}", out.display()))?;
+            let signals: usize = p.ids.values().map(|i| i.signals.len()).sum();
+            let relations: usize = p.ids.values().map(|i| i.relations.len()).sum();
             println!(
-                "learned {} ids from {} frames over {:.1} s -> {}",
+                "learned {} ids from {} frames over {:.1} s -> {}{}",
                 p.ids.len(),
                 p.frames,
                 p.duration_us as f64 / 1e6,
-                out.display()
+                out.display(),
+                if dbc.is_some() {
+                    format!(" ({signals} signals, {relations} relations from the DBC)")
+                } else {
+                    String::new()
+                }
             );
             Ok(())
         }
@@ -100,15 +120,18 @@ pub fn can_command(cmd: CanCmd) -> anyhow::Result<()> {
         } => {
             let text = std::fs::read_to_string(&profile)
                 .with_context(|| format!("reading {}", profile.display()))?;
-            let p: Profile = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a profile", profile.display()))?;
-            if p.version != PROFILE_VERSION {
+            // The version first: an older profile gets that said, not a missing field.
+            let version = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v.get("version").and_then(|v| v.as_u64()));
+            if let Some(v) = version.filter(|&v| v != u64::from(PROFILE_VERSION)) {
                 bail!(
-                    "{}: profile version {} (this build reads {PROFILE_VERSION})",
+                    "{}: profile version {v} (this build reads {PROFILE_VERSION}: learn it again)",
                     profile.display(),
-                    p.version
                 );
             }
+            let p: Profile = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a profile", profile.display()))?;
             let mut d = Detector::new(&p);
             let mut r = Reader::new(open(&log)?);
             let stdout = std::io::stdout();
