@@ -379,18 +379,17 @@ impl Detector {
         let base = hits.n;
         let sched = eval(&self.slots, i, f, false, flooded, over, &mut hits);
         let level = hits.level();
-        // The long-run schedule follows the frames that keep to the short-run one.
-        let on_schedule = !hits.h[base..hits.n]
-            .iter()
-            .any(|(_, r)| matches!(*r, "early" | "off-schedule" | "rate"));
+        // The long-run schedule follows the frames graded normal, and those whose only
+        // fault is their phase (another sender's: they move the average, not the lattice).
+        // A forged frame caught by anything else does not touch it.
+        let only_phase = hits.h[base..hits.n].iter().all(|(_, r)| *r == "phase");
         {
             let s = &mut self.slots[i];
-            if s.periodic && !flooded && on_schedule {
+            if s.periodic && !flooded && base == 0 && (level < ACCEPT_BELOW || only_phase) {
                 if s.last.valid && f.ts_us.saturating_sub(s.last.ts) > s.reset {
                     s.phase.reset();
                 }
-                let other_sender = hits.h[base..hits.n].iter().any(|(_, r)| *r == "phase");
-                s.phase.update(f.ts_us, s.period, !other_sender);
+                s.phase.update(f.ts_us, s.period, level < ACCEPT_BELOW);
             }
         }
         // A frame delayed by a flood keeps the schedule's time as the reference.

@@ -324,33 +324,34 @@ pub fn score(
 }
 
 pub fn table(rows: &[(&str, &Score)]) -> String {
+    const W: usize = 24;
     let mut out = format!("{:<12}", "kind");
     for (name, _) in rows {
-        out += &format!(" {name:>16}");
+        out += &format!(" {name:>W$}");
     }
     out += "\n";
     for k in KINDS {
         out += &format!("{k:<12}");
         for (_, s) in rows {
             let (c, t) = s.caught.get(k).copied().unwrap_or_default();
-            out += &format!(" {:>7.4} ({c:>5}/{t:<5})", s.recall(k))
-                .chars()
-                .take(17)
-                .collect::<String>();
+            out += &format!(" {:>W$}", format!("{:.4} ({c}/{t})", s.recall(k)));
         }
         out += "\n";
     }
     out += &format!("{:<12}", "FP rate");
     for (_, s) in rows {
-        out += &format!(" {:>7.4}% ({}/{})", s.fp_rate() * 100.0, s.fp, s.normal);
+        out += &format!(
+            " {:>W$}",
+            format!("{:.4}% ({}/{})", s.fp_rate() * 100.0, s.fp, s.normal)
+        );
     }
     out += &format!("\n{:<12}", "masq. win.");
     for (_, s) in rows {
-        out += &format!(" {:>16}", format!("{}/{} in 1 s", s.windows.0, s.windows.1));
+        out += &format!(" {:>W$}", format!("{}/{} in 1 s", s.windows.0, s.windows.1));
     }
     out += &format!("\n{:<12}", "F1");
     for (_, s) in rows {
-        out += &format!(" {:>16.4}", s.f1());
+        out += &format!(" {:>W$.4}", s.f1());
     }
     out + "\n"
 }
