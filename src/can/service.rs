@@ -1108,6 +1108,16 @@ pub fn start(
         .iter()
         .map(|(name, p)| (name.clone(), Detector::new(p)))
         .collect();
+    // The senders a DBC named when the profile was learned, where the configuration names
+    // none.
+    let mut set = Settings::new(cfg, &ctx.gateway_id);
+    for (_, p) in &profiles.0 {
+        for (key, id) in &p.ids {
+            if let (Some(ecu), Ok(k)) = (&id.ecu, parse_id(key)) {
+                set.senders.entry(k).or_insert_with(|| ecu.clone());
+            }
+        }
+    }
     let stats = Arc::new(CanStats::default());
     let client = crate::broker::local_client(&ctx.core, CLIENT_ID, shutdown.clone());
     let outbox_tx = ctx.queue.map(|q| {
@@ -1139,7 +1149,7 @@ pub fn start(
     drop(in_tx);
     let (tx, cmd_rx) = mpsc::channel(16);
     let mut owner = Owner::new(
-        Settings::new(cfg, &ctx.gateway_id),
+        set,
         buses,
         stats.clone(),
         sink,
