@@ -1148,12 +1148,7 @@ pub fn start(
     }
     drop(in_tx);
     let (tx, cmd_rx) = mpsc::channel(16);
-    let mut owner = Owner::new(
-        set,
-        buses,
-        stats.clone(),
-        sink,
-    );
+    let mut owner = Owner::new(set, buses, stats.clone(), sink);
     if let Some(r) = kept {
         tracing::info!(rules_id = %r.set.rules_id, rules = r.set.rules.len(), "CAN: fleet rules restored");
         owner.rules = r;

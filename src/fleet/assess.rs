@@ -694,7 +694,7 @@ impl Fleet {
                 window_ms,
                 max_frames,
             } => {
-                rule.window_ms = Some(window_ms);
+                rule.window_ms = Some(u64::from(window_ms));
                 rule.max_frames = Some(max_frames);
             }
         }
@@ -1380,6 +1380,9 @@ mod tests {
         assert_eq!(r.mask.as_deref(), Some("fff0ffffffffffff"));
         assert_eq!(r.value.as_deref(), Some("0000ff0000000000"));
         assert_eq!(r.level, 0.9);
+        // The gateway's own parser takes the document as sent.
+        let parsed = crate::can::rules::Rules::parse(&set.message()).unwrap();
+        assert_eq!(parsed.set.rules_id, "cfg-a-1");
     }
 
     #[test]
@@ -1395,6 +1398,8 @@ mod tests {
         assert_eq!(rule.window_ms, Some(100));
         // Normal: floor(100 ms / 9.701 ms) + 1 = 11 per 100 ms; × 1.5 → 17, + 1.
         assert_eq!(rule.max_frames, Some(18), "{}", a.rule);
+        let parsed = crate::can::rules::Rules::parse(&set.message()).unwrap();
+        assert_eq!(parsed.set.rules, set.rules);
     }
 
     #[test]

@@ -534,21 +534,9 @@ pub fn parse(kind: Kind, payload: &[u8]) -> Result<Incoming, MsgError> {
 // ------------------------------------------------------------------------------------------
 // Down
 
-/// One detection rule (`docs/can-fleet.md`): a payload signature or a rate limit.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Rule {
-    pub name: String,
-    pub id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mask: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub window_ms: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_frames: Option<u32>,
-    pub level: f64,
-}
+/// One detection rule (`docs/can-fleet.md`): the gateway's own type, so both ends write and
+/// read one definition of the document.
+pub use crate::can::rules::Rule;
 
 /// `outpost/{gw}/can/rules` (retained).
 #[derive(Debug, Clone, PartialEq, Serialize)]
