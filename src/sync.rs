@@ -486,9 +486,7 @@ pub async fn run_cloud(
     wake: Arc<Notify>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    use rumqttc::{
-        AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
-    };
+    use rumqttc::{Event, Outgoing, Packet, QoS};
     let tls = match crate::uplink::link::client_tls(&cfg) {
         Ok(t) => t,
         Err(e) => {
@@ -508,32 +506,8 @@ pub async fn run_cloud(
     }
     let mut attempt = 0u32;
     loop {
-        let mut mo = MqttOptions::new(client_id.clone(), cfg.host.clone(), cfg.port);
-        mo.set_clean_session(false);
-        mo.set_keep_alive(cfg.keep_alive.max(std::time::Duration::from_secs(1)));
-        mo.set_manual_acks(true);
-        mo.set_inflight(100);
-        mo.set_max_packet_size(MAX_MESSAGE + 1024, MAX_MESSAGE + 1024);
-        mo.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            tls.clone(),
-        )));
-        let (client, mut el) = AsyncClient::new(mo, 512);
-        let mut net = rumqttc::NetworkOptions::new();
-        net.set_connection_timeout(cfg.connect_timeout.as_secs().max(1));
-        el.set_network_options(net);
-        // Unbounded on purpose: the pump must never stop polling, or the loop below, waiting
-        // in `ack`/`publish` for room in the client's request queue (which only polling
-        // drains), would wait forever. What piles up is bounded by what the broker delivers.
-        let (ev_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-        let pump = tokio::spawn(async move {
-            loop {
-                let ev = el.poll().await;
-                let failed = ev.is_err();
-                if ev_tx.send(ev).is_err() || failed {
-                    return;
-                }
-            }
-        });
+        let (client, mut events, pump) =
+            crate::uplink::link::cloud_session(&cfg, &client_id, tls.clone(), MAX_MESSAGE + 1024);
         let mut connected = false;
         let mut unmapped: std::collections::VecDeque<Pending> = Default::default();
         let mut inflight: std::collections::HashMap<u16, Pending> = Default::default();

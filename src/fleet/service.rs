@@ -295,10 +295,7 @@ pub async fn run(
     store: Store,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    use rumqttc::{
-        AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeFilter, TlsConfiguration,
-        Transport,
-    };
+    use rumqttc::{Event, Outgoing, Packet, QoS, SubscribeFilter};
     let tls = match crate::uplink::link::client_tls(&up) {
         Ok(t) => t,
         Err(e) => {
@@ -340,31 +337,8 @@ pub async fn run(
     let mut logged = fleet.counters.clone();
     let mut attempt = 0u32;
     loop {
-        let mut mo = MqttOptions::new(client_id.clone(), up.host.clone(), up.port);
-        mo.set_clean_session(false);
-        mo.set_keep_alive(up.keep_alive.max(Duration::from_secs(1)));
-        mo.set_manual_acks(true);
-        mo.set_inflight(100);
-        mo.set_max_packet_size(MAX_PACKET, MAX_PACKET);
-        mo.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            tls.clone(),
-        )));
-        let (client, mut el) = AsyncClient::new(mo, 512);
-        let mut net = rumqttc::NetworkOptions::new();
-        net.set_connection_timeout(up.connect_timeout.as_secs().max(1));
-        el.set_network_options(net);
-        // Unbounded: the pump must never stop polling (see sync::run_cloud); what piles up is
-        // bounded by what the broker delivers within the inflight window.
-        let (ev_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-        let pump = tokio::spawn(async move {
-            loop {
-                let ev = el.poll().await;
-                let failed = ev.is_err();
-                if ev_tx.send(ev).is_err() || failed {
-                    return;
-                }
-            }
-        });
+        let (client, mut events, pump) =
+            crate::uplink::link::cloud_session(&up, &client_id, tls.clone(), MAX_PACKET);
         let mut connected = false;
         // The next outbox sequence number to publish; outbox entries published, waiting for
         // their packet id, and in flight.

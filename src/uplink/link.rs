@@ -20,6 +20,50 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// The events of a cloud-side service's session (see [`cloud_session`]).
+pub type CloudEvents =
+    tokio::sync::mpsc::UnboundedReceiver<Result<rumqttc::Event, rumqttc::ConnectionError>>;
+
+/// A cloud-side service's session to the cloud broker (the registry sync, the fleet server):
+/// `client_id` over the `[uplink]` host, port and TLS, persistent (clean session off),
+/// manually acknowledged, 100 in flight, packets up to `max_packet`. Its event loop is polled
+/// by a task of its own into an unbounded channel: the pump must never stop polling, or a
+/// caller waiting in `ack`/`publish` for room in the client's request queue (which only
+/// polling drains) would wait forever; what piles up is bounded by what the broker delivers
+/// within the inflight window. The task ends at the first connection error (after sending
+/// it); reconnecting is the caller's.
+pub fn cloud_session(
+    cfg: &UplinkConfig,
+    client_id: &str,
+    tls: Arc<rustls::ClientConfig>,
+    max_packet: usize,
+) -> (AsyncClient, CloudEvents, tokio::task::JoinHandle<()>) {
+    let mut mo = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
+    mo.set_clean_session(false);
+    mo.set_keep_alive(cfg.keep_alive.max(Duration::from_secs(1)));
+    mo.set_manual_acks(true);
+    mo.set_inflight(100);
+    mo.set_max_packet_size(max_packet, max_packet);
+    mo.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(tls),
+    ));
+    let (client, mut el) = AsyncClient::new(mo, 512);
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_connection_timeout(cfg.connect_timeout.as_secs().max(1));
+    el.set_network_options(net);
+    let (ev_tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let pump = tokio::spawn(async move {
+        loop {
+            let ev = el.poll().await;
+            let failed = ev.is_err();
+            if ev_tx.send(ev).is_err() || failed {
+                return;
+            }
+        }
+    });
+    (client, events, pump)
+}
+
 /// Build the rustls client config for the cloud (ring provider, client certificate).
 pub fn client_tls(cfg: &UplinkConfig) -> Result<Arc<rustls::ClientConfig>, UplinkError> {
     let read = |p: &std::path::PathBuf| {
