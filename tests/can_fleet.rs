@@ -35,24 +35,11 @@ fn gateway_config(
     config: &str,
     bcm: &str,
 ) -> String {
+    let base = common::base_config(data, "")
+        .replace("id = \"gw-test\"", &format!("id = \"{id}\""))
+        .replace("[fdo]\n", "[fdo]\nenabled = false\n");
     format!(
-        r#"[gateway]
-id = "{id}"
-data_dir = "{}"
-
-[listeners]
-mqtts = "127.0.0.1:0"
-plain = "127.0.0.1:0"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[mdns]
-enabled = false
-
-[fdo]
-enabled = false
-
+        r#"{base}
 [sync]
 enabled = false
 
@@ -75,7 +62,6 @@ name = "can0"
 log = "{}"
 realtime = false
 "#,
-        data.display(),
         profile.display(),
         log.display()
     )
