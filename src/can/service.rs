@@ -1084,6 +1084,14 @@ pub fn load_profiles(cfg: &CanConfig) -> Result<Profiles, CanError> {
     Ok(Profiles(out))
 }
 
+/// The sending ECU of each id, as the DBC the profile was learned with names it.
+fn profile_senders(p: &Profile) -> Vec<(u32, String)> {
+    p.ids
+        .iter()
+        .filter_map(|(key, id)| Some((parse_id(key).ok()?, id.ecu.clone()?)))
+        .collect()
+}
+
 /// Start the sources and the owner.
 pub fn start(
     cfg: &CanConfig,
@@ -1112,10 +1120,8 @@ pub fn start(
     // none.
     let mut set = Settings::new(cfg, &ctx.gateway_id);
     for (_, p) in &profiles.0 {
-        for (key, id) in &p.ids {
-            if let (Some(ecu), Ok(k)) = (&id.ecu, parse_id(key)) {
-                set.senders.entry(k).or_insert_with(|| ecu.clone());
-            }
+        for (k, ecu) in profile_senders(p) {
+            set.senders.entry(k).or_insert(ecu);
         }
     }
     let stats = Arc::new(CanStats::default());
@@ -1626,5 +1632,21 @@ mod tests {
             &json!({"vehicle": "VIN1", "network_config": "cfg-a", "gateway": "gw1",
                     "ecus": {"ABS": "abs-9"}, "senders": {"0x1a0": "ABS"}, "rules_id": null})
         );
+    }
+
+    #[test]
+    fn the_dbc_names_the_senders_of_a_learned_profile() {
+        let dbc = crate::can::dbc::parse(
+            "VERSION \"\"\n\nBU_: ABS BCM\n\nBO_ 416 WHEELS: 3 ABS\n SG_ SPEED : 16|8@1+ (1,0) [0|255] \"\" BCM\n",
+        )
+        .unwrap();
+        let mut l = Learner::with_dbc(dbc);
+        for i in 0..100 {
+            for f in normal(i) {
+                l.add(&f);
+            }
+        }
+        let senders = profile_senders(&l.finish());
+        assert_eq!(senders, [(0x1a0, "ABS".to_string())]);
     }
 }
