@@ -79,8 +79,6 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 pub enum CanError {
     #[error("CAN profile {path}: {reason}")]
     Profile { path: PathBuf, reason: String },
-    #[error("the CAN capability has stopped")]
-    Stopped,
     #[error("CAN store: {0}")]
     Store(#[from] crate::store::StoreError),
 }
@@ -245,7 +243,6 @@ pub struct BusStatus {
 
 /// The closed set of requests to the owner.
 pub enum Command {
-    Status(oneshot::Sender<Vec<BusStatus>>),
     /// Grade by these rules from now on (they are on disk already).
     ApplyRules {
         rules: Box<Rules>,
@@ -265,21 +262,11 @@ pub enum Command {
 }
 
 /// What the rest of the gateway holds of the capability.
+/// The capability's state is the owner's; the buses' states go out on the retained status
+/// topic and the counters on `/metrics`.
 #[derive(Clone)]
 pub struct CanHandle {
-    tx: mpsc::Sender<Command>,
     pub stats: Arc<CanStats>,
-}
-
-impl CanHandle {
-    pub async fn status(&self) -> Result<Vec<BusStatus>, CanError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Status(reply))
-            .await
-            .map_err(|_| CanError::Stopped)?;
-        rx.await.map_err(|_| CanError::Stopped)
-    }
 }
 
 /// The settings the owner acts on, resolved from [`CanConfig`].
@@ -1162,17 +1149,10 @@ pub fn start(
     let current = owner.rules.set.rules_id.clone();
     tracker.spawn(run(owner, in_rx, cmd_rx, shutdown.clone()));
     if let Some(down) = ctx.down {
-        tracker.spawn(intake(
-            down,
-            tx.clone(),
-            ctx.store,
-            table,
-            current,
-            shutdown,
-        ));
+        tracker.spawn(intake(down, tx, ctx.store, table, current, shutdown));
     }
     tracing::info!(buses = cfg.interfaces.len(), "CAN: grading every frame");
-    Ok(CanHandle { tx, stats })
+    Ok(CanHandle { stats })
 }
 
 /// Takes the fleet server's messages off the uplink: a rule set is checked, written and
@@ -1268,7 +1248,6 @@ async fn run<S: Sink>(
                 None => sources = false,
             },
             Some(c) = cmds.recv() => match c {
-                Command::Status(reply) => { let _ = reply.send(owner.status()); }
                 Command::ApplyRules { rules, reply } => {
                     owner.apply_rules(*rules);
                     let _ = reply.send(());

@@ -240,6 +240,22 @@ impl Session {
         }
     }
 
+    /// The capability a cloud message on `topic` is for (the registry sync, CAN), if any.
+    fn capability_for(
+        &self,
+        topic: &str,
+    ) -> Option<(&tokio::sync::mpsc::Sender<super::Delivery>, &'static str)> {
+        if let Some(tx) = &self.can_down {
+            if self.mapping.can_down().iter().any(|t| t == topic) {
+                return Some((tx, "can"));
+            }
+        }
+        match &self.sync_down {
+            Some(tx) if topic == self.mapping.sync_down() => Some((tx, "sync")),
+            _ => None,
+        }
+    }
+
     fn publish_state(&self, local: &AsyncClient, state: LinkState, reason: &str) {
         let body = serde_json::json!({
             "state": state.as_str(),
@@ -647,38 +663,22 @@ impl Session {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p)))
-                        if self.can_down.is_some()
-                            && self.mapping.can_down().contains(&p.topic) =>
+                        if self.capability_for(&p.topic).is_some() =>
                     {
-                        // Acknowledged by the CAN intake once handled (a rule set: once on
-                        // disk); if it is busy the message comes again after a reconnect.
-                        if let (Some(tx), Some(l)) = (&self.can_down, link.as_ref()) {
-                            let d = super::Delivery {
-                                publish: p,
-                                client: l.client.clone(),
-                            };
-                            if tx.try_send(d).is_err() {
-                                tracing::warn!(
-                                    "CAN: too many fleet messages waiting; one left for redelivery"
-                                );
-                            }
-                        }
-                        evidence = true;
-                        last_evidence = Instant::now();
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p)))
-                        if self.sync_down.is_some() && p.topic == self.mapping.sync_down() =>
-                    {
-                        // Acknowledged by the sync once applied; if its queue is full the
+                        // Acknowledged by the capability once handled (the sync: once
+                        // applied; CAN: a rule set once on disk); if its queue is full the
                         // message stays unacknowledged and comes again after a reconnect.
-                        if let (Some(tx), Some(l)) = (&self.sync_down, link.as_ref()) {
+                        if let (Some((tx, what)), Some(l)) =
+                            (self.capability_for(&p.topic), link.as_ref())
+                        {
                             let d = super::Delivery {
                                 publish: p,
                                 client: l.client.clone(),
                             };
                             if tx.try_send(d).is_err() {
                                 tracing::warn!(
-                                    "sync: too many messages waiting; one left for redelivery"
+                                    capability = what,
+                                    "too many cloud messages waiting; one left for redelivery"
                                 );
                             }
                         }

@@ -46,6 +46,7 @@ pub fn default_down() -> Vec<DownRule> {
 #[derive(Debug, Clone)]
 pub struct Mapping {
     gateway: String,
+    can_down: [String; 2],
     up: Vec<(Pattern, String)>,
     down: Vec<(String, Pattern, String, Pattern)>,
 }
@@ -55,6 +56,10 @@ impl Mapping {
         let g = |s: &str| s.replace("{gateway}", gateway);
         Ok(Mapping {
             gateway: gateway.to_string(),
+            can_down: [
+                format!("outpost/{gateway}/can/rules"),
+                format!("outpost/{gateway}/can/down"),
+            ],
             up: up
                 .iter()
                 .map(|r| Ok((Pattern::parse(&g(&r.local))?, g(&r.remote_prefix))))
@@ -99,11 +104,8 @@ impl Mapping {
 
     /// The cloud topics of the fleet server's messages for this gateway's CAN capability
     /// (docs/can-fleet.md): the retained rule set, and the alerts and instructions.
-    pub fn can_down(&self) -> [String; 2] {
-        [
-            format!("outpost/{}/can/rules", self.gateway),
-            format!("outpost/{}/can/down", self.gateway),
-        ]
+    pub fn can_down(&self) -> &[String; 2] {
+        &self.can_down
     }
 
     /// The cloud filters to subscribe to.
