@@ -10,6 +10,7 @@ pub mod broker;
 pub mod ca;
 pub mod can;
 pub mod config;
+pub mod credentials;
 pub mod device;
 pub mod duration;
 pub mod fdo;

@@ -1,0 +1,1 @@
+//! The PostgreSQL inventory (being written).
