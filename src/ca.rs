@@ -565,10 +565,19 @@ enum Command {
     RefreshCrl,
 }
 
+/// What the CA did, for those that keep an inventory of it (`credentials/`). Sent after
+/// the store write is durable; a receiver that lags reconciles from the store.
+#[derive(Debug, Clone)]
+pub enum CaEvent {
+    Issued(CertRecord),
+    Revoked(CertRecord),
+}
+
 /// Cheap, clonable access to the running CA.
 #[derive(Clone)]
 pub struct CaHandle {
     tx: mpsc::Sender<Command>,
+    events: tokio::sync::broadcast::Sender<CaEvent>,
     revocations: watch::Receiver<Arc<Revocations>>,
     ca_pem: Arc<str>,
     ca_der: Arc<[u8]>,
@@ -581,8 +590,11 @@ impl CaHandle {
         let initial = ca.refresh_crl()?;
         let (rev_tx, rev_rx) = watch::channel(Arc::new(initial));
         let (tx, mut rx) = mpsc::channel::<Command>(64);
+        let (events, _) = tokio::sync::broadcast::channel(1024);
+        let ev = events.clone();
         let handle = CaHandle {
             tx,
+            events,
             revocations: rev_rx,
             ca_pem: Arc::from(ca.ca_pem()),
             ca_der: Arc::from(ca.ca_der()),
@@ -599,19 +611,31 @@ impl CaHandle {
                 while let Some(cmd) = rx.blocking_recv() {
                     match cmd {
                         Command::Issue { id, csr, reply } => {
-                            let _ = reply.send(ca.issue_device(&id, csr.as_deref()));
+                            let r = ca.issue_device(&id, csr.as_deref());
+                            if let Ok(i) = &r {
+                                if let Ok(Some(rec)) = ca.store().cert(&i.serial) {
+                                    let _ = ev.send(CaEvent::Issued(rec));
+                                }
+                            }
+                            let _ = reply.send(r);
                         }
                         Command::RevokeSerial { serial, reply } => {
                             let r = ca.revoke_serial(&serial).map(|r| vec![r]);
-                            if r.is_ok() {
+                            if let Ok(recs) = &r {
                                 publish(&ca);
+                                for rec in recs {
+                                    let _ = ev.send(CaEvent::Revoked(rec.clone()));
+                                }
                             }
                             let _ = reply.send(r);
                         }
                         Command::RevokeDevice { id, reply } => {
                             let r = ca.revoke_device(&id);
-                            if r.is_ok() {
+                            if let Ok(recs) = &r {
                                 publish(&ca);
+                                for rec in recs {
+                                    let _ = ev.send(CaEvent::Revoked(rec.clone()));
+                                }
                             }
                             let _ = reply.send(r);
                         }
@@ -706,6 +730,11 @@ impl CaHandle {
             .send(Command::RefreshCrl)
             .await
             .map_err(|_| CaError::Stopped)
+    }
+
+    /// Every issuance and revocation from now on (see [`CaEvent`]).
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<CaEvent> {
+        self.events.subscribe()
     }
 
     /// Follows every change of the CRL.

@@ -13,6 +13,7 @@ pub mod config;
 pub mod inventory;
 pub mod model;
 pub mod msg;
+pub mod seal;
 pub mod service;
 
 pub use config::{CloudConfig, CredentialsConfig};
