@@ -272,6 +272,14 @@ impl SessionRegistry {
             .collect()
     }
 
+    /// Whether `identity` has a live session now.
+    pub fn is_live(&self, identity: &str) -> bool {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .get(identity)
+            .is_some_and(|s| s.lock.try_lock().is_err())
+    }
+
     /// Forget identities nobody holds or waits for (called when a session ends).
     pub fn release(&self, identity: &str) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
