@@ -831,7 +831,24 @@ impl<S: InventoryStore> Owner<S> {
         let Some(c) = self.load(w, &j.credential).await? else {
             return Ok(());
         };
+        let issued = match (&j.op, j.result.as_deref()) {
+            (Operation::Renew, Some(r)) if r.starts_with("issued ") => {
+                self.load(w, &Credential::cert_id(&r["issued ".len()..])).await?
+            }
+            _ => None,
+        };
         let cmd = match j.op {
+            // The certificate was issued and the answer lost: the same one again.
+            Operation::Renew if issued.as_ref().is_some_and(|n| n.pem.is_some()) => {
+                let n = issued.unwrap_or_else(|| c.clone());
+                ToDevice::Issued {
+                    job: j.id.clone(),
+                    replaces: c.serial.clone(),
+                    serial: n.serial.clone(),
+                    cert_pem: n.pem.clone().unwrap_or_default(),
+                    ca_pem: self.deps.ca.ca_pem().to_string(),
+                }
+            }
             Operation::Renew => ToDevice::Renew {
                 job: j.id.clone(),
                 serial: c.serial.clone(),

@@ -19,6 +19,9 @@
 //! Events go to stdout, one JSON object per line (`onboarded`, `connected`,
 //! `disconnected`, `switching`, `message`, `published`); logs go to stderr.
 
+pub mod holder;
+
+use crate::credentials::msg as cmsg;
 use crate::fdo::client::{self, DeviceOptions, MqttCredentials};
 use crate::fdo::service::parse_mqtt_url;
 use crate::fdo_wire::{DeviceCredential, FdoError};
@@ -200,6 +203,10 @@ enum Ended {
     Switch {
         server: String,
     },
+    /// A renewed certificate is installed: connect again with it.
+    Renewed,
+    /// The MQTT credential was deleted on the gateway's command.
+    Deleted,
 }
 
 /// One connection to one server, until it fails or shutdown.
@@ -209,6 +216,7 @@ async fn session(
     tls: &Arc<rustls::ClientConfig>,
     opts: &AgentOptions,
     seq: &mut u64,
+    holder: &mut holder::Holder,
     shutdown: &CancellationToken,
 ) -> Ended {
     let (host, port) = match parse_mqtt_url(url) {
@@ -262,7 +270,45 @@ async fn session(
                     tracing::info!(server = url, "connected");
                     event(serde_json::json!({"event": "connected", "server": url}));
                     let _ = client.try_subscribe(format!("devices/{id}/commands/#"), QoS::AtLeastOnce);
+                    // Check-in: what this device holds (docs/credentials.md).
+                    match holder.report() {
+                        Ok(r) => {
+                            let _ = client.try_publish(cmsg::report_topic(id), QoS::AtLeastOnce, false, r.encode());
+                        }
+                        Err(e) => tracing::warn!(error = %e, "no credentials report"),
+                    }
                     tick.reset_immediately();
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == cmsg::command_topic(id) => {
+                    let cmd = match cmsg::ToDevice::decode(&p.payload) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "unreadable credentials command ignored");
+                            continue;
+                        }
+                    };
+                    let op = serde_json::to_value(&cmd).ok().and_then(|v| v["op"].as_str().map(str::to_string));
+                    event(serde_json::json!({"event": "credentials", "op": op, "job": cmd.job()}));
+                    let out = match holder.handle(cmd) {
+                        Ok(o) => o,
+                        Err(e) => {
+                            tracing::error!(error = %e, "credentials command failed");
+                            continue;
+                        }
+                    };
+                    for u in &out.updates {
+                        event(serde_json::json!({"event": "job", "job": u.job, "state": u.state.as_str(), "reason": u.reason}));
+                        if client.publish(cmsg::job_topic(id), QoS::AtLeastOnce, false, u.encode()).await.is_err() {
+                            tracing::warn!("job update not queued");
+                        }
+                    }
+                    if out.reconnect || out.stop {
+                        let _ = client.try_disconnect();
+                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            while el.poll().await.is_ok() {}
+                        }).await;
+                        return if out.stop { Ended::Deleted } else { Ended::Renewed };
+                    }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) if p.topic == crate::switching::topic(id) => {
                     let server = serde_json::from_slice::<serde_json::Value>(&p.payload)
@@ -307,15 +353,26 @@ pub async fn stay_connected(
     if st.servers.is_empty() {
         return Err(DeviceError::NoServers);
     }
-    let tls = tls_config(&opts.state_dir)?;
+    let mut tls = tls_config(&opts.state_dir)?;
+    let mut holder = holder::Holder::new(&opts.state_dir, &st.client_id);
     let mut seq = 0u64;
     let mut idx = 0usize;
     let mut failed_in_row = 0usize;
     let mut attempt = 0u32;
     loop {
         let url = &st.servers[idx];
-        match session(url, st, &tls, opts, &mut seq, shutdown).await {
+        match session(url, st, &tls, opts, &mut seq, &mut holder, shutdown).await {
             Ended::Shutdown => return Ok(()),
+            Ended::Renewed => {
+                tracing::info!("renewed certificate installed; reconnecting with it");
+                event(serde_json::json!({"event": "renewed"}));
+                tls = tls_config(&opts.state_dir)?;
+            }
+            Ended::Deleted => {
+                tracing::warn!("the MQTT credential was deleted on the gateway's command; stopping");
+                event(serde_json::json!({"event": "credential-deleted"}));
+                return Ok(());
+            }
             Ended::Switch { server } => {
                 tracing::info!(from = %url, to = %server, "switching server on the gateway's advice");
                 event(serde_json::json!({"event": "switching", "from": url, "to": server}));
