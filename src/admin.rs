@@ -62,6 +62,27 @@ pub enum Request {
         voucher_pem: String,
         to_pem: String,
     },
+    /// One page of the credential inventory.
+    Credentials {
+        query: crate::credentials::model::Query,
+    },
+    /// One credential with its jobs.
+    Credential {
+        id: String,
+    },
+    /// Run an operation on a credential (jobs for its holders).
+    Operate {
+        id: String,
+        operation: crate::credentials::model::Operation,
+        by: String,
+        #[serde(default)]
+        reason: String,
+    },
+    /// Cancel a job.
+    CancelJob {
+        job: String,
+        by: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -93,6 +114,15 @@ pub enum Reply {
     Delegated {
         guid: String,
         gateway: String,
+    },
+    Page {
+        page: crate::credentials::model::Page,
+    },
+    Detail {
+        detail: Option<crate::credentials::service::Detail>,
+    },
+    Jobs {
+        jobs: Vec<crate::credentials::model::Job>,
     },
     Error {
         message: String,
@@ -134,6 +164,20 @@ pub struct Services {
     pub vouchers_changed: Option<Arc<Notify>>,
     /// Woken after a delegation (the cloud's sync sends it at once).
     pub sync_wake: Option<Arc<Notify>>,
+    /// The credential inventory (`[credentials] enabled`).
+    pub credentials: Option<crate::credentials::service::CredentialsHandle>,
+}
+
+fn no_credentials() -> Reply {
+    Reply::Error {
+        message: "the credential inventory is off (credentials.enabled = false)".into(),
+    }
+}
+
+fn cred_err(e: crate::credentials::service::CredentialsError) -> Reply {
+    Reply::Error {
+        message: e.to_string(),
+    }
 }
 
 fn records(r: Result<Vec<CertRecord>, CaError>) -> Reply {
@@ -210,6 +254,39 @@ async fn handle(req: Request, svc: &Services) -> Reply {
                 },
             }
         }
+        Request::Credentials { query } => match &svc.credentials {
+            None => no_credentials(),
+            Some(c) => match c.query(&query).await {
+                Ok(page) => Reply::Page { page },
+                Err(e) => cred_err(e),
+            },
+        },
+        Request::Credential { id } => match &svc.credentials {
+            None => no_credentials(),
+            Some(c) => match c.show(&id).await {
+                Ok(detail) => Reply::Detail { detail },
+                Err(e) => cred_err(e),
+            },
+        },
+        Request::Operate {
+            id,
+            operation,
+            by,
+            reason,
+        } => match &svc.credentials {
+            None => no_credentials(),
+            Some(c) => match c.operate(&id, operation, &by, &reason).await {
+                Ok(jobs) => Reply::Jobs { jobs },
+                Err(e) => cred_err(e),
+            },
+        },
+        Request::CancelJob { job, by } => match &svc.credentials {
+            None => no_credentials(),
+            Some(c) => match c.cancel(&job, &by).await {
+                Ok(j) => Reply::Jobs { jobs: vec![j] },
+                Err(e) => cred_err(e),
+            },
+        },
         Request::Registry => {
             let store = svc.store.clone();
             let r = tokio::task::spawn_blocking(move || registry(&store)).await;

@@ -58,6 +58,8 @@ pub struct Config {
     pub sessions: crate::sessions::SessionsConfig,
     pub can: crate::can::config::CanConfig,
     pub fleet: crate::fleet::FleetConfig,
+    pub credentials: crate::credentials::CredentialsConfig,
+    pub cloud: crate::credentials::CloudConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -244,6 +246,12 @@ impl Config {
             return Err(ConfigError::Invalid { field, reason });
         }
         if let Err((field, reason)) = self.sync.validate() {
+            return Err(ConfigError::Invalid { field, reason });
+        }
+        if let Err((field, reason)) = self.credentials.validate() {
+            return Err(ConfigError::Invalid { field, reason });
+        }
+        if let Err((field, reason)) = self.cloud.validate() {
             return Err(ConfigError::Invalid { field, reason });
         }
         if let Err((field, reason)) = self.fleet.validate() {

@@ -75,6 +75,8 @@ pub enum RunError {
     Sessions(#[from] sessions::SessionsError),
     #[error(transparent)]
     Can(#[from] can::service::CanError),
+    #[error("credential inventory: {0}")]
+    Credentials(#[from] credentials::inventory::InventoryError),
     #[error("restoring retained messages: {0}")]
     Restore(#[from] frontdoor::restore::RestoreError),
 }
@@ -251,6 +253,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     }
     let can_core = core.clone();
     let can_store = store.clone();
+    let cred_core = core.clone();
+    let cred_store = store.clone();
     let (can_tx, can_rx) = if config.can.enabled && config.uplink.enabled {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         (Some(tx), Some(rx))
@@ -289,6 +293,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             )?)
         }
         None => None,
+    };
+    let credentials = if config.credentials.enabled {
+        let inventory = credentials::inventory::Inventory::open("", &cred_store).await?;
+        let live_sessions = shared.clone();
+        let deps = credentials::service::Deps {
+            ca: ca.clone(),
+            core: Some(cred_core),
+            durable: Some(durable.clone()),
+            live: Arc::new(move |d: &str| live_sessions.sessions.is_live(d)),
+            issuer: credentials::service::issuer_name(ca.ca_der()),
+            vehicle: (!config.credentials.vehicle.is_empty())
+                .then(|| config.credentials.vehicle.clone()),
+        };
+        Some(credentials::service::start(
+            config.credentials.clone(),
+            Arc::new(inventory),
+            deps,
+            &tracker,
+            shutdown.clone(),
+        ))
+    } else {
+        None
     };
 
     let endpoints = Endpoints {
@@ -379,11 +405,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         let fdo_metrics = fdo_svc.as_ref().map(|f| f.metrics());
         let d = durable.clone();
         let can_stats = can.as_ref().map(|c| c.stats.clone());
+        let cred_stats = credentials.as_ref().map(|c| c.stats.clone());
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
             let mut text = m.render();
             u.render_metrics(&mut text);
             d.stats.render(&mut text);
             if let Some(c) = &can_stats {
+                c.render(&mut text);
+            }
+            if let Some(c) = &cred_stats {
                 c.render(&mut text);
             }
             if let Some(f) = &fdo_metrics {
@@ -421,6 +451,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             data_dir: data_dir.clone(),
             vouchers_changed: fdo_svc.as_ref().map(|f| f.vouchers_changed.clone()),
             sync_wake: None,
+            credentials: credentials.clone(),
         },
         tracker.clone(),
         shutdown.clone(),
@@ -647,6 +678,27 @@ pub async fn run_cloud(config: Config, shutdown: CancellationToken) -> Result<()
         ));
         tracing::info!(broker = %config.uplink.host, "fleet server (CAN): on");
     }
+    let credentials = if config.credentials.enabled {
+        let inventory =
+            credentials::inventory::Inventory::open(&config.cloud.database_url, &store).await?;
+        let deps = credentials::service::Deps {
+            ca: ca.clone(),
+            core: None,
+            durable: None,
+            live: Arc::new(|_: &str| false),
+            issuer: credentials::service::issuer_name(ca.ca_der()),
+            vehicle: None,
+        };
+        Some(credentials::service::start(
+            config.credentials.clone(),
+            Arc::new(inventory),
+            deps,
+            &tracker,
+            shutdown.clone(),
+        ))
+    } else {
+        None
+    };
     tracker.spawn(admin::serve(
         admin_l,
         admin::Services {
@@ -655,6 +707,7 @@ pub async fn run_cloud(config: Config, shutdown: CancellationToken) -> Result<()
             data_dir: data_dir.clone(),
             vouchers_changed: Some(svc.vouchers_changed.clone()),
             sync_wake: Some(sync_wake),
+            credentials,
         },
         tracker.clone(),
         shutdown.clone(),

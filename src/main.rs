@@ -7,6 +7,7 @@ mod cli;
 use clap::{Parser, Subcommand};
 use cli::ca::CaCmd;
 use cli::can::CanCmd;
+use cli::credentials::CredCmd;
 use cli::device::DeviceArgs;
 use cli::voucher::VoucherCmd;
 use cli::{load_config, ConfigArgs};
@@ -54,6 +55,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CaCmd,
     },
+    /// The credential inventory: list, show, and renew / invalidate / delete / rotate
+    /// (delivered to the holders only), through the running gateway or cloud.
+    Credentials {
+        #[command(subcommand)]
+        cmd: CredCmd,
+    },
     /// In-vehicle CAN on candump logs: learn a profile of normal traffic, grade frames.
     Can {
         #[command(subcommand)]
@@ -90,6 +97,7 @@ fn main() -> ExitCode {
             cmd:
                 CaCmd::IssueDevice { cfg, .. } | CaCmd::Revoke { cfg, .. } | CaCmd::List { cfg, .. },
         } => cfg.clone(),
+        Cmd::Credentials { cmd } => cmd.cfg().clone(),
         Cmd::Voucher {
             cmd:
                 VoucherCmd::OwnerCert { cfg, .. }
@@ -130,6 +138,7 @@ fn main() -> ExitCode {
             Cmd::Registry { json, .. } => cli::registry::registry(config, json).await,
             Cmd::Ca { cmd } => cli::ca::ca_command(cmd, config).await,
             Cmd::Can { cmd } => cli::can::can_command(cmd),
+            Cmd::Credentials { cmd } => cli::credentials::credentials_command(cmd, config).await,
             Cmd::Voucher { cmd } => cli::voucher::voucher_command(cmd, config).await,
             Cmd::PrintDefaultConfig => Ok(()),
         }

@@ -4,6 +4,7 @@
 
 pub mod ca;
 pub mod can;
+pub mod credentials;
 pub mod device;
 pub mod registry;
 pub mod run;

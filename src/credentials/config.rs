@@ -34,6 +34,11 @@ pub struct CredentialsConfig {
     /// to delete it before the revocation cuts its session.
     #[serde(with = "crate::duration")]
     pub invalidate_grace: Duration,
+    /// The vehicle this gateway is in (its VIN or fleet id; seed 000). When set, every
+    /// certificate an ECU (a device of this gateway) reports must be recorded for this
+    /// vehicle and that ECU, or it is revoked and the ECU told to delete it. Empty: not in
+    /// a vehicle.
+    pub vehicle: String,
 }
 
 impl Default for CredentialsConfig {
@@ -47,6 +52,7 @@ impl Default for CredentialsConfig {
             retry_min: Duration::from_secs(5),
             retry_max: Duration::from_secs(600),
             invalidate_grace: Duration::from_secs(5),
+            vehicle: String::new(),
         }
     }
 }
@@ -67,6 +73,10 @@ impl CredentialsConfig {
                 "credentials.retry_max",
                 "retry_min must be above 0 and retry_max at least retry_min".into(),
             ));
+        }
+        if !self.vehicle.is_empty() {
+            crate::acl::validate_identity(&self.vehicle)
+                .map_err(|e| ("credentials.vehicle", e.to_string()))?;
         }
         if self.job_timeout < self.retry_min {
             return Err((

@@ -80,6 +80,43 @@ pub struct CredentialStats {
     pub writes: std::sync::atomic::AtomicU64,
 }
 
+impl CredentialStats {
+    /// Prometheus text (`outpost_credentials_*_total`).
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        use std::sync::atomic::Ordering::Relaxed;
+        for (name, help, v) in [
+            ("reports", "Check-in reports from holders.", &self.reports),
+            (
+                "reports_refused",
+                "Check-in reports refused (malformed, too large).",
+                &self.reports_refused,
+            ),
+            (
+                "updates_refused",
+                "Job updates refused (malformed, unknown job, not the job's holder).",
+                &self.updates_refused,
+            ),
+            ("commands_sent", "Commands sent to holders.", &self.commands_sent),
+            ("jobs_made", "Jobs made (one per holder of a credential).", &self.jobs_made),
+            ("jobs_ended", "Jobs ended (succeeded, failed, timed out).", &self.jobs_ended),
+            (
+                "binding_violations",
+                "ECU certificates reported in a vehicle they are not recorded for.",
+                &self.binding_violations,
+            ),
+            ("writes", "Durable inventory writes.", &self.writes),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP outpost_credentials_{name}_total {help}\n# TYPE outpost_credentials_{name}_total counter\n\
+                 outpost_credentials_{name}_total {}",
+                v.load(Relaxed)
+            );
+        }
+    }
+}
+
 type Reply<T> = oneshot::Sender<Result<T, CredentialsError>>;
 
 /// What the owner is asked to do. Closed: nothing else reaches the inventory.
@@ -183,8 +220,9 @@ impl CredentialsHandle {
 /// What the service needs from the rest of the gateway.
 pub struct Deps {
     pub ca: CaHandle,
-    /// The routing core: the intake's subscriptions and the commands to holders.
-    pub core: BrokerLink,
+    /// The routing core: the intake's subscriptions and the commands to holders (none in
+    /// the cloud role, whose holders are behind their gateways).
+    pub core: Option<BrokerLink>,
     /// Persistent sessions get their QoS 1 messages from their durable queue: commands are
     /// queued there too.
     pub durable: Option<crate::sessions::SessionsHandle>,
@@ -194,6 +232,20 @@ pub struct Deps {
     pub issuer: String,
     /// The vehicle this gateway is in (seed 000), if it is in one.
     pub vehicle: Option<String>,
+}
+
+/// The common name of a CA certificate (DER): what holders report as its issuer.
+pub fn issuer_name(ca_der: &[u8]) -> String {
+    x509_parser::parse_x509_certificate(ca_der)
+        .ok()
+        .and_then(|(_, x)| {
+            x.subject()
+                .iter_common_name()
+                .next()
+                .and_then(|c| c.as_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
 }
 
 fn now() -> i64 {
@@ -240,19 +292,22 @@ pub fn start<S: InventoryStore>(
         expiring: secs(cfg.expiring),
         stats: stats.clone(),
     };
-    let mut o = MqttOptions::new(CLIENT_ID, deps.core.addr.ip().to_string(), deps.core.addr.port());
-    o.set_credentials(CLIENT_ID, deps.core.secret.to_string());
-    o.set_keep_alive(Duration::from_secs(30));
-    o.set_clean_session(true);
-    o.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, eventloop) = AsyncClient::new(o, 1024);
-    tracker.spawn(intake(
-        client.clone(),
-        eventloop,
-        tx.clone(),
-        stats.clone(),
-        shutdown.clone(),
-    ));
+    let client = deps.core.as_ref().map(|core| {
+        let mut o = MqttOptions::new(CLIENT_ID, core.addr.ip().to_string(), core.addr.port());
+        o.set_credentials(CLIENT_ID, core.secret.to_string());
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_clean_session(true);
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, eventloop) = AsyncClient::new(o, 1024);
+        tracker.spawn(intake(
+            client.clone(),
+            eventloop,
+            tx.clone(),
+            stats.clone(),
+            shutdown.clone(),
+        ));
+        client
+    });
     tracker.spawn(follow_ca(deps.ca.clone(), tx.clone(), shutdown.clone()));
     let owner = Owner {
         cfg,
@@ -409,7 +464,7 @@ struct Owner<S> {
     cfg: CredentialsConfig,
     inv: Arc<S>,
     deps: Deps,
-    client: AsyncClient,
+    client: Option<AsyncClient>,
     tx: mpsc::Sender<Command>,
     stats: Arc<CredentialStats>,
     /// Every job not ended (loaded at start), by id.
@@ -513,11 +568,10 @@ impl<S: InventoryStore> Owner<S> {
                 tracing::warn!(%device, error = %e, "credentials command not queued for the device's session");
             }
         }
-        match self
-            .client
-            .publish(topic, QoS::AtLeastOnce, false, body)
-            .await
-        {
+        let Some(client) = &self.client else {
+            return;
+        };
+        match client.publish(topic, QoS::AtLeastOnce, false, body).await {
             Ok(()) => {
                 self.stats.commands_sent.fetch_add(1, Relaxed);
                 tracing::info!(%device, job = cmd.job(), "credentials command sent");

@@ -332,6 +332,57 @@ pub fn foreign_device(gw: &Gateway, id: &str) -> Creds {
     )
 }
 
+/// A CA of the fleet (the cloud's) that a gateway is told to trust for client certificates
+/// (`tls.extra_client_cas`), kept in a temp dir for the test's life.
+pub struct FleetCa {
+    pub dir: tempfile::TempDir,
+    pub ca_path: std::path::PathBuf,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+pub fn fleet_ca(name: &str) -> FleetCa {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    ca.distinguished_name = dn;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let cert = ca.self_signed(&ca_key).unwrap();
+    let ca_path = dir.path().join("fleet-ca.crt");
+    std::fs::write(&ca_path, cert.pem()).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    FleetCa {
+        dir,
+        ca_path,
+        issuer,
+    }
+}
+
+impl FleetCa {
+    /// A device certificate of this CA for `id`, with a random serial (`Creds::serial` set,
+    /// lower-case hex as the gateway writes serials).
+    pub fn issue(&self, gw: &Gateway, id: &str) -> Creds {
+        let mut p = device_params(id);
+        let mut raw = rand::random::<[u8; 16]>();
+        raw[0] &= 0x7f;
+        raw[0] |= 0x10;
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&raw));
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        let mut c = write_creds(
+            &gw.dir.path().join("fleet").join(id),
+            id,
+            &cert.pem(),
+            &key.serialize_pem(),
+            &gw.data_dir.join("ca.crt"),
+        );
+        c.serial = hex::encode(raw);
+        c
+    }
+}
+
 /// A device certificate signed by the gateway's own CA key whose validity ended yesterday.
 pub fn expired_device(gw: &Gateway, id: &str) -> Creds {
     let ca_key =
