@@ -99,3 +99,101 @@ pub trait InventoryStore: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Job>, InventoryError>> + Send;
 }
+
+pub use embedded::EmbeddedInventory;
+pub use postgres::PgInventory;
+
+/// The inventory a deployment uses: PostgreSQL when `[cloud] database_url` is set, the
+/// embedded store otherwise.
+#[derive(Clone)]
+pub enum Inventory {
+    Embedded(EmbeddedInventory),
+    Postgres(PgInventory),
+}
+
+impl Inventory {
+    /// The embedded inventory in `store` when `database_url` is empty, else PostgreSQL at
+    /// that URL (its schema made when missing).
+    pub async fn open(
+        database_url: &str,
+        store: &crate::store::Store,
+    ) -> Result<Inventory, InventoryError> {
+        if database_url.trim().is_empty() {
+            Ok(Inventory::Embedded(
+                EmbeddedInventory::open_async(store).await?,
+            ))
+        } else {
+            Ok(Inventory::Postgres(PgInventory::open(database_url).await?))
+        }
+    }
+
+    /// Count at most `cap` query matches instead of [`super::model::COUNT_CAP`] (tests).
+    pub fn set_count_cap(&self, cap: u64) {
+        match self {
+            Inventory::Embedded(i) => i.set_count_cap(cap),
+            Inventory::Postgres(i) => i.set_count_cap(cap),
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $inv:ident => $call:expr) => {
+        match $self {
+            Inventory::Embedded($inv) => $call.await,
+            Inventory::Postgres($inv) => $call.await,
+        }
+    };
+}
+
+impl InventoryStore for Inventory {
+    async fn put(&self, creds: &[Credential]) -> Result<(), InventoryError> {
+        delegate!(self, i => i.put(creds))
+    }
+    async fn get(&self, id: &str) -> Result<Option<Credential>, InventoryError> {
+        delegate!(self, i => i.get(id))
+    }
+    async fn by_holder(&self, device: &str) -> Result<Vec<Credential>, InventoryError> {
+        delegate!(self, i => i.by_holder(device))
+    }
+    async fn by_serial(&self, serial: &str) -> Result<Vec<Credential>, InventoryError> {
+        delegate!(self, i => i.by_serial(serial))
+    }
+    async fn by_vehicle(&self, vehicle: &str) -> Result<Vec<Credential>, InventoryError> {
+        delegate!(self, i => i.by_vehicle(vehicle))
+    }
+    async fn by_ecu(&self, ecu: &str) -> Result<Vec<Credential>, InventoryError> {
+        delegate!(self, i => i.by_ecu(ecu))
+    }
+    async fn ending_before(
+        &self,
+        until: i64,
+        limit: usize,
+    ) -> Result<Vec<Credential>, InventoryError> {
+        delegate!(self, i => i.ending_before(until, limit))
+    }
+    async fn query(&self, q: &Query, now: i64, expiring: i64) -> Result<Page, InventoryError> {
+        delegate!(self, i => i.query(q, now, expiring))
+    }
+    async fn count(&self) -> Result<u64, InventoryError> {
+        delegate!(self, i => i.count())
+    }
+    async fn put_jobs(&self, jobs: &[Job], creds: &[Credential]) -> Result<(), InventoryError> {
+        delegate!(self, i => i.put_jobs(jobs, creds))
+    }
+    async fn job(&self, id: &str) -> Result<Option<Job>, InventoryError> {
+        delegate!(self, i => i.job(id))
+    }
+    async fn jobs_for_device(
+        &self,
+        device: &str,
+        open_only: bool,
+    ) -> Result<Vec<Job>, InventoryError> {
+        delegate!(self, i => i.jobs_for_device(device, open_only))
+    }
+    async fn jobs_for_credential(&self, credential: &str) -> Result<Vec<Job>, InventoryError> {
+        delegate!(self, i => i.jobs_for_credential(credential))
+    }
+    async fn open_jobs(&self, limit: usize) -> Result<Vec<Job>, InventoryError> {
+        delegate!(self, i => i.open_jobs(limit))
+    }
+}
