@@ -50,7 +50,9 @@ fn agent(dir: &Path) -> Proc {
         "0s".into(),
     ];
     let mut p = Proc::spawn(BIN, &args);
-    p.wait_for(LIMIT, "agent connected", |l| l.contains(r#""event":"connected""#));
+    p.wait_for(LIMIT, "agent connected", |l| {
+        l.contains(r#""event":"connected""#)
+    });
     p
 }
 
@@ -176,7 +178,9 @@ fn a_command_reaches_its_holder_only_and_renewal_keeps_the_key_on_the_device() {
     // The old certificate is revoked; the device runs on the new one, with a new key it
     // made itself (the CSR carried only the public half).
     assert!(d["credential"]["revoked_at"].is_i64());
-    ag.wait_for(LIMIT, "reconnect with the new certificate", |l| l.contains(r#""event":"renewed""#));
+    ag.wait_for(LIMIT, "reconnect with the new certificate", |l| {
+        l.contains(r#""event":"renewed""#)
+    });
     ag.wait_for(LIMIT, "connected again", |l| {
         l.contains(r#""event":"connected""#)
     });
@@ -188,10 +192,10 @@ fn a_command_reaches_its_holder_only_and_renewal_keeps_the_key_on_the_device() {
     );
     // On the wire: every command went to devices/hold-a/... and nowhere else; the two other
     // devices received nothing at all.
+    sniff.wait_for(LIMIT, "a command", |l| l.starts_with("MSG|"));
     let cmds: Vec<String> = sniff
         .seen
         .iter()
-        .chain(std::iter::once(&sniff.wait_for(LIMIT, "a command", |l| l.starts_with("MSG|"))))
         .filter(|l| l.starts_with("MSG|"))
         .cloned()
         .collect();
@@ -326,14 +330,21 @@ fn forged_reports_and_updates_change_nothing() {
     let b = gw.issue("forge-b");
     let id = format!("cert:{}", a.serial);
     op(&gw, "renew", &id);
-    let job = show(&gw, &id)["jobs"][0]["id"].as_str().unwrap().to_string();
+    let job = show(&gw, &id)["jobs"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let publish = |c: &Creds, topic: &str, body: &str| {
         let out = Command::new("mosquitto_pub")
             .args(tls_args(gw.mqtts(), c))
             .args(["-t", topic, "-m", body, "-q", "1"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     // b claims a's job succeeded, on its own topic (the ACL keeps it off a's).
     publish(
@@ -343,7 +354,11 @@ fn forged_reports_and_updates_change_nothing() {
     );
     // Malformed messages.
     publish(&b, "devices/forge-b/credentials/job", "{not json");
-    publish(&b, "devices/forge-b/credentials/report", r#"{"v":9,"credentials":[]}"#);
+    publish(
+        &b,
+        "devices/forge-b/credentials/report",
+        r#"{"v":9,"credentials":[]}"#,
+    );
     wait_until(LIMIT, "refusals counted", || {
         gw.metric("outpost_credentials_updates_refused_total") >= 2
             && gw.metric("outpost_credentials_reports_refused_total") >= 1

@@ -106,14 +106,19 @@ impl CredCmd {
             CredCmd::List { cfg, .. } | CredCmd::Show { cfg, .. } | CredCmd::Cancel { cfg, .. } => {
                 cfg
             }
-            CredCmd::Renew(a) | CredCmd::Invalidate(a) | CredCmd::Delete(a) | CredCmd::Rotate(a) => {
-                &a.cfg
-            }
+            CredCmd::Renew(a)
+            | CredCmd::Invalidate(a)
+            | CredCmd::Delete(a)
+            | CredCmd::Rotate(a) => &a.cfg,
         }
     }
 }
 
-fn parse<T>(what: &str, v: &Option<String>, f: impl Fn(&str) -> Option<T>) -> anyhow::Result<Option<T>> {
+fn parse<T>(
+    what: &str,
+    v: &Option<String>,
+    f: impl Fn(&str) -> Option<T>,
+) -> anyhow::Result<Option<T>> {
     match v {
         None => Ok(None),
         Some(s) => f(s)
@@ -134,7 +139,8 @@ fn query(f: &Filters) -> anyhow::Result<Query> {
         ecu: f.ecu.clone(),
         expiring_within: f.expiring_within.map(|d| i64::from(d) * 86_400),
         audit: f.audit,
-        sort: SortKey::parse(&f.sort).with_context(|| format!("--sort: {:?} is not a column", f.sort))?,
+        sort: SortKey::parse(&f.sort)
+            .with_context(|| format!("--sort: {:?} is not a column", f.sort))?,
         desc: f.desc,
         offset: f.offset,
         limit: f.limit,
@@ -204,7 +210,8 @@ pub async fn credentials_command(cmd: CredCmd, config: Config) -> anyhow::Result
                     c.holder,
                     c.server,
                     day(c.not_after),
-                    c.validity(now, config.credentials.expiring.as_secs() as i64).as_str(),
+                    c.validity(now, config.credentials.expiring.as_secs() as i64)
+                        .as_str(),
                     c.op_state.as_str(),
                     c.audit.join(",")
                 );

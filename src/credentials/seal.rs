@@ -73,8 +73,7 @@ pub struct Opener {
 impl Opener {
     pub fn new() -> Result<Opener, SealError> {
         let rng = SystemRandom::new();
-        let key =
-            EphemeralPrivateKey::generate(&ECDH_P256, &rng).map_err(|_| SealError::Random)?;
+        let key = EphemeralPrivateKey::generate(&ECDH_P256, &rng).map_err(|_| SealError::Random)?;
         let public = key.compute_public_key().map_err(|_| SealError::Random)?;
         Ok(Opener {
             key,
@@ -177,7 +176,10 @@ mod tests {
             seal("j", "k", "04zz", b"x").unwrap_err(),
             SealError::Hex("epk")
         );
-        assert_eq!(seal("j", "k", "0401", b"x").unwrap_err(), SealError::BadPeerKey);
+        assert_eq!(
+            seal("j", "k", "0401", b"x").unwrap_err(),
+            SealError::BadPeerKey
+        );
         assert_eq!(seal("j", "k", "0401", b"").unwrap_err(), SealError::Size);
     }
 }

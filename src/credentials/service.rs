@@ -97,9 +97,21 @@ impl CredentialStats {
                 "Job updates refused (malformed, unknown job, not the job's holder).",
                 &self.updates_refused,
             ),
-            ("commands_sent", "Commands sent to holders.", &self.commands_sent),
-            ("jobs_made", "Jobs made (one per holder of a credential).", &self.jobs_made),
-            ("jobs_ended", "Jobs ended (succeeded, failed, timed out).", &self.jobs_ended),
+            (
+                "commands_sent",
+                "Commands sent to holders.",
+                &self.commands_sent,
+            ),
+            (
+                "jobs_made",
+                "Jobs made (one per holder of a credential).",
+                &self.jobs_made,
+            ),
+            (
+                "jobs_ended",
+                "Jobs ended (succeeded, failed, timed out).",
+                &self.jobs_ended,
+            ),
             (
                 "binding_violations",
                 "ECU certificates reported in a vehicle they are not recorded for.",
@@ -142,9 +154,15 @@ enum Command {
         reply: Reply<Job>,
     },
     /// A holder's check-in.
-    Report { device: String, report: Report },
+    Report {
+        device: String,
+        report: Report,
+    },
     /// A holder's progress on one of its jobs.
-    Update { device: String, update: JobUpdate },
+    Update {
+        device: String,
+        update: JobUpdate,
+    },
     Ca(CaEvent),
     /// The CA's events were missed: reconcile every certificate record.
     Reconcile(Vec<CertRecord>),
@@ -271,7 +289,11 @@ pub fn normal_serial(s: &str) -> String {
         .filter(|c| *c != ':')
         .collect::<String>()
         .to_ascii_lowercase();
-    match hex::decode(if t.len() % 2 == 1 { format!("0{t}") } else { t.clone() }) {
+    match hex::decode(if t.len() % 2 == 1 {
+        format!("0{t}")
+    } else {
+        t.clone()
+    }) {
         Ok(b) if !b.is_empty() => crate::ca::serial_hex(&b),
         _ => t,
     }
@@ -449,7 +471,11 @@ impl Writes {
     fn job(&mut self, j: Job) {
         self.jobs.insert(j.id.clone(), j);
     }
-    fn reply<T: Send + Sync + 'static>(&mut self, reply: Reply<T>, value: Result<T, CredentialsError>) {
+    fn reply<T: Send + Sync + 'static>(
+        &mut self,
+        reply: Reply<T>,
+        value: Result<T, CredentialsError>,
+    ) {
         // Errors are answered at once by the caller; a value waits for the write.
         self.replies.push(Box::new(move |r| {
             let _ = reply.send(match r {
@@ -696,10 +722,12 @@ impl<S: InventoryStore> Owner<S> {
         if rec.revoked_at.is_some() && c.revoked_at.is_none() {
             c.revoked_at = rec.revoked_at;
             c.log(t, "revoked", "ca", "on the CRL");
-            if !c.op_state.is_final() && !matches!(
-                c.op_state,
-                OpState::InvalidationPending | OpState::DeletionPending
-            ) {
+            if !c.op_state.is_final()
+                && !matches!(
+                    c.op_state,
+                    OpState::InvalidationPending | OpState::DeletionPending
+                )
+            {
                 c.set_state(OpState::Invalidated, t, "ca", "revoked");
             }
         }
@@ -758,11 +786,7 @@ impl<S: InventoryStore> Owner<S> {
         }
         let mut jobs = Vec::new();
         for device in holders {
-            let open_for = self
-                .open
-                .values()
-                .filter(|j| j.device == device)
-                .count();
+            let open_for = self.open.values().filter(|j| j.device == device).count();
             if open_for >= MAX_OPEN_JOBS_PER_DEVICE {
                 return Err(CredentialsError::NotAllowed(format!(
                     "{device} has {open_for} jobs open already"
@@ -835,7 +859,12 @@ impl<S: InventoryStore> Owner<S> {
     }
 
     /// Revoke a credential now (our CA, or a foreign revocation the front door enforces).
-    async fn revoke(&mut self, w: &mut Writes, id: &str, why: &str) -> Result<(), CredentialsError> {
+    async fn revoke(
+        &mut self,
+        w: &mut Writes,
+        id: &str,
+        why: &str,
+    ) -> Result<(), CredentialsError> {
         self.revoke_at.remove(id);
         let Some(mut c) = self.load(w, id).await? else {
             return Ok(());
@@ -887,7 +916,8 @@ impl<S: InventoryStore> Owner<S> {
         };
         let issued = match (&j.op, j.result.as_deref()) {
             (Operation::Renew, Some(r)) if r.starts_with("issued ") => {
-                self.load(w, &Credential::cert_id(&r["issued ".len()..])).await?
+                self.load(w, &Credential::cert_id(&r["issued ".len()..]))
+                    .await?
             }
             _ => None,
         };
@@ -968,7 +998,12 @@ impl<S: InventoryStore> Owner<S> {
     }
 
     /// A holder checked in with what it holds.
-    async fn report(&mut self, w: &mut Writes, device: &str, r: Report) -> Result<(), CredentialsError> {
+    async fn report(
+        &mut self,
+        w: &mut Writes,
+        device: &str,
+        r: Report,
+    ) -> Result<(), CredentialsError> {
         use std::sync::atomic::Ordering::Relaxed;
         self.stats.reports.fetch_add(1, Relaxed);
         let t = now();
@@ -1005,10 +1040,20 @@ impl<S: InventoryStore> Owner<S> {
                     c.fingerprint = h.fingerprint.clone();
                     c.not_before = h.not_before;
                     c.not_after = h.not_after;
-                    c.log(t, "reported", &format!("device:{device}"), "first seen at check-in");
+                    c.log(
+                        t,
+                        "reported",
+                        &format!("device:{device}"),
+                        "first seen at check-in",
+                    );
                     if h.kind == Kind::Certificate {
                         // It claims our CA, but we have no record of it.
-                        c.flag("unknown", t, "audit", "a certificate of our CA we never issued");
+                        c.flag(
+                            "unknown",
+                            t,
+                            "audit",
+                            "a certificate of our CA we never issued",
+                        );
                     }
                     c
                 }
@@ -1027,7 +1072,12 @@ impl<S: InventoryStore> Owner<S> {
                 tracing::warn!(credential = %c.id, holder = %c.holder, also = device, "the same credential on two devices");
             }
             if c.revoked_at.is_some() {
-                c.flag("revoked-in-use", t, "audit", format!("reported by {device}"));
+                c.flag(
+                    "revoked-in-use",
+                    t,
+                    "audit",
+                    format!("reported by {device}"),
+                );
             }
             if let (Some(fp), Some(have)) = (&h.fingerprint, &c.fingerprint) {
                 if !fp.eq_ignore_ascii_case(have) {
@@ -1035,7 +1085,10 @@ impl<S: InventoryStore> Owner<S> {
                         "mismatch",
                         t,
                         "audit",
-                        format!("{device} reports another certificate under serial {}", c.serial),
+                        format!(
+                            "{device} reports another certificate under serial {}",
+                            c.serial
+                        ),
                     );
                 }
             }
@@ -1061,9 +1114,11 @@ impl<S: InventoryStore> Owner<S> {
                         .values()
                         .any(|j| j.credential == id && !j.state.is_terminal())
                     {
-                        self.operate(w, &id, Operation::Delete, "binding", &why).await?;
+                        // The ECU is told first; the revocation follows when it confirms
+                        // or after `invalidate_grace` (at once if it is gone).
+                        self.operate(w, &id, Operation::Delete, "binding", &why)
+                            .await?;
                     }
-                    self.revoke(w, &id, &why).await?;
                     continue;
                 }
             }
@@ -1077,7 +1132,12 @@ impl<S: InventoryStore> Owner<S> {
             if reported.contains(&c.id) || c.op_state.is_final() || c.revoked_at.is_some() {
                 continue;
             }
-            if c.flag("not-reported", t, "audit", format!("{device} did not report it at check-in")) {
+            if c.flag(
+                "not-reported",
+                t,
+                "audit",
+                format!("{device} did not report it at check-in"),
+            ) {
                 w.cred(c);
             }
         }
@@ -1116,7 +1176,12 @@ impl<S: InventoryStore> Owner<S> {
     }
 
     /// A holder's progress. Only the job's own holder may move it.
-    async fn update(&mut self, w: &mut Writes, device: &str, u: JobUpdate) -> Result<(), CredentialsError> {
+    async fn update(
+        &mut self,
+        w: &mut Writes,
+        device: &str,
+        u: JobUpdate,
+    ) -> Result<(), CredentialsError> {
         use std::sync::atomic::Ordering::Relaxed;
         let Some(mut j) = self.job_of(w, &u.job) else {
             self.stats.updates_refused.fetch_add(1, Relaxed);
@@ -1147,7 +1212,12 @@ impl<S: InventoryStore> Owner<S> {
                 w.job(j.clone());
                 // The CA thread signs; the answer comes back as a command so the owner
                 // never waits on it with a batch open.
-                let (ca, tx, job, dev) = (self.deps.ca.clone(), self.tx.clone(), j.id.clone(), j.device.clone());
+                let (ca, tx, job, dev) = (
+                    self.deps.ca.clone(),
+                    self.tx.clone(),
+                    j.id.clone(),
+                    j.device.clone(),
+                );
                 tokio::spawn(async move {
                     let result = ca
                         .issue_device(&dev, Some(csr))
@@ -1166,8 +1236,13 @@ impl<S: InventoryStore> Owner<S> {
                 let Some(c) = self.load(w, &j.credential).await? else {
                     return Ok(());
                 };
-                let new_id = format!("{}-r{}", c.serial.split("-r").next().unwrap_or(&c.serial), t);
-                let secret = seal::random_secret(32).map_err(|e| CredentialsError::NotAllowed(e.to_string()))?;
+                let new_id = format!(
+                    "{}-r{}",
+                    c.serial.split("-r").next().unwrap_or(&c.serial),
+                    t
+                );
+                let secret = seal::random_secret(32)
+                    .map_err(|e| CredentialsError::NotAllowed(e.to_string()))?;
                 match seal::seal(&j.id, &new_id, &epk, &secret) {
                     Ok(s) => {
                         j.state = JobState::InProgress;
@@ -1189,8 +1264,13 @@ impl<S: InventoryStore> Owner<S> {
                         w.job(j);
                     }
                     Err(e) => {
-                        self.end(w, j, JobState::Failed, &format!("cannot seal to the holder's key: {e}"))
-                            .await?;
+                        self.end(
+                            w,
+                            j,
+                            JobState::Failed,
+                            &format!("cannot seal to the holder's key: {e}"),
+                        )
+                        .await?;
                     }
                 }
             }
@@ -1204,7 +1284,10 @@ impl<S: InventoryStore> Owner<S> {
                 self.succeeded(w, j, u.new_id.as_deref()).await?;
             }
             (JobState::Failed, _) => {
-                let why = u.reason.clone().unwrap_or_else(|| "the holder failed".into());
+                let why = u
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "the holder failed".into());
                 self.end(w, j, JobState::Failed, &why).await?;
             }
             _ => {}
@@ -1227,7 +1310,9 @@ impl<S: InventoryStore> Owner<S> {
         let issued = match result {
             Ok(i) => i,
             Err(e) => {
-                return self.end(w, j, JobState::Failed, &format!("the CSR was refused: {e}")).await;
+                return self
+                    .end(w, j, JobState::Failed, &format!("the CSR was refused: {e}"))
+                    .await;
             }
         };
         let Some(old) = self.load(w, &j.credential).await? else {
@@ -1277,7 +1362,12 @@ impl<S: InventoryStore> Owner<S> {
         Ok(())
     }
 
-    async fn succeeded(&mut self, w: &mut Writes, j: Job, new_id: Option<&str>) -> Result<(), CredentialsError> {
+    async fn succeeded(
+        &mut self,
+        w: &mut Writes,
+        j: Job,
+        new_id: Option<&str>,
+    ) -> Result<(), CredentialsError> {
         let t = now();
         let cred = j.credential.clone();
         match j.op {
@@ -1290,7 +1380,12 @@ impl<S: InventoryStore> Owner<S> {
                         Some(n) => self.load(w, n).await?,
                         None => None,
                     } {
-                        n.set_state(OpState::Issued, t, &format!("device:{}", j.device), "in use by its holder");
+                        n.set_state(
+                            OpState::Issued,
+                            t,
+                            &format!("device:{}", j.device),
+                            "in use by its holder",
+                        );
                         n.last_seen = Some(t);
                         w.cred(n);
                     }
@@ -1301,14 +1396,29 @@ impl<S: InventoryStore> Owner<S> {
             }
             Operation::Rotate => {
                 let Some((new_key, _secret)) = self.openers.remove(&j.id) else {
-                    return self.end(w, j, JobState::Failed, "no key was sealed for this job (restart?)").await;
+                    return self
+                        .end(
+                            w,
+                            j,
+                            JobState::Failed,
+                            "no key was sealed for this job (restart?)",
+                        )
+                        .await;
                 };
                 if new_id != Some(new_key.as_str()) {
-                    return self.end(w, j, JobState::Failed, "the holder confirmed another key").await;
+                    return self
+                        .end(w, j, JobState::Failed, "the holder confirmed another key")
+                        .await;
                 }
                 if let Some(mut old) = self.load(w, &cred).await? {
                     let nid = format!("key:{}:{new_key}", j.device);
-                    let mut n = Credential::new(nid.clone(), Kind::SymmetricKey, new_key.clone(), j.device.clone(), t);
+                    let mut n = Credential::new(
+                        nid.clone(),
+                        Kind::SymmetricKey,
+                        new_key.clone(),
+                        j.device.clone(),
+                        t,
+                    );
                     n.server = old.server.clone();
                     n.vehicle = old.vehicle.clone();
                     n.ecu = old.ecu.clone();
@@ -1323,9 +1433,11 @@ impl<S: InventoryStore> Owner<S> {
                 self.end(w, j, JobState::Succeeded, "rotated").await?;
             }
             Operation::Invalidate | Operation::Delete => {
-                self.end(w, j, JobState::Succeeded, "deleted by the holder").await?;
+                self.end(w, j, JobState::Succeeded, "deleted by the holder")
+                    .await?;
                 if self.revoke_at.contains_key(&cred) {
-                    self.revoke(w, &cred, "invalidated; the holder deleted it").await?;
+                    self.revoke(w, &cred, "invalidated; the holder deleted it")
+                        .await?;
                 }
             }
         }
@@ -1333,7 +1445,13 @@ impl<S: InventoryStore> Owner<S> {
     }
 
     /// End a job, and when it was the last of its operation, settle the credential.
-    async fn end(&mut self, w: &mut Writes, mut j: Job, state: JobState, why: &str) -> Result<(), CredentialsError> {
+    async fn end(
+        &mut self,
+        w: &mut Writes,
+        mut j: Job,
+        state: JobState,
+        why: &str,
+    ) -> Result<(), CredentialsError> {
         let t = now();
         j.state = state;
         j.updated_at = t;
@@ -1359,14 +1477,31 @@ impl<S: InventoryStore> Owner<S> {
         }
         if let Some(mut c) = self.load(w, &cred).await? {
             if siblings.iter().all(|s| s.state == JobState::Succeeded) {
-                c.set_state(OpState::done(op), t, "credentials", format!("{} done", op.as_str()));
+                c.set_state(
+                    OpState::done(op),
+                    t,
+                    "credentials",
+                    format!("{} done", op.as_str()),
+                );
             } else {
                 let worst = siblings
                     .iter()
                     .find(|s| s.state != JobState::Succeeded)
-                    .map(|s| format!("{} on {}: {}", s.state.as_str(), s.device, s.result.clone().unwrap_or_default()))
+                    .map(|s| {
+                        format!(
+                            "{} on {}: {}",
+                            s.state.as_str(),
+                            s.device,
+                            s.result.clone().unwrap_or_default()
+                        )
+                    })
                     .unwrap_or_default();
-                c.set_state(OpState::Failed, t, "credentials", format!("{} {worst}", op.as_str()));
+                c.set_state(
+                    OpState::Failed,
+                    t,
+                    "credentials",
+                    format!("{} {worst}", op.as_str()),
+                );
             }
             w.cred(c);
         }
@@ -1391,7 +1526,13 @@ impl<S: InventoryStore> Owner<S> {
                 continue;
             }
             if t >= j.deadline {
-                self.end(w, j, JobState::TimedOut, "the holder did not finish in time").await?;
+                self.end(
+                    w,
+                    j,
+                    JobState::TimedOut,
+                    "the holder did not finish in time",
+                )
+                .await?;
                 continue;
             }
             if j.state != JobState::Queued && t >= j.next_attempt_at {
@@ -1414,9 +1555,14 @@ impl<S: InventoryStore> Owner<S> {
         let horizon = t.saturating_add(100 * 365 * 86_400);
         let candidates = self.inv.ending_before(horizon, 10_000).await?;
         for c in candidates {
-            if c.kind != Kind::Certificate || c.op_state != OpState::Issued || c.revoked_at.is_some() {
-                if matches!(c.op_state, OpState::InvalidationPending | OpState::DeletionPending)
-                    && c.revoked_at.is_none()
+            if c.kind != Kind::Certificate
+                || c.op_state != OpState::Issued
+                || c.revoked_at.is_some()
+            {
+                if matches!(
+                    c.op_state,
+                    OpState::InvalidationPending | OpState::DeletionPending
+                ) && c.revoked_at.is_none()
                     && !self.revoke_at.contains_key(&c.id)
                     && self.revocable(&c)
                 {
@@ -1437,7 +1583,13 @@ impl<S: InventoryStore> Owner<S> {
             }
             let pct = (self.cfg.renew_at * 100.0).round();
             if let Err(e) = self
-                .operate(w, &c.id, Operation::Renew, "policy", &format!("{pct}% of its validity passed"))
+                .operate(
+                    w,
+                    &c.id,
+                    Operation::Renew,
+                    "policy",
+                    &format!("{pct}% of its validity passed"),
+                )
                 .await
             {
                 tracing::warn!(credential = %c.id, error = %e, "automatic renewal not started");

@@ -101,7 +101,10 @@ impl Holder {
         }
     }
 
-    fn read_json<T: for<'de> Deserialize<'de> + Default>(&self, name: &str) -> Result<T, DeviceError> {
+    fn read_json<T: for<'de> Deserialize<'de> + Default>(
+        &self,
+        name: &str,
+    ) -> Result<T, DeviceError> {
         let p = self.dir.join(name);
         match std::fs::read(&p) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| err(&p)(e.to_string())),
@@ -116,7 +119,8 @@ impl Holder {
     }
 
     fn write_json<T: Serialize>(&self, name: &str, v: &T, mode: u32) -> Result<(), DeviceError> {
-        let b = serde_json::to_vec_pretty(v).map_err(|e| err(&self.dir.join(name))(e.to_string()))?;
+        let b =
+            serde_json::to_vec_pretty(v).map_err(|e| err(&self.dir.join(name))(e.to_string()))?;
         self.write(name, &b, mode)
     }
 
@@ -208,7 +212,9 @@ impl Holder {
         match cmd {
             ToDevice::Renew { serial, .. } => {
                 let mine = self.mqtt_cert()?.map(|h| h.id);
-                if mine.as_deref() != Some(crate::credentials::service::normal_serial(&serial).as_str()) {
+                if mine.as_deref()
+                    != Some(crate::credentials::service::normal_serial(&serial).as_str())
+                {
                     let u = failed(&job, "this device does not hold that certificate");
                     self.remember(&u)?;
                     out.updates.push(u);
@@ -266,15 +272,19 @@ impl Holder {
                     return Ok(out);
                 };
                 if r.job != job {
-                    out.updates.push(failed(&job, "no renewal in progress for this job"));
+                    out.updates
+                        .push(failed(&job, "no renewal in progress for this job"));
                     return Ok(out);
                 }
                 // The certificate must be for our new key.
-                let key = rcgen::KeyPair::from_pem(&key_pem).map_err(|e| DeviceError::Tls(e.to_string()))?;
+                let key = rcgen::KeyPair::from_pem(&key_pem)
+                    .map_err(|e| DeviceError::Tls(e.to_string()))?;
                 let der = pem::parse(&cert_pem).map_err(|e| DeviceError::Tls(e.to_string()))?;
                 let (_, x) = x509_parser::parse_x509_certificate(der.contents())
                     .map_err(|e| DeviceError::Tls(e.to_string()))?;
-                if x.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
+                if x.public_key().raw
+                    != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+                {
                     let u = failed(&job, "the certificate is not for the key this device made");
                     self.remember(&u)?;
                     out.updates.push(u);
@@ -325,7 +335,8 @@ impl Holder {
             } => {
                 let Some(o) = self.openers.remove(&job) else {
                     // A restart lost the private half: the gateway's retry starts over.
-                    out.updates.push(failed(&job, "no rotation in progress for this job"));
+                    out.updates
+                        .push(failed(&job, "no rotation in progress for this job"));
                     return Ok(out);
                 };
                 let u = match o.open(&job, &new_id, &Sealed { epk, nonce, sealed }) {
@@ -362,11 +373,18 @@ impl Holder {
         Ok(out)
     }
 
-    fn delete(&mut self, job: &str, kind: Kind, id: &str, out: &mut Outcome) -> Result<JobUpdate, DeviceError> {
+    fn delete(
+        &mut self,
+        job: &str,
+        kind: Kind,
+        id: &str,
+        out: &mut Outcome,
+    ) -> Result<JobUpdate, DeviceError> {
         match kind {
             Kind::Certificate | Kind::ForeignCertificate => {
                 let mine = self.mqtt_cert()?.map(|h| h.id);
-                if mine.as_deref() != Some(crate::credentials::service::normal_serial(id).as_str()) {
+                if mine.as_deref() != Some(crate::credentials::service::normal_serial(id).as_str())
+                {
                     return Ok(failed(job, "this device does not hold that certificate"));
                 }
                 for f in [MQTT_KEY, MQTT_CERT, MQTT_STATE, PENDING_KEY, RENEW] {

@@ -369,7 +369,9 @@ pub async fn stay_connected(
                 tls = tls_config(&opts.state_dir)?;
             }
             Ended::Deleted => {
-                tracing::warn!("the MQTT credential was deleted on the gateway's command; stopping");
+                tracing::warn!(
+                    "the MQTT credential was deleted on the gateway's command; stopping"
+                );
                 event(serde_json::json!({"event": "credential-deleted"}));
                 return Ok(());
             }
