@@ -10,6 +10,7 @@
 //!   that records what the CA issues and the holders report, makes and drives the jobs.
 
 pub mod config;
+pub mod fleet_msg;
 pub mod inventory;
 pub mod model;
 pub mod msg;

@@ -220,6 +220,10 @@ pub struct Credential {
     pub replaced_by: Option<String>,
     pub replaces: Option<String>,
     pub history: Vec<Event>,
+    /// In the cloud's fleet inventory: the gateway the holder is behind (operations go to
+    /// it). `None` on a gateway, and for the cloud's own records.
+    #[serde(default)]
+    pub gateway: Option<String>,
 }
 
 impl Credential {
@@ -247,6 +251,7 @@ impl Credential {
             replaced_by: None,
             replaces: None,
             history: Vec::new(),
+            gateway: None,
         }
     }
 
