@@ -78,6 +78,13 @@ pub enum Request {
         #[serde(default)]
         reason: String,
     },
+    /// Record the vehicle and ECU a credential was issued for.
+    Bind {
+        id: String,
+        vehicle: String,
+        ecu: String,
+        by: String,
+    },
     /// Cancel a job.
     CancelJob {
         job: String,
@@ -277,6 +284,21 @@ async fn handle(req: Request, svc: &Services) -> Reply {
             None => no_credentials(),
             Some(c) => match c.operate(&id, operation, &by, &reason).await {
                 Ok(jobs) => Reply::Jobs { jobs },
+                Err(e) => cred_err(e),
+            },
+        },
+        Request::Bind {
+            id,
+            vehicle,
+            ecu,
+            by,
+        } => match &svc.credentials {
+            None => no_credentials(),
+            Some(c) => match c.bind(&id, &vehicle, &ecu, &by).await {
+                Ok(_) => match c.show(&id).await {
+                    Ok(detail) => Reply::Detail { detail },
+                    Err(e) => cred_err(e),
+                },
                 Err(e) => cred_err(e),
             },
         },

@@ -77,6 +77,8 @@ pub enum RunError {
     Can(#[from] can::service::CanError),
     #[error("credential inventory: {0}")]
     Credentials(#[from] credentials::inventory::InventoryError),
+    #[error("credentials: {0}")]
+    CredentialsService(#[from] credentials::service::CredentialsError),
     #[error("restoring retained messages: {0}")]
     Restore(#[from] frontdoor::restore::RestoreError),
 }
@@ -261,6 +263,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     } else {
         (None, None)
     };
+    let (cred_down_tx, cred_down_rx) = if config.credentials.enabled && config.uplink.enabled {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
     let (uplink, queue_thread) = uplink::start(
         &config.uplink,
         &gateway_id,
@@ -271,6 +279,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         sync_on.then_some(sync_tx),
         Some(durable.clone()),
         can_tx,
+        cred_down_tx,
     )?;
     shared.uplink = config.uplink.enabled.then(|| uplink.clone());
     let shared = Arc::new(shared);
@@ -305,6 +314,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             issuer: credentials::service::issuer_name(ca.ca_der()),
             vehicle: (!config.credentials.vehicle.is_empty())
                 .then(|| config.credentials.vehicle.clone()),
+            up: cred_down_rx.map(|down| credentials::service::UpSide {
+                queue: uplink.queue.clone(),
+                gateway: gateway_id.clone(),
+                // The vehicle check-in is signed with the uplink's own key and certificate.
+                key_pem: std::fs::read_to_string(&config.uplink.key_file).ok(),
+                cert_pem: std::fs::read_to_string(&config.uplink.cert_file).ok(),
+                down,
+            }),
+            fleet: None,
         };
         Some(credentials::service::start(
             config.credentials.clone(),
@@ -688,6 +706,24 @@ pub async fn run_cloud(config: Config, shutdown: CancellationToken) -> Result<()
             live: Arc::new(|_: &str| false),
             issuer: credentials::service::issuer_name(ca.ca_der()),
             vehicle: None,
+            up: None,
+            fleet: if config.uplink.enabled {
+                Some(credentials::service::FleetSide::new(
+                    &config.uplink,
+                    &config.cloud,
+                    format!(
+                        "{}-credentials",
+                        if config.uplink.client_id.is_empty() {
+                            &id
+                        } else {
+                            &config.uplink.client_id
+                        }
+                    ),
+                    &store,
+                )?)
+            } else {
+                None
+            },
         };
         Some(credentials::service::start(
             config.credentials.clone(),

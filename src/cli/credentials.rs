@@ -80,6 +80,18 @@ pub enum CredCmd {
     Delete(OpArgs),
     /// Rotate a symmetric key: a new key, sealed to each holder.
     Rotate(OpArgs),
+    /// Record the vehicle and ECU a credential was issued for (seed 000): an ECU that
+    /// later turns up in another vehicle loses it.
+    Bind {
+        /// The credential id.
+        id: String,
+        #[arg(long)]
+        vehicle: String,
+        #[arg(long)]
+        ecu: String,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
     /// Cancel a job that has not ended.
     Cancel {
         /// The job id.
@@ -103,9 +115,10 @@ pub struct OpArgs {
 impl CredCmd {
     pub fn cfg(&self) -> &ConfigArgs {
         match self {
-            CredCmd::List { cfg, .. } | CredCmd::Show { cfg, .. } | CredCmd::Cancel { cfg, .. } => {
-                cfg
-            }
+            CredCmd::List { cfg, .. }
+            | CredCmd::Show { cfg, .. }
+            | CredCmd::Cancel { cfg, .. }
+            | CredCmd::Bind { cfg, .. } => cfg,
             CredCmd::Renew(a)
             | CredCmd::Invalidate(a)
             | CredCmd::Delete(a)
@@ -181,6 +194,14 @@ pub async fn credentials_command(cmd: CredCmd, config: Config) -> anyhow::Result
                 reason: a.reason.clone(),
             }
         }
+        CredCmd::Bind {
+            id, vehicle, ecu, ..
+        } => Request::Bind {
+            id: id.clone(),
+            vehicle: vehicle.clone(),
+            ecu: ecu.clone(),
+            by: who(),
+        },
         CredCmd::Cancel { job, .. } => Request::CancelJob {
             job: job.clone(),
             by: who(),
@@ -223,10 +244,12 @@ pub async fn credentials_command(cmd: CredCmd, config: Config) -> anyhow::Result
                 page.total
             );
         }
-        (CredCmd::Show { id, .. }, Reply::Detail { detail }) => match detail {
-            Some(d) => println!("{}", serde_json::to_string_pretty(&d)?),
-            None => bail!("no credential {id}"),
-        },
+        (CredCmd::Show { id, .. } | CredCmd::Bind { id, .. }, Reply::Detail { detail }) => {
+            match detail {
+                Some(d) => println!("{}", serde_json::to_string_pretty(&d)?),
+                None => bail!("no credential {id}"),
+            }
+        }
         (_, Reply::Jobs { jobs }) => {
             for j in jobs {
                 println!(

@@ -95,6 +95,10 @@ pub struct CloudConfig {
     /// The fleet inventory's PostgreSQL database
     /// (`postgresql://user@127.0.0.1:5432/outpost`); empty keeps it in the embedded store.
     pub database_url: String,
+    /// PEM CA(s) of the gateways' uplink certificates: a vehicle check-in must be signed
+    /// by a certificate of one of them whose common name is the reporting gateway. Empty:
+    /// vehicle check-ins are refused (and logged).
+    pub gateway_ca: std::path::PathBuf,
 }
 
 impl CloudConfig {

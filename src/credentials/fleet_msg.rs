@@ -241,8 +241,8 @@ pub fn verify(
     now: i64,
 ) -> Result<VehicleReport, ReportError> {
     use rustls::pki_types::{CertificateDer, UnixTime};
-    let der = pem::parse(&s.cert_pem)
-        .map_err(|e| ReportError::Untrusted(format!("certificate: {e}")))?;
+    let der =
+        pem::parse(&s.cert_pem).map_err(|e| ReportError::Untrusted(format!("certificate: {e}")))?;
     let cert = CertificateDer::from(der.contents().to_vec());
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let verifier =
@@ -353,11 +353,17 @@ mod tests {
         let pki = pki();
         let (cert, key) = gateway_cert(&pki, "gw-b");
         let s = sign(&report("gw-b", T), &key, &cert).unwrap();
-        assert_eq!(verify(&s, "gw-b", &pki.roots, T).unwrap(), report("gw-b", T));
+        assert_eq!(
+            verify(&s, "gw-b", &pki.roots, T).unwrap(),
+            report("gw-b", T)
+        );
         // A changed byte of the report.
         let mut t = s.clone();
         t.report = t.report.replace("VIN-B", "VIN-A");
-        assert_eq!(verify(&t, "gw-b", &pki.roots, T), Err(ReportError::Signature));
+        assert_eq!(
+            verify(&t, "gw-b", &pki.roots, T),
+            Err(ReportError::Signature)
+        );
         // Heard on another gateway's topic.
         assert!(matches!(
             verify(&s, "gw-a", &pki.roots, T),
@@ -380,7 +386,10 @@ mod tests {
         // The right certificate, another key.
         let (_, k4) = gateway_cert(&pki, "gw-b");
         let s4 = sign(&report("gw-b", T), &k4, &cert).unwrap();
-        assert_eq!(verify(&s4, "gw-b", &pki.roots, T), Err(ReportError::Signature));
+        assert_eq!(
+            verify(&s4, "gw-b", &pki.roots, T),
+            Err(ReportError::Signature)
+        );
         // A replay from two days ago.
         let old = sign(&report("gw-b", T), &key, &cert).unwrap();
         assert!(matches!(

@@ -439,6 +439,10 @@ pub struct Job {
     pub reason: String,
     /// What the holder or the gateway said last (an error, the new serial).
     pub result: Option<String>,
+    /// In the cloud's fleet inventory: the gateway that runs this job (the cloud only
+    /// mirrors it). `None`: run here.
+    #[serde(default)]
+    pub gateway: Option<String>,
 }
 
 /// A column to sort on.

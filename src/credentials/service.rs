@@ -18,6 +18,7 @@
 //! command it does not answer is sent again with doubling delays, until the job's deadline.
 
 use super::config::CredentialsConfig;
+use super::fleet_msg::{self, Down, Up};
 use super::inventory::{InventoryError, InventoryStore};
 use super::model::{
     Credential, Invalid, Job, JobState, Kind, OpState, Operation, Page, Query, Validity,
@@ -29,7 +30,7 @@ use crate::ca::{CaEvent, CaHandle, ForeignRevocation};
 use crate::store::CertRecord;
 use bytes::Bytes;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -57,6 +58,8 @@ pub enum CredentialsError {
     Ca(String),
     #[error("the credentials service has stopped")]
     Stopped,
+    #[error("{field}: {reason}")]
+    Config { field: &'static str, reason: String },
 }
 
 /// One credential with its jobs, newest first.
@@ -166,6 +169,24 @@ enum Command {
     Ca(CaEvent),
     /// The CA's events were missed: reconcile every certificate record.
     Reconcile(Vec<CertRecord>),
+    /// Record the vehicle and ECU a credential was issued for (seed 000).
+    Bind {
+        id: String,
+        vehicle: String,
+        ecu: String,
+        by: String,
+        reply: Reply<Credential>,
+    },
+    /// Gateway: a message of the fleet inventory, acknowledged once applied.
+    Down {
+        msg: Result<Down, Invalid>,
+        delivery: crate::uplink::Delivery,
+    },
+    /// Cloud: a gateway's message, acknowledged once applied.
+    CloudUp {
+        gateway: String,
+        delivery: crate::uplink::Delivery,
+    },
     /// Issued (or failed) certificate for a renew job's CSR.
     RenewIssued {
         job: String,
@@ -229,6 +250,31 @@ impl CredentialsHandle {
         let (job, by) = (job.to_string(), by.to_string());
         self.ask(|reply| Command::Cancel { job, by, reply }).await
     }
+    /// Record that credential `id` was issued for `ecu` in `vehicle`.
+    pub async fn bind(
+        &self,
+        id: &str,
+        vehicle: &str,
+        ecu: &str,
+        by: &str,
+    ) -> Result<Credential, CredentialsError> {
+        super::model::check_text("id", id)?;
+        for (f, v) in [("vehicle", vehicle), ("ecu", ecu)] {
+            crate::acl::validate_identity(v).map_err(|e| Invalid {
+                field: f.into(),
+                reason: e.to_string(),
+            })?;
+        }
+        let (id, vehicle, ecu, by) = (id.into(), vehicle.into(), ecu.into(), by.into());
+        self.ask(|reply| Command::Bind {
+            id,
+            vehicle,
+            ecu,
+            by,
+            reply,
+        })
+        .await
+    }
     /// The expiring window, seconds.
     pub fn expiring_secs(&self) -> i64 {
         self.expiring
@@ -250,6 +296,69 @@ pub struct Deps {
     pub issuer: String,
     /// The vehicle this gateway is in (seed 000), if it is in one.
     pub vehicle: Option<String>,
+    /// Gateway with an uplink: the fleet inventory is kept in step through it.
+    pub up: Option<UpSide>,
+    /// Cloud role: the gateways' messages, over its own cloud broker session.
+    pub fleet: Option<FleetSide>,
+}
+
+/// The gateway's side of the fleet inventory.
+pub struct UpSide {
+    /// Records, jobs and the vehicle check-in go up through the durable uplink queue.
+    pub queue: crate::uplink::queue::QueueHandle,
+    pub gateway: String,
+    /// The uplink's key and certificate (PEM): they sign the vehicle check-in.
+    pub key_pem: Option<String>,
+    pub cert_pem: Option<String>,
+    /// `outpost/{gateway}/credentials/down`, from the uplink session.
+    pub down: mpsc::Receiver<crate::uplink::Delivery>,
+}
+
+/// The cloud's side of the fleet inventory.
+pub struct FleetSide {
+    up: crate::uplink::UplinkConfig,
+    client_id: String,
+    /// Trusted issuers of the gateways' certificates (vehicle check-ins).
+    roots: Option<Arc<rustls::RootCertStore>>,
+    /// Gateway → vehicle and vehicle → gateway, bound at the first verified check-in.
+    vehicles: crate::store::Table,
+}
+
+impl FleetSide {
+    pub fn new(
+        up: &crate::uplink::UplinkConfig,
+        cloud: &super::CloudConfig,
+        client_id: String,
+        store: &crate::store::Store,
+    ) -> Result<FleetSide, CredentialsError> {
+        let roots = if cloud.gateway_ca.as_os_str().is_empty() {
+            None
+        } else {
+            let bad = |r: String| CredentialsError::Config {
+                field: "cloud.gateway_ca",
+                reason: format!("{}: {r}", cloud.gateway_ca.display()),
+            };
+            let pem = std::fs::read(&cloud.gateway_ca).map_err(|e| bad(e.to_string()))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+                roots
+                    .add(c.map_err(|e| bad(e.to_string()))?)
+                    .map_err(|e| bad(e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(bad("no certificate in it".into()));
+            }
+            Some(Arc::new(roots))
+        };
+        Ok(FleetSide {
+            up: up.clone(),
+            client_id,
+            roots,
+            vehicles: store
+                .table("credential-vehicles")
+                .map_err(|e| CredentialsError::Inventory(e.into()))?,
+        })
+    }
 }
 
 /// The common name of a CA certificate (DER): what holders report as its issuer.
@@ -331,6 +440,23 @@ pub fn start<S: InventoryStore>(
         client
     });
     tracker.spawn(follow_ca(deps.ca.clone(), tx.clone(), shutdown.clone()));
+    let mut deps = deps;
+    if let Some(up) = deps.up.as_mut() {
+        let (_, empty) = mpsc::channel(1);
+        let down = std::mem::replace(&mut up.down, empty);
+        tracker.spawn(down_intake(down, tx.clone(), shutdown.clone()));
+    }
+    let down_out = deps.fleet.as_ref().map(|f| {
+        let (out_tx, out_rx) = mpsc::channel(4096);
+        tracker.spawn(cloud_link(
+            f.up.clone(),
+            f.client_id.clone(),
+            tx.clone(),
+            out_rx,
+            shutdown.clone(),
+        ));
+        out_tx
+    });
     let owner = Owner {
         cfg,
         inv: inventory,
@@ -342,6 +468,11 @@ pub fn start<S: InventoryStore>(
         revoke_at: HashMap::new(),
         openers: HashMap::new(),
         last_policy: 0,
+        present: BTreeMap::new(),
+        down_out,
+        warn: crate::frontdoor::bounds::WarnLimiter::gateway_wide(
+            &crate::frontdoor::bounds::FrontDoorConfig::default(),
+        ),
     };
     tracker.spawn(owner.run(rx, shutdown));
     handle
@@ -454,6 +585,149 @@ async fn follow_ca(ca: CaHandle, tx: mpsc::Sender<Command>, shutdown: Cancellati
     }
 }
 
+fn up_message(payload: Vec<u8>) -> crate::uplink::queue::Message {
+    crate::uplink::queue::Message {
+        device: String::new(),
+        topic: fleet_msg::LOCAL_UP.to_string(),
+        payload: Bytes::from(payload),
+        qos: 1,
+        enqueued_ms: crate::uplink::queue::now_ms(),
+    }
+}
+
+/// Gateway: the fleet inventory's messages from the uplink, to the owner.
+async fn down_intake(
+    mut rx: mpsc::Receiver<crate::uplink::Delivery>,
+    tx: mpsc::Sender<Command>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let d = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            d = rx.recv() => match d { Some(d) => d, None => return },
+        };
+        let msg = Down::decode(&d.publish.payload);
+        if tx.send(Command::Down { msg, delivery: d }).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Cloud: the session to the cloud broker: hears `outpost/+/credentials/up`, sends the
+/// owner's messages to `outpost/{gateway}/credentials/down` (QoS 1; what was not
+/// acknowledged goes again after a reconnect).
+async fn cloud_link(
+    up: crate::uplink::UplinkConfig,
+    client_id: String,
+    tx: mpsc::Sender<Command>,
+    mut out: mpsc::Receiver<(String, Down)>,
+    shutdown: CancellationToken,
+) {
+    let tls = match crate::uplink::link::client_tls(&up) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "credentials: cannot load the cloud broker TLS files; the fleet inventory hears no gateway");
+            return;
+        }
+    };
+    let mut resend: VecDeque<(String, Vec<u8>)> = VecDeque::new();
+    let mut attempt = 0u32;
+    loop {
+        let (client, mut events, pump) = crate::uplink::link::cloud_session(
+            &up,
+            &client_id,
+            tls.clone(),
+            fleet_msg::MAX_MESSAGE + 4096,
+        );
+        let mut connected = false;
+        let mut unmapped: VecDeque<(String, Vec<u8>)> = VecDeque::new();
+        let mut inflight: HashMap<u16, (String, Vec<u8>)> = HashMap::new();
+        let stop = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break true,
+                m = out.recv(), if connected => {
+                    let Some((gw, m)) = m else { break true };
+                    let body = m.encode();
+                    if client.publish(fleet_msg::down_topic(&gw), QoS::AtLeastOnce, false, body.clone()).await.is_err() {
+                        resend.push_back((gw, body));
+                        break false;
+                    }
+                    unmapped.push_back((gw, body));
+                }
+                ev = events.recv() => match ev {
+                    Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                        connected = true;
+                        attempt = 0;
+                        tracing::info!(host = %up.host, port = up.port, client_id = %client_id, "credentials: connected to the cloud broker");
+                        let _ = client.try_subscribe(fleet_msg::UP_FILTER, QoS::AtLeastOnce);
+                        while let Some((gw, body)) = resend.pop_front() {
+                            if client.publish(fleet_msg::down_topic(&gw), QoS::AtLeastOnce, false, body.clone()).await.is_err() {
+                                break;
+                            }
+                            unmapped.push_back((gw, body));
+                        }
+                    }
+                    Some(Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid)))) => {
+                        if pkid != 0 {
+                            if let Some(m) = unmapped.pop_front() {
+                                inflight.insert(pkid, m);
+                            }
+                        }
+                    }
+                    Some(Ok(Event::Incoming(Packet::PubAck(a)))) => {
+                        inflight.remove(&a.pkid);
+                    }
+                    Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                        let gateway = p
+                            .topic
+                            .strip_prefix("outpost/")
+                            .and_then(|r| r.strip_suffix("/credentials/up"))
+                            .filter(|g| crate::acl::validate_identity(g).is_ok())
+                            .map(str::to_string);
+                        let Some(gateway) = gateway else {
+                            let _ = client.ack(&p).await;
+                            continue;
+                        };
+                        let delivery = crate::uplink::Delivery { publish: p, client: client.clone() };
+                        if tx.send(Command::CloudUp { gateway, delivery }).await.is_err() {
+                            break true;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        if connected {
+                            tracing::warn!(error = %e, "credentials: cloud broker session lost");
+                        }
+                        break false;
+                    }
+                    None => break false,
+                },
+            }
+        };
+        pump.abort();
+        for (_, m) in inflight.drain() {
+            resend.push_back(m);
+        }
+        resend.extend(unmapped.drain(..));
+        while resend.len() > 10_000 {
+            resend.pop_front();
+        }
+        if stop {
+            return;
+        }
+        attempt = attempt.saturating_add(1);
+        let cap = up
+            .backoff_min
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(up.backoff_max);
+        let ms = rand::Rng::gen_range(&mut rand::thread_rng(), 0..=cap.as_millis().max(1) as u64);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+        }
+    }
+}
+
 /// What one batch changed, written at once before anything is said.
 #[derive(Default)]
 struct Writes {
@@ -462,6 +736,14 @@ struct Writes {
     /// (device, command) to publish after the write.
     out: Vec<(String, ToDevice)>,
     replies: Vec<Box<dyn FnOnce(Result<(), String>) + Send + Sync>>,
+    /// Cloud messages to acknowledge once written.
+    acks: Vec<crate::uplink::Delivery>,
+    /// Cloud: messages for gateways, sent once written.
+    downs: Vec<(String, Down)>,
+    /// Mirrored jobs (cloud): written, never run here.
+    mirrored: Vec<Job>,
+    /// Vehicle gateway: an ECU checked in; the vehicle check-in goes up.
+    vehicle_dirty: bool,
 }
 
 impl Writes {
@@ -500,6 +782,12 @@ struct Owner<S> {
     /// Rotations in flight: the new key, until the holder confirms (never written down).
     openers: HashMap<String, (String, Vec<u8>)>,
     last_policy: i64,
+    /// Vehicle gateway: the ECUs that checked in since start and the certificate serials
+    /// each reported (the vehicle check-in), at most `fleet_msg::MAX_ECUS`.
+    present: BTreeMap<String, Vec<String>>,
+    /// Cloud: messages for the gateways, to the cloud link.
+    down_out: Option<mpsc::Sender<(String, Down)>>,
+    warn: crate::frontdoor::bounds::WarnLimiter,
 }
 
 impl<S: InventoryStore> Owner<S> {
@@ -512,7 +800,12 @@ impl<S: InventoryStore> Owner<S> {
             }
             Err(e) => tracing::error!(error = %e, "credentials: cannot load the open jobs"),
         }
+        // Cloud: mirrored jobs are the gateways' to run.
+        self.open.retain(|_, j| j.gateway.is_none());
         tracing::info!(open_jobs = self.open.len(), "credentials service up");
+        if self.deps.up.is_some() {
+            self.resync().await;
+        }
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -542,10 +835,11 @@ impl<S: InventoryStore> Owner<S> {
     /// Write, then publish and answer.
     async fn commit(&mut self, w: Writes) {
         use std::sync::atomic::Ordering::Relaxed;
-        let result = if w.creds.is_empty() && w.jobs.is_empty() {
+        let result = if w.creds.is_empty() && w.jobs.is_empty() && w.mirrored.is_empty() {
             Ok(())
         } else {
-            let jobs: Vec<Job> = w.jobs.values().cloned().collect();
+            let mut jobs: Vec<Job> = w.jobs.values().cloned().collect();
+            jobs.extend(w.mirrored.iter().cloned());
             let creds: Vec<Credential> = w.creds.values().cloned().collect();
             self.stats.writes.fetch_add(1, Relaxed);
             self.inv
@@ -555,6 +849,19 @@ impl<S: InventoryStore> Owner<S> {
         };
         match &result {
             Ok(()) => {
+                self.send_up(&w).await;
+                for d in w.acks {
+                    if let Err(e) = d.client.ack(&d.publish).await {
+                        tracing::warn!(error = %e, "credentials: cloud message not acknowledged (it comes again)");
+                    }
+                }
+                if let Some(out) = &self.down_out {
+                    for m in w.downs {
+                        if out.try_send(m).is_err() {
+                            tracing::warn!("credentials: too many messages for the gateways waiting; one dropped");
+                        }
+                    }
+                }
                 for j in w.jobs.into_values() {
                     if j.state.is_terminal() {
                         self.open.remove(&j.id);
@@ -604,6 +911,346 @@ impl<S: InventoryStore> Owner<S> {
             }
             Err(e) => tracing::warn!(%device, error = %e, "credentials command not sent"),
         }
+    }
+
+    /// Gateway: what a batch changed goes up to the fleet inventory, through the durable
+    /// uplink queue (in order; a crash between the write and this loses at most that
+    /// batch's update until the record changes again or the next start's resync).
+    async fn send_up(&self, w: &Writes) {
+        let Some(up) = &self.deps.up else {
+            return;
+        };
+        let mut msgs = Vec::new();
+        let creds: Vec<Credential> = w.creds.values().cloned().collect();
+        let jobs: Vec<Job> = w.jobs.values().cloned().collect();
+        let n = creds.len().max(jobs.len());
+        let mut i = 0;
+        while i < n {
+            let end = (i + fleet_msg::MAX_RECORDS).min(n);
+            let m = Up::Records {
+                records: creds.get(i..end.min(creds.len())).unwrap_or(&[]).to_vec(),
+                jobs: jobs.get(i..end.min(jobs.len())).unwrap_or(&[]).to_vec(),
+            };
+            msgs.push(up_message(m.encode()));
+            i = end;
+        }
+        if w.vehicle_dirty {
+            if let Some(m) = self.vehicle_report(up) {
+                msgs.push(up_message(m.encode()));
+            }
+        }
+        if msgs.is_empty() {
+            return;
+        }
+        if let Err(e) = up.queue.append(msgs).await {
+            tracing::warn!(error = %e, "credentials: the uplink queue refused the inventory's update");
+        }
+    }
+
+    fn vehicle_report(&self, up: &UpSide) -> Option<Up> {
+        let vehicle = self.deps.vehicle.clone()?;
+        let (Some(key), Some(cert)) = (&up.key_pem, &up.cert_pem) else {
+            tracing::warn!("credentials: no uplink key to sign the vehicle check-in with");
+            return None;
+        };
+        let r = fleet_msg::VehicleReport {
+            v: 1,
+            gateway: up.gateway.clone(),
+            vehicle,
+            at: now(),
+            ecus: self
+                .present
+                .iter()
+                .map(|(ecu, serials)| fleet_msg::Ecu {
+                    ecu: ecu.clone(),
+                    serials: serials.clone(),
+                })
+                .collect(),
+        };
+        match fleet_msg::sign(&r, key, cert) {
+            Ok(s) => Some(Up::Vehicle(s)),
+            Err(e) => {
+                tracing::warn!(error = %e, "credentials: the vehicle check-in cannot be signed");
+                None
+            }
+        }
+    }
+
+    /// Gateway start: every record goes up once (the cloud may have missed updates).
+    async fn resync(&self) {
+        let Some(up) = &self.deps.up else {
+            return;
+        };
+        let mut q = Query {
+            limit: fleet_msg::MAX_RECORDS as u32,
+            sort: super::model::SortKey::Id,
+            ..Query::default()
+        };
+        let mut sent = 0usize;
+        loop {
+            let page = match self.inv.query(&q, now(), secs(self.cfg.expiring)).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "credentials: resync with the fleet inventory stopped");
+                    return;
+                }
+            };
+            if page.rows.is_empty() {
+                break;
+            }
+            sent += page.rows.len();
+            let m = Up::Records {
+                records: page.rows,
+                jobs: Vec::new(),
+            };
+            if let Err(e) = up.queue.append(vec![up_message(m.encode())]).await {
+                tracing::warn!(error = %e, "credentials: resync with the fleet inventory stopped");
+                return;
+            }
+            q.offset += u64::from(q.limit);
+        }
+        tracing::info!(
+            records = sent,
+            "credentials: the inventory queued for the fleet inventory"
+        );
+    }
+
+    /// Gateway: a command of the fleet inventory.
+    async fn from_cloud(&mut self, w: &mut Writes, m: Down) -> Result<(), CredentialsError> {
+        match m {
+            Down::Operate {
+                credential,
+                operation,
+                by,
+                reason,
+            } => {
+                let by = format!("cloud:{by}");
+                self.operate(w, &credential, operation, &by, &reason)
+                    .await?;
+            }
+            Down::DeleteEcuCertificate {
+                ecu,
+                serial,
+                reason,
+            } => {
+                let serial = normal_serial(&serial);
+                let mut found = false;
+                for c in self.inv.by_serial(&serial).await? {
+                    let c = w.creds.get(&c.id).cloned().unwrap_or(c);
+                    if c.holder != ecu {
+                        continue;
+                    }
+                    found = true;
+                    let mut c2 = c.clone();
+                    c2.flag("unknown-binding", now(), "cloud", reason.clone());
+                    w.cred(c2);
+                    let busy = self
+                        .open
+                        .values()
+                        .chain(w.jobs.values())
+                        .any(|j| j.credential == c.id && !j.state.is_terminal());
+                    if !busy && !c.op_state.is_final() {
+                        self.operate(w, &c.id, Operation::Delete, "cloud:binding", &reason)
+                            .await?;
+                    }
+                }
+                tracing::warn!(%ecu, %serial, %reason, found, "the fleet inventory: delete this ECU's certificate");
+            }
+        }
+        Ok(())
+    }
+
+    /// Cloud: a gateway's records, jobs or vehicle check-in.
+    async fn from_gateway(
+        &mut self,
+        w: &mut Writes,
+        gateway: &str,
+        m: Up,
+    ) -> Result<(), CredentialsError> {
+        match m {
+            Up::Records { records, jobs } => {
+                for mut r in records {
+                    r.gateway = Some(gateway.to_string());
+                    // A certificate of our own CA the gateway sees as foreign: it is ours.
+                    if r.kind == Kind::ForeignCertificate && r.issuer == self.deps.issuer {
+                        let ours = Credential::cert_id(&r.serial);
+                        if let Some(mut c) = self.load(w, &ours).await? {
+                            c.last_seen = r.last_seen.max(c.last_seen);
+                            if c.holder != r.holder
+                                && !c.seen_by.contains(&r.holder)
+                                && c.seen_by.len() < 16
+                            {
+                                c.seen_by.push(r.holder.clone());
+                                c.flag(
+                                    "shared",
+                                    now(),
+                                    "audit",
+                                    format!("also at gateway {gateway} on {}", r.holder),
+                                );
+                            }
+                            for a in &r.audit {
+                                if !c.audit.contains(a) {
+                                    c.audit.push(a.clone());
+                                }
+                            }
+                            if c.gateway.is_none() {
+                                c.gateway = Some(gateway.to_string());
+                            }
+                            w.cred(c);
+                            continue;
+                        }
+                    }
+                    if let Some(old) = self.load(w, &r.id).await? {
+                        // Findings the cloud made itself stay.
+                        for a in old.audit {
+                            if !r.audit.contains(&a) {
+                                r.audit.push(a);
+                            }
+                        }
+                    }
+                    w.cred(r);
+                }
+                for mut j in jobs {
+                    j.gateway = Some(gateway.to_string());
+                    w.mirrored.push(j);
+                }
+            }
+            Up::Vehicle(signed) => self.vehicle_check_in(w, gateway, &signed).await?,
+        }
+        Ok(())
+    }
+
+    /// Seed 000 at the cloud: every (vehicle, ECU) pair the vehicle reports must be the one
+    /// its certificate was issued for; the reverse (an ECU recorded for the vehicle and not
+    /// reported) is flagged.
+    async fn vehicle_check_in(
+        &mut self,
+        w: &mut Writes,
+        gateway: &str,
+        signed: &fleet_msg::SignedReport,
+    ) -> Result<(), CredentialsError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(fleet) = &self.deps.fleet else {
+            return Ok(());
+        };
+        let refuse =
+            |why: String| CredentialsError::NotAllowed(format!("vehicle check-in refused: {why}"));
+        let Some(roots) = &fleet.roots else {
+            self.stats.reports_refused.fetch_add(1, Relaxed);
+            return Err(refuse("cloud.gateway_ca is not set".into()));
+        };
+        let r = match fleet_msg::verify(signed, gateway, roots, now()) {
+            Ok(r) => r,
+            Err(e) => {
+                self.stats.reports_refused.fetch_add(1, Relaxed);
+                return Err(refuse(e.to_string()));
+            }
+        };
+        // A gateway is one vehicle, and a vehicle one gateway: bound at the first check-in.
+        let gkey = format!("gateway/{gateway}");
+        let vkey = format!("vehicle/{}", r.vehicle);
+        let bound_vehicle = fleet
+            .vehicles
+            .get(gkey.as_bytes())
+            .map_err(|e| CredentialsError::Inventory(e.into()))?;
+        let bound_gateway = fleet
+            .vehicles
+            .get(vkey.as_bytes())
+            .map_err(|e| CredentialsError::Inventory(e.into()))?;
+        if let Some(v) = &bound_vehicle {
+            if v.as_slice() != r.vehicle.as_bytes() {
+                self.stats.reports_refused.fetch_add(1, Relaxed);
+                return Err(refuse(format!(
+                    "gateway {gateway} is vehicle {}, not {}",
+                    String::from_utf8_lossy(v),
+                    r.vehicle
+                )));
+            }
+        }
+        if let Some(g) = &bound_gateway {
+            if g.as_slice() != gateway.as_bytes() {
+                self.stats.reports_refused.fetch_add(1, Relaxed);
+                return Err(refuse(format!(
+                    "vehicle {} is gateway {}'s, not {gateway}'s",
+                    r.vehicle,
+                    String::from_utf8_lossy(g)
+                )));
+            }
+        }
+        if bound_vehicle.is_none() || bound_gateway.is_none() {
+            fleet
+                .vehicles
+                .put(gkey.as_bytes(), r.vehicle.as_bytes())
+                .map_err(|e| CredentialsError::Inventory(e.into()))?;
+            fleet
+                .vehicles
+                .put(vkey.as_bytes(), gateway.as_bytes())
+                .map_err(|e| CredentialsError::Inventory(e.into()))?;
+            tracing::info!(%gateway, vehicle = %r.vehicle, "vehicle bound to its gateway");
+        }
+        let t = now();
+        let mut reported_ecus = HashSet::new();
+        for e in &r.ecus {
+            reported_ecus.insert(e.ecu.clone());
+            for serial in &e.serials {
+                let serial = normal_serial(serial);
+                let id = Credential::cert_id(&serial);
+                let Some(mut c) = self.load(w, &id).await? else {
+                    continue;
+                };
+                if c.op_state.is_final() || c.revoked_at.is_some() {
+                    continue;
+                }
+                let (Some(v), Some(ecu)) = (c.vehicle.clone(), c.ecu.clone()) else {
+                    continue;
+                };
+                if v == r.vehicle && ecu == e.ecu {
+                    c.last_seen = Some(t);
+                    c.audit.retain(|a| a != "ecu-missing");
+                    w.cred(c);
+                    continue;
+                }
+                self.stats.binding_violations.fetch_add(1, Relaxed);
+                let why = format!(
+                    "ECU {} reported in vehicle {} (gateway {gateway}); its certificate was issued for ECU {ecu} in vehicle {v}",
+                    e.ecu, r.vehicle
+                );
+                c.flag("unknown-binding", t, "binding", why.clone());
+                w.cred(c);
+                self.revoke(w, &id, &why).await?;
+                if let Some(mut c) = self.load(w, &id).await? {
+                    c.set_state(OpState::Invalidated, t, "binding", why.clone());
+                    w.cred(c);
+                }
+                w.downs.push((
+                    gateway.to_string(),
+                    Down::DeleteEcuCertificate {
+                        ecu: e.ecu.clone(),
+                        serial: serial.clone(),
+                        reason: why.clone(),
+                    },
+                ));
+                tracing::warn!(%gateway, vehicle = %r.vehicle, ecu = %e.ecu, %serial, "ECU certificate in the wrong vehicle: revoked, deletion sent");
+            }
+        }
+        for mut c in self.inv.by_vehicle(&r.vehicle).await? {
+            if let Some(n) = w.creds.get(&c.id) {
+                c = n.clone();
+            }
+            let Some(ecu) = c.ecu.clone() else { continue };
+            if c.op_state.is_final() || c.revoked_at.is_some() || reported_ecus.contains(&ecu) {
+                continue;
+            }
+            if c.flag(
+                "ecu-missing",
+                t,
+                "binding",
+                format!("not in vehicle {}'s check-in", r.vehicle),
+            ) {
+                w.cred(c);
+            }
+        }
+        Ok(())
     }
 
     async fn load(&self, w: &Writes, id: &str) -> Result<Option<Credential>, InventoryError> {
@@ -659,6 +1306,63 @@ impl<S: InventoryStore> Owner<S> {
                 }
             }
             Command::RenewIssued { job, result } => self.renew_issued(w, &job, result).await?,
+            Command::Bind {
+                id,
+                vehicle,
+                ecu,
+                by,
+                reply,
+            } => match self.load(w, &id).await {
+                Ok(Some(mut c)) => {
+                    let t = now();
+                    c.vehicle = Some(vehicle.clone());
+                    c.ecu = Some(ecu.clone());
+                    c.log(
+                        t,
+                        "bound",
+                        &by,
+                        format!("issued for ECU {ecu} in vehicle {vehicle}"),
+                    );
+                    w.cred(c.clone());
+                    w.reply(reply, Ok(c));
+                }
+                Ok(None) => {
+                    let _ = reply.send(Err(CredentialsError::NotFound(id)));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
+            Command::Down { msg, delivery } => {
+                match msg {
+                    Ok(m) => {
+                        if let Err(e) = self.from_cloud(w, m).await {
+                            tracing::warn!(error = %e, "credentials: the fleet inventory's command not carried out");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "credentials: a message from the fleet inventory refused")
+                    }
+                }
+                w.acks.push(delivery);
+            }
+            Command::CloudUp { gateway, delivery } => {
+                match Up::decode(&delivery.publish.payload) {
+                    Ok(m) => {
+                        if let Err(e) = self.from_gateway(w, &gateway, m).await {
+                            if self.warn.allow() {
+                                tracing::warn!(%gateway, error = %e, "credentials: a gateway's message not applied");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        if self.warn.allow() {
+                            tracing::warn!(%gateway, error = %e, "credentials: a gateway's message refused");
+                        }
+                    }
+                }
+                w.acks.push(delivery);
+            }
             Command::Tick => self.tick(w).await?,
         }
         Ok(())
@@ -778,6 +1482,28 @@ impl<S: InventoryStore> Owner<S> {
             )));
         }
         let t = now();
+        // Cloud: a credential behind a gateway is operated by that gateway, which makes
+        // the jobs for its holders (they come back up with its records).
+        if let (Some(gw), true) = (c.gateway.clone(), self.down_out.is_some()) {
+            c.set_state(
+                OpState::pending(op),
+                t,
+                by,
+                format!("{} sent to gateway {gw}", op.as_str()),
+            );
+            w.downs.push((
+                gw.clone(),
+                Down::Operate {
+                    credential: c.id.clone(),
+                    operation: op,
+                    by: by.to_string(),
+                    reason: reason.to_string(),
+                },
+            ));
+            w.cred(c);
+            tracing::info!(credential = id, op = op.as_str(), %by, gateway = %gw, "operation sent to the holder's gateway");
+            return Ok(Vec::new());
+        }
         let mut holders = vec![c.holder.clone()];
         for d in &c.seen_by {
             if !holders.contains(d) {
@@ -806,6 +1532,7 @@ impl<S: InventoryStore> Owner<S> {
                 by: by.to_string(),
                 reason: reason.to_string(),
                 result: None,
+                gateway: None,
             });
         }
         c.set_state(
@@ -1123,6 +1850,21 @@ impl<S: InventoryStore> Owner<S> {
                 }
             }
             w.cred(c);
+        }
+        if self.deps.vehicle.is_some() {
+            let serials: Vec<String> = r
+                .credentials
+                .iter()
+                .filter(|h| matches!(h.kind, Kind::Certificate | Kind::ForeignCertificate))
+                .map(|h| normal_serial(&h.id))
+                .take(fleet_msg::MAX_SERIALS)
+                .collect();
+            if self.present.len() < fleet_msg::MAX_ECUS || self.present.contains_key(device) {
+                if self.present.get(device) != Some(&serials) {
+                    self.present.insert(device.to_string(), serials);
+                }
+                w.vehicle_dirty = true;
+            }
         }
         // What the inventory says this device holds and it did not report.
         for mut c in self.inv.by_holder(device).await? {

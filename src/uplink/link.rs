@@ -207,6 +207,8 @@ pub struct Session {
     /// Where the fleet server's CAN messages go (`outpost/{gateway}/can/rules` and
     /// `.../can/down`), if the CAN capability is on.
     pub can_down: Option<tokio::sync::mpsc::Sender<super::Delivery>>,
+    /// The fleet inventory's messages (`outpost/{gateway}/credentials/down`).
+    pub credentials_down: Option<tokio::sync::mpsc::Sender<super::Delivery>>,
     /// Retained messages and persistent sessions: the state topic is recorded there, and a
     /// cloud command is queued durably for the persistent sessions it reaches before the
     /// cloud gets its PUBACK.
@@ -236,6 +238,7 @@ impl Session {
             stats,
             sync_down: None,
             can_down: None,
+            credentials_down: None,
             sessions: None,
         }
     }
@@ -248,6 +251,11 @@ impl Session {
         if let Some(tx) = &self.can_down {
             if self.mapping.can_down().iter().any(|t| t == topic) {
                 return Some((tx, "can"));
+            }
+        }
+        if let Some(tx) = &self.credentials_down {
+            if topic == self.mapping.credentials_down() {
+                return Some((tx, "credentials"));
             }
         }
         match &self.sync_down {
@@ -615,6 +623,16 @@ impl Session {
                                     if let Err(e) = l.client.try_subscribe(t, QoS::AtLeastOnce) {
                                         tracing::error!(error = %e, "cannot subscribe for the fleet's CAN messages");
                                     }
+                                }
+                            }
+                            if let (true, Some(l)) =
+                                (self.credentials_down.is_some(), link.as_ref())
+                            {
+                                if let Err(e) = l.client.try_subscribe(
+                                    self.mapping.credentials_down(),
+                                    QoS::AtLeastOnce,
+                                ) {
+                                    tracing::error!(error = %e, "cannot subscribe for the fleet inventory's messages");
                                 }
                             }
                             if !ack.session_present {

@@ -47,6 +47,7 @@ pub fn default_down() -> Vec<DownRule> {
 pub struct Mapping {
     gateway: String,
     can_down: [String; 2],
+    credentials_down: String,
     up: Vec<(Pattern, String)>,
     down: Vec<(String, Pattern, String, Pattern)>,
 }
@@ -60,6 +61,7 @@ impl Mapping {
                 format!("outpost/{gateway}/can/rules"),
                 format!("outpost/{gateway}/can/down"),
             ],
+            credentials_down: crate::credentials::fleet_msg::down_topic(gateway),
             up: up
                 .iter()
                 .map(|r| Ok((Pattern::parse(&g(&r.local))?, g(&r.remote_prefix))))
@@ -106,6 +108,12 @@ impl Mapping {
     /// (docs/can-fleet.md): the retained rule set, and the alerts and instructions.
     pub fn can_down(&self) -> &[String; 2] {
         &self.can_down
+    }
+
+    /// The cloud topic of the fleet inventory's messages for this gateway's credentials
+    /// service (docs/credentials.md).
+    pub fn credentials_down(&self) -> &str {
+        &self.credentials_down
     }
 
     /// The cloud filters to subscribe to.

@@ -368,6 +368,7 @@ pub fn start(
     sync_down: Option<tokio::sync::mpsc::Sender<Delivery>>,
     sessions: Option<crate::sessions::SessionsHandle>,
     can_down: Option<tokio::sync::mpsc::Sender<Delivery>>,
+    credentials_down: Option<tokio::sync::mpsc::Sender<Delivery>>,
 ) -> Result<(UplinkHandle, std::thread::JoinHandle<()>), UplinkError> {
     let mapping = Arc::new(Mapping::new(gateway_id, &cfg.up, &cfg.down)?);
     let (queue, queue_thread) = QueueHandle::spawn(
@@ -397,6 +398,7 @@ pub fn start(
     );
     session.sync_down = sync_down;
     session.can_down = can_down;
+    session.credentials_down = credentials_down;
     session.sessions = sessions;
     tracker.spawn(session.run(shutdown));
     Ok((handle, queue_thread))
