@@ -28,6 +28,8 @@ missing=()
 for bin in "${needed[@]}"; do
     command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
 done
+# PostgreSQL's server binaries (tests/inventory.rs starts a throw-away cluster with them).
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(initdb)
 if ((${#missing[@]})); then
     step "installing test dependencies (missing: ${missing[*]})"
     if [[ $(id -u) -eq 0 ]]; then
@@ -37,19 +39,25 @@ if ((${#missing[@]})); then
     else
         echo "scripts/test.sh: missing ${missing[*]} and not root (no sudo either)." >&2
         echo "Install them: apt-get install mosquitto mosquitto-clients systemd strace" \
-            "qemu-system-x86 busybox-static cpio e2fsprogs dmsetup can-utils" >&2
+            "qemu-system-x86 busybox-static cpio e2fsprogs dmsetup can-utils postgresql" >&2
         exit 1
     fi
     "${SUDO[@]}" apt-get update
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y --no-upgrade mosquitto mosquitto-clients systemd \
-        qemu-system-x86 busybox-static cpio e2fsprogs dmsetup strace can-utils
-    # The package may have started a system broker on 1883: the tests start their own
-    # instances, so stop it (and only it: the service's own unit or init script).
+        qemu-system-x86 busybox-static cpio e2fsprogs dmsetup strace can-utils postgresql
+    # The packages may have started a system broker on 1883 and a system PostgreSQL: the
+    # tests start their own instances, so stop them (and only them: their own units or init
+    # scripts).
     if [[ -d /run/systemd/system ]]; then
         "${SUDO[@]}" systemctl stop mosquitto.service 2>/dev/null || true
-    elif [[ -x /etc/init.d/mosquitto ]]; then
-        "${SUDO[@]}" /etc/init.d/mosquitto stop >/dev/null 2>&1 || true
+        "${SUDO[@]}" systemctl stop postgresql.service 2>/dev/null || true
+    else
+        for svc in mosquitto postgresql; do
+            if [[ -x /etc/init.d/$svc ]]; then
+                "${SUDO[@]}" "/etc/init.d/$svc" stop >/dev/null 2>&1 || true
+            fi
+        done
     fi
 fi
 

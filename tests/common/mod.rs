@@ -13,6 +13,8 @@ pub use outpost::Endpoints;
 /// TLS clients, ACL, revocation and core-bypass helpers (mosquitto processes, raw MQTT over
 /// TLS, rumqttc, certificates made in the test).
 pub mod can;
+/// A throw-away PostgreSQL cluster (tests/inventory.rs, benches/inventory.rs).
+pub mod pg;
 pub mod roles;
 pub mod security_helpers;
 

@@ -339,30 +339,32 @@ impl Filter {
             f.push(format!("op_state = {p}"));
         }
         if let Some(v) = q.validity {
-            let n = f.param(now);
-            let started =
-                format!("revoked_at IS NULL AND (not_before IS NULL OR not_before <= {n})");
-            let threshold = expiring_threshold(now, expiring);
-            let clause = match v {
-                Validity::Revoked => "revoked_at IS NOT NULL".to_string(),
-                Validity::Future => format!("revoked_at IS NULL AND not_before > {n}"),
-                Validity::Expired => format!("{started} AND not_after <= {n}"),
-                Validity::Expiring => match threshold {
-                    None => "FALSE".to_string(),
-                    Some(t) => {
+            let clause = if v == Validity::Revoked {
+                "revoked_at IS NOT NULL".to_string()
+            } else {
+                let n = f.param(now);
+                let started =
+                    format!("revoked_at IS NULL AND (not_before IS NULL OR not_before <= {n})");
+                let threshold = expiring_threshold(now, expiring);
+                match (v, threshold) {
+                    (Validity::Future, _) => format!("revoked_at IS NULL AND not_before > {n}"),
+                    (Validity::Expired, _) => format!("{started} AND not_after <= {n}"),
+                    (Validity::Expiring, None) => "FALSE".to_string(),
+                    (Validity::Expiring, Some(t)) => {
                         let t = f.param(t);
                         format!("{started} AND not_after > {n} AND not_after <= {t}")
                     }
-                },
-                Validity::Valid => match threshold {
-                    None => format!("{started} AND (not_after IS NULL OR not_after > {n})"),
-                    Some(t) => {
+                    (Validity::Valid, None) => {
+                        format!("{started} AND (not_after IS NULL OR not_after > {n})")
+                    }
+                    (Validity::Valid | Validity::Revoked, Some(t)) => {
                         let t = f.param(t);
                         format!(
                             "{started} AND (not_after IS NULL OR (not_after > {n} AND not_after > {t}))"
                         )
                     }
-                },
+                    (Validity::Revoked, None) => "revoked_at IS NOT NULL".to_string(),
+                }
             };
             f.push(format!("({clause})"));
         }
