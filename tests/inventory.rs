@@ -622,6 +622,7 @@ fn job(id: &str, cred: &str, device: &str, state: JobState, created: i64) -> Job
         by: "admin:alice".into(),
         reason: "rotation \"policy\"".into(),
         result: Some("serial 0b".into()),
+        gateway: None,
     }
 }
 
