@@ -699,6 +699,14 @@ pub async fn run_cloud(config: Config, shutdown: CancellationToken) -> Result<()
     let credentials = if config.credentials.enabled {
         let inventory =
             credentials::inventory::Inventory::open(&config.cloud.database_url, &store).await?;
+        tracing::info!(
+            store = if config.cloud.database_url.is_empty() {
+                "embedded"
+            } else {
+                "postgresql"
+            },
+            "fleet credential inventory open"
+        );
         let deps = credentials::service::Deps {
             ca: ca.clone(),
             core: None,

@@ -60,18 +60,46 @@ fn publish_up(broker: &Broker, pki: &mut CloudPki, as_gw: &str, topic_gw: &str, 
 }
 
 #[test]
-fn an_ecu_of_vehicle_a_in_vehicle_b_loses_its_certificate_and_forged_check_ins_change_nothing() {
+fn embedded_an_ecu_of_vehicle_a_in_vehicle_b_loses_its_certificate_and_forged_check_ins_change_nothing(
+) {
+    ecu_in_the_wrong_vehicle(String::new());
+}
+
+/// The same with the fleet inventory in PostgreSQL (`[cloud] database_url`).
+#[test]
+fn postgres_an_ecu_of_vehicle_a_in_vehicle_b_loses_its_certificate_and_forged_check_ins_change_nothing(
+) {
+    let pg = common::pg::shared();
+    ecu_in_the_wrong_vehicle(pg.url(&pg.fresh_db()));
+}
+
+fn ecu_in_the_wrong_vehicle(database_url: String) {
     common::require_mosquitto();
     let work = tempfile::tempdir().unwrap();
     let mut pki = CloudPki::new(&work.path().join("pki"));
     let broker = Broker::start(&pki);
     let (cl_cert, cl_key) = pki.issue("cloud-test", false);
     let mut cloud = Cloud::prepare(&format!(
-        "mqtt_servers = [\"mqtts://127.0.0.1:8883\"]\n\n{}\n[sync]\nenabled = false\n\n[cloud]\ngateway_ca = \"{}\"\n",
+        "mqtt_servers = [\"mqtts://127.0.0.1:8883\"]\n\n{}\n[sync]\nenabled = false\n\n[cloud]\ngateway_ca = \"{}\"\ndatabase_url = \"{database_url}\"\n",
         uplink_section(broker.port, &pki.ca, &cl_cert, &cl_key),
         pki.ca.display()
     ));
     cloud.start();
+    let store = if database_url.is_empty() {
+        "embedded"
+    } else {
+        "postgresql"
+    };
+    assert!(
+        cloud
+            .log()
+            .contains(&format!("fleet credential inventory open store={store}"))
+            || common::strip_ansi(&cloud.log()).contains(&format!(
+                "fleet credential inventory open store=\"{store}\""
+            )),
+        "{}",
+        cloud.log()
+    );
     wait_until(LIMIT, "cloud credentials link", || {
         cloud
             .log()
