@@ -192,3 +192,38 @@ fn the_can_frame_and_log_format_are_a_leaf() {
     }
     assert!(bad.is_empty(), "src/can/ names:\n{}", bad.join("\n"));
 }
+
+/// Issue 13: the credential records, the device and fleet messages and the sealing are
+/// leaves; the inventory's stores stand on the records and the store only (no service, no
+/// transport), so both stores can be tested and benchmarked on their own.
+#[test]
+fn the_credential_records_and_messages_are_leaves_and_the_inventory_stands_on_the_store() {
+    let mut bad = Vec::new();
+    for f in ["model.rs", "msg.rs", "seal.rs"] {
+        check(&src("credentials").join(f), &["credentials"], false, &mut bad);
+    }
+    check(
+        &src("credentials").join("fleet_msg.rs"),
+        &["credentials", "acl"],
+        false,
+        &mut bad,
+    );
+    let mut inv = vec![src("credentials").join("inventory.rs")];
+    all_sources(&src("credentials").join("inventory"), &mut inv);
+    assert!(inv.len() >= 3, "the check reads the wrong files: {inv:?}");
+    for f in &inv {
+        let text = std::fs::read_to_string(f).unwrap();
+        for (line, what) in escapes(&text, &["credentials", "store"], false) {
+            if what != "super::" {
+                bad.push(format!("{}:{line}: {what}", f.display()));
+            }
+        }
+        for (n, l) in text.lines().enumerate() {
+            let code = l.split("//").next().unwrap_or("");
+            if code.contains("service") && code.contains("use ") {
+                bad.push(format!("{}:{}: names the service", f.display(), n + 1));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "src/credentials/ leaves:\n{}", bad.join("\n"));
+}
