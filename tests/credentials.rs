@@ -440,3 +440,46 @@ fn an_ecu_certificate_from_another_vehicle_is_deleted_and_revoked_offline() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(gw.metric("outpost_credentials_binding_violations_total"), 1);
 }
+
+#[test]
+fn the_policy_renews_a_certificate_past_its_renewal_point() {
+    let gw = Gateway::start_with(
+        "[ca]\ndevice_validity = \"1h\"\n\n[credentials]\nrenew_at = 0.001\nsweep_every = \"1s\"\nretry_min = \"1s\"\nretry_max = \"2s\"\n",
+    );
+    let a = gw.issue("pol-a");
+    let dir = agent_dir(&gw, &a);
+    let mut ag = agent(&dir);
+    let id = format!("cert:{}", a.serial);
+    let d = wait_job(&gw, &id, "succeeded");
+    assert_eq!(d["jobs"][0]["by"], "policy");
+    assert!(d["jobs"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("of its validity passed"));
+    assert_eq!(d["credential"]["op_state"], "renewed");
+    ag.wait_for(LIMIT, "renewed", |l| l.contains(r#""event":"renewed""#));
+}
+
+#[test]
+fn a_job_whose_holder_never_comes_times_out_and_the_credential_says_so() {
+    let gw = gateway("job_timeout = \"2s\"\n");
+    let a = gw.issue("gone-a");
+    let id = format!("cert:{}", a.serial);
+    op(&gw, "renew", &id);
+    let d = wait_job(&gw, &id, "timed-out");
+    assert_eq!(d["credential"]["op_state"], "failed");
+    let last = d["credential"]["history"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert!(
+        last["detail"].as_str().unwrap().contains("timed-out"),
+        "{last}"
+    );
+    // Not revoked: a renewal that did not happen leaves the certificate as it was.
+    assert!(d["credential"]["revoked_at"].is_null());
+    // And a new operation may start.
+    op(&gw, "renew", &id);
+}

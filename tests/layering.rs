@@ -200,7 +200,12 @@ fn the_can_frame_and_log_format_are_a_leaf() {
 fn the_credential_records_and_messages_are_leaves_and_the_inventory_stands_on_the_store() {
     let mut bad = Vec::new();
     for f in ["model.rs", "msg.rs", "seal.rs"] {
-        check(&src("credentials").join(f), &["credentials"], false, &mut bad);
+        check(
+            &src("credentials").join(f),
+            &["credentials"],
+            false,
+            &mut bad,
+        );
     }
     check(
         &src("credentials").join("fleet_msg.rs"),
@@ -225,5 +230,9 @@ fn the_credential_records_and_messages_are_leaves_and_the_inventory_stands_on_th
             }
         }
     }
-    assert!(bad.is_empty(), "src/credentials/ leaves:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "src/credentials/ leaves:\n{}",
+        bad.join("\n")
+    );
 }
