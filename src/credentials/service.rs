@@ -2277,7 +2277,9 @@ impl<S: InventoryStore> Owner<S> {
                 .await?;
                 continue;
             }
-            if j.state != JobState::Queued && t >= j.next_attempt_at {
+            // Delivered but unanswered: again, later each time. Queued: as soon as the
+            // holder is online (a device that does not check in still gets it).
+            if t >= j.next_attempt_at {
                 let id = j.id.clone();
                 self.deliver(w, &id).await?;
             }
