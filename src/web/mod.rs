@@ -383,7 +383,8 @@ async fn guard(State(sh): State<Arc<Shared>>, req: Request, next: Next) -> Respo
     );
     set(h, "x-frame-options", "DENY");
     set(h, "x-content-type-options", "nosniff");
-    set(h, "referrer-policy", "no-referrer");
+    // Not `no-referrer`: with it Chromium sends `Origin: null` on the page's own form POSTs.
+    set(h, "referrer-policy", "same-origin");
     if path.starts_with("/assets/") {
         set(h, "cache-control", "private, max-age=3600");
     } else {
