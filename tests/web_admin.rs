@@ -216,6 +216,9 @@ async fn an_admin_sorts_searches_and_renews_in_a_real_browser() {
     }
     let successor = b.texts("dd[data-field=replaced-by]").await;
     assert!(successor[0].starts_with("cert:7a11c0ffee"), "{successor:?}");
+    // Renewed for good: no operation is offered any more.
+    assert!(b.attrs("#operations button", "data-op").await.is_empty());
+    b.wait_for("#no-operations").await;
     let history = b.texts("#history td.what").await;
     assert!(history.iter().any(|w| w == "renew"), "{history:?}");
     b.screenshot(&shots.join("detail.png")).await;

@@ -376,10 +376,12 @@ fn dl_row(h: &mut Html, key: &'static str, name: &'static str, value: &str) {
     h.raw("<dt>")
         .raw(name)
         .raw("</dt><dd")
-        .attr("data-field", key)
-        .raw(">")
-        .text(value)
-        .raw("</dd>");
+        .attr("data-field", key);
+    if value.is_empty() {
+        h.raw(" class=\"muted\">—</dd>");
+    } else {
+        h.raw(">").text(value).raw("</dd>");
+    }
 }
 
 fn dl_link(h: &mut Html, key: &'static str, name: &'static str, id: Option<&str>) {
@@ -416,8 +418,16 @@ pub fn detail(a: &Authed, d: &Detail) -> String {
     h.raw("</span></div>");
     // Operations: each leads to a confirmation page.
     h.raw("<div class=\"operations\" id=\"operations\">");
+    let running = d.jobs.iter().any(|j| !j.state.is_terminal());
+    if c.op_state.is_final() {
+        h.raw("<p class=\"muted\" id=\"no-operations\">This credential is ")
+            .text(c.op_state.as_str())
+            .raw(": no operation applies any more.</p>");
+    } else if running {
+        h.raw("<p class=\"muted\" id=\"no-operations\">An operation is running; the next one can start when it has ended.</p>");
+    }
     for op in Operation::ALL {
-        if !c.kind.allows(op) {
+        if !c.kind.allows(op) || c.op_state.is_final() || running {
             continue;
         }
         h.raw("<form method=\"get\"")
