@@ -157,12 +157,13 @@ pub struct Authed {
     pub csrf: String,
 }
 
-/// Bind the `[web]` listener: `None` when the page is off.
+/// Bind the `[web]` listener (with the crate's listen backlog): `None` when the page is
+/// off.
 pub async fn bind(cfg: &WebConfig) -> std::io::Result<Option<tokio::net::TcpListener>> {
     if !cfg.enabled {
         return Ok(None);
     }
-    tokio::net::TcpListener::bind(cfg.listen).await.map(Some)
+    crate::listen(cfg.listen).map(Some)
 }
 
 /// The router, every route behind the guard.

@@ -325,16 +325,16 @@ pub fn inventory(
             .attr("href", &prev)
             .raw(">← Previous</a>");
     }
-    if last < page.total || !page.exact {
-        if !page.rows.is_empty() && page.rows.len() as u32 == q.limit {
-            let next = inventory_link(&Query {
-                offset: last,
-                ..q.clone()
-            });
-            h.raw("<a class=\"button secondary\" id=\"next\"")
-                .attr("href", &next)
-                .raw(">Next →</a>");
-        }
+    // A full page with more behind it (or a count that stopped at the cap).
+    let full = !page.rows.is_empty() && page.rows.len() as u32 == q.limit;
+    if full && (last < page.total || !page.exact) {
+        let next = inventory_link(&Query {
+            offset: last,
+            ..q.clone()
+        });
+        h.raw("<a class=\"button secondary\" id=\"next\"")
+            .attr("href", &next)
+            .raw(">Next →</a>");
     }
     h.raw("</nav>");
     foot(h)
