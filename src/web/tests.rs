@@ -295,6 +295,18 @@ async fn state_changes_need_the_sessions_csrf_token_and_this_origin() {
         t.ops.jobs().is_empty(),
         "a refused request changed something"
     );
+    // A login posted from another site (login CSRF) is refused before the password is
+    // looked at.
+    let r = t
+        .post(
+            "/login",
+            None,
+            &[("origin", "http://evil.example")],
+            &format!("user=alice&password={}", html::url_component(PASSWORD)),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(r.headers.get("set-cookie").is_none());
     // The right token in the form, from this origin: done.
     let r = t
         .post(
