@@ -94,6 +94,7 @@ async fn an_admin_sorts_searches_and_renews_in_a_real_browser() {
             credentials: Arc::new(ops),
             admins: Arc::new(admins),
             config: cfg,
+            tls: None,
         },
         stop.clone(),
     ));

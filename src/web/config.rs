@@ -16,6 +16,10 @@ pub struct WebConfig {
     /// Allow a `listen` address that is not loopback (the LAN). Plain HTTP: passwords and
     /// session cookies cross that network in clear unless a TLS proxy stands in front.
     pub lan: bool,
+    /// Serve HTTPS with the gateway's server certificate (the session cookie is then
+    /// `Secure`). The gateway hands the certificate to the page; `serve` refuses to start
+    /// plain when this is set.
+    pub tls: bool,
     /// The admins' password hashes (argon2id); relative paths are in the data directory.
     pub admins_file: PathBuf,
     /// A session ends after this long without a request...
@@ -45,6 +49,7 @@ impl Default for WebConfig {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 8090)),
             lan: false,
+            tls: false,
             admins_file: PathBuf::from("admins.toml"),
             session_idle: Duration::from_secs(30 * 60),
             session_max: Duration::from_secs(8 * 3600),

@@ -102,16 +102,52 @@ pub struct WebState {
     pub credentials: Arc<dyn Operator>,
     pub admins: Arc<Admins>,
     pub config: WebConfig,
+    /// HTTPS (see [`tls_config`]); `None`: plain HTTP. Required when `config.tls` is set.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl WebState {
+    /// Plain HTTP; set `tls` for HTTPS.
     pub fn new(credentials: impl Operator, admins: Admins, config: WebConfig) -> WebState {
         WebState {
             credentials: Arc::new(credentials),
             admins: Arc::new(admins),
             config,
+            tls: None,
         }
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebError {
+    #[error("web: {0}")]
+    Tls(String),
+    #[error("web.tls is set but the page was given no certificate")]
+    NoCertificate,
+}
+
+/// A TLS server configuration (ring, TLS 1.2/1.3, HTTP/1.1, no client certificate) from a
+/// PEM certificate chain and private key: the gateway's own server certificate.
+pub fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, WebError> {
+    let chain: Vec<rustls::pki_types::CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| WebError::Tls(format!("certificate: {e}")))?;
+    if chain.is_empty() {
+        return Err(WebError::Tls("no certificate in the PEM".into()));
+    }
+    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+        .map_err(|e| WebError::Tls(format!("key: {e}")))?
+        .ok_or_else(|| WebError::Tls("no private key in the PEM".into()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| WebError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| WebError::Tls(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 /// Log a warning at most once per 10 s, with how many were left out.
@@ -136,6 +172,8 @@ impl RateLimitedLog {
 }
 
 struct Shared {
+    /// Served over TLS: the cookie is `Secure`.
+    secure: bool,
     ops: Arc<dyn Operator>,
     admins: Arc<Admins>,
     config: WebConfig,
@@ -176,6 +214,7 @@ pub fn router(state: WebState) -> Router {
         delay: c.failure_delay,
     };
     let shared = Arc::new(Shared {
+        secure: state.tls.is_some(),
         sessions: Mutex::new(session::Sessions::new(
             c.session_idle,
             c.session_max,
@@ -219,12 +258,22 @@ pub fn router(state: WebState) -> Router {
 }
 
 /// Serve the admin page on `listener` until `shutdown` is cancelled, then let open
-/// requests finish (5 s at most).
+/// requests finish (5 s at most). Refuses to serve plain HTTP when `web.tls` is set.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: WebState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    if state.config.tls && state.tls.is_none() {
+        return Err(std::io::Error::other(WebError::NoCertificate));
+    }
+    let tls = state.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    if tls.is_none() && state.config.lan {
+        tracing::warn!(
+            "admin page: plain HTTP on the network (web.lan): passwords and session cookies \
+             cross it in clear; set web.tls = true or put a TLS proxy in front"
+        );
+    }
     if state.admins.count() == 0 {
         tracing::warn!(
             file = %state.admins.path().display(),
@@ -257,10 +306,21 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let (router, shutdown) = (router.clone(), shutdown.clone());
+        let (router, shutdown, tls) = (router.clone(), shutdown.clone(), tls.clone());
         conns.spawn(async move {
             let _permit = permit;
-            serve_connection(stream, peer, router, shutdown).await;
+            match tls {
+                None => serve_connection(stream, peer, router, shutdown).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => serve_connection(s, peer, router, shutdown).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "admin page: TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "admin page: TLS handshake timed out"),
+                    }
+                }
+            }
         });
     }
     conns.close();
@@ -268,12 +328,14 @@ pub async fn serve(
     Ok(())
 }
 
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
+async fn serve_connection<S>(
+    stream: S,
     peer: SocketAddr,
     router: Router,
     shutdown: CancellationToken,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     use hyper_util::rt::{TokioIo, TokioTimer};
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
@@ -617,9 +679,10 @@ async fn login(
         tracing::info!(user = %user, %ip, "admin page: login");
         let mut r = see_other("/credentials");
         let cookie = format!(
-            "{}={sid}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+            "{}={sid}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
             session::COOKIE,
-            sh.config.session_max.as_secs()
+            sh.config.session_max.as_secs(),
+            if sh.secure { "; Secure" } else { "" }
         );
         if let Ok(v) = HeaderValue::from_str(&cookie) {
             r.headers_mut().insert(header::SET_COOKIE, v);

@@ -34,6 +34,7 @@ fn fixture(creds: Vec<Credential>, cfg: WebConfig) -> T {
         credentials: ops.clone(),
         admins: Arc::new(admins),
         config: cfg,
+        tls: None,
     };
     T {
         router: router(state),
@@ -219,6 +220,8 @@ async fn a_login_gives_a_strict_http_only_cookie_and_logout_ends_it() {
     for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(set.contains(attr), "{set}");
     }
+    // Plain HTTP: a Secure cookie would never come back.
+    assert!(!set.contains("Secure"), "{set}");
     let id = set
         .split(';')
         .next()
@@ -634,4 +637,94 @@ async fn an_operation_runs_to_its_end_and_a_running_job_can_be_canceled() {
         .post(&format!("/api/jobs/{}/cancel", jobs[0].id), c, &h, "")
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT);
+}
+
+async fn read_all<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn over_tls_the_cookie_is_secure_and_web_tls_never_falls_back_to_plain() {
+    use tokio::io::AsyncWriteExt;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let tls = tls_config(&cert.pem(), &key.serialize_pem()).unwrap();
+    assert!(tls_config("nonsense", "nonsense").is_err());
+    let dir = tempfile::tempdir().unwrap();
+    set_password(dir.path(), "alice", PASSWORD).unwrap();
+    let state = |tls: Option<Arc<rustls::ServerConfig>>| WebState {
+        credentials: Arc::new(MemoryOperator::new(vec![], 0, Duration::from_millis(10))),
+        admins: Arc::new(Admins::open(dir.path().join("admins.toml")).unwrap()),
+        config: WebConfig {
+            tls: true,
+            ..fast()
+        },
+        tls,
+    };
+    // web.tls without a certificate: no plain HTTP instead.
+    let l = crate::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let e = serve(l, state(None), CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("web.tls"), "{e}");
+
+    let l = crate::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = l.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(serve(l, state(Some(tls)), stop.clone()));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let body = format!("user=alice&password={}", html::url_component(PASSWORD));
+    let req = format!(
+        "POST /login HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let answer = read_all(&mut s).await;
+    assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
+    let cookie = answer
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_default();
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    // Plain HTTP to the TLS port gets no page.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /login HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_all(&mut tcp).await;
+    assert!(!answer.contains("HTTP/1.1 200"), "{answer}");
+    stop.cancel();
+    server.await.unwrap().unwrap();
 }
