@@ -728,3 +728,72 @@ async fn over_tls_the_cookie_is_secure_and_web_tls_never_falls_back_to_plain() {
     stop.cancel();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn an_idle_session_ends() {
+    let cfg = WebConfig {
+        session_idle: Duration::from_millis(150),
+        ..fast()
+    };
+    let t = fixture(vec![cert("01", "dev-1", now() + 1000)], cfg);
+    let (cookie, _) = t.login().await;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(
+            t.get("/credentials", Some(&cookie)).await.status,
+            StatusCode::OK
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = t.get("/credentials", Some(&cookie)).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        t.get("/api/credentials", Some(&cookie)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[test]
+fn pages_offer_only_what_the_kind_allows_and_say_more_than_past_the_cap() {
+    let a = Authed {
+        user: "alice".into(),
+        csrf: "tok".into(),
+    };
+    let mut key = Credential::new(
+        "key:h:k".into(),
+        Kind::SymmetricKey,
+        "k".into(),
+        "h".into(),
+        0,
+    );
+    key.not_after = Some(1000);
+    let d = Detail {
+        validity: key.validity(0, 10),
+        credential: key.clone(),
+        jobs: vec![],
+    };
+    let html = pages::detail(&a, &d);
+    for (op, shown) in [
+        ("renew", false),
+        ("invalidate", true),
+        ("delete", true),
+        ("rotate", true),
+    ] {
+        assert_eq!(html.contains(&format!("data-op=\"{op}\"")), shown, "{op}");
+    }
+    let page = Page {
+        rows: vec![key.clone(); 50],
+        total: crate::credentials::model::COUNT_CAP,
+        exact: false,
+    };
+    let html = pages::inventory(&a, &Query::default(), Some(&page), None, 0, 10);
+    assert!(html.contains("Rows 1–50 of more than 100000"), "{html}");
+    assert!(html.contains("id=\"next\""));
+    let exact = Page {
+        rows: vec![key; 3],
+        total: 3,
+        exact: true,
+    };
+    let html = pages::inventory(&a, &Query::default(), Some(&exact), None, 0, 10);
+    assert!(html.contains("Rows 1–3 of 3") && !html.contains("id=\"next\""));
+}
