@@ -181,6 +181,7 @@ async fn an_admin_sorts_searches_and_renews_in_a_real_browser() {
 
     // Back on the detail page: the job shows, and the page follows it by itself.
     b.wait_for("#jobs .job-state").await;
+    b.screenshot(&shots.join("detail-running.png")).await;
     let mut seen: Vec<String> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -233,7 +234,7 @@ async fn an_admin_sorts_searches_and_renews_in_a_real_browser() {
     b.close().await;
     stop.cancel();
     server.await.unwrap().unwrap();
-    for f in ["inventory.png", "detail.png"] {
+    for f in ["inventory.png", "detail-running.png", "detail.png"] {
         let png = std::fs::read(shots.join(f)).unwrap();
         assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{f}");
     }

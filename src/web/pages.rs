@@ -388,8 +388,12 @@ fn dl_link(h: &mut Html, key: &'static str, name: &'static str, id: Option<&str>
     h.raw("<dt>")
         .raw(name)
         .raw("</dt><dd")
-        .attr("data-field", key)
-        .raw(">");
+        .attr("data-field", key);
+    if id.is_none() {
+        h.raw(" class=\"muted\">—</dd>");
+        return;
+    }
+    h.raw(">");
     if let Some(id) = id {
         h.raw("<a")
             .attr("href", &format!("/credentials/{}", url_component(id)))
