@@ -22,8 +22,9 @@ trap 'printf "\nscripts/test.sh: FAILED during: %s\n" "$current" >&2' ERR
 # --- 1. System packages: mosquitto broker and clients (interop tests), strace (tests/durability_strace.rs), systemd-analyze
 #        (unit verification). Installed only when a binary is missing.
 # QEMU, busybox, cpio, e2fsprogs and dmsetup: the VM tests (scripts/vm.sh, tests/power_cut.rs).
+# chromium and chromedriver: the admin page in a real browser (tests/web_admin.rs).
 needed=(mosquitto mosquitto_pub mosquitto_sub systemd-analyze strace qemu-system-x86_64 busybox
-    cpio mkfs.ext4 e2fsck dmsetup log2long)
+    cpio mkfs.ext4 e2fsck dmsetup log2long chromium chromedriver)
 missing=()
 for bin in "${needed[@]}"; do
     command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
@@ -39,13 +40,15 @@ if ((${#missing[@]})); then
     else
         echo "scripts/test.sh: missing ${missing[*]} and not root (no sudo either)." >&2
         echo "Install them: apt-get install mosquitto mosquitto-clients systemd strace" \
-            "qemu-system-x86 busybox-static cpio e2fsprogs dmsetup can-utils postgresql" >&2
+            "qemu-system-x86 busybox-static cpio e2fsprogs dmsetup can-utils postgresql" \
+            "chromium chromium-driver" >&2
         exit 1
     fi
     "${SUDO[@]}" apt-get update
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y --no-upgrade mosquitto mosquitto-clients systemd \
-        qemu-system-x86 busybox-static cpio e2fsprogs dmsetup strace can-utils postgresql
+        qemu-system-x86 busybox-static cpio e2fsprogs dmsetup strace can-utils postgresql \
+        chromium chromium-driver
     # The packages may have started a system broker on 1883 and a system PostgreSQL: the
     # tests start their own instances, so stop them (and only them: their own units or init
     # scripts).

@@ -16,6 +16,7 @@ pub use crate::ca::CaConfig;
 pub use crate::frontdoor::config::{LimitsConfig, ListenersConfig, TlsConfig};
 pub use crate::mdns::MdnsConfig;
 pub use crate::metrics::MetricsConfig;
+pub use crate::web::WebConfig;
 
 /// Errors from loading or validating a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,7 @@ pub struct Config {
     pub fleet: crate::fleet::FleetConfig,
     pub credentials: crate::credentials::CredentialsConfig,
     pub cloud: crate::credentials::CloudConfig,
+    pub web: WebConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -264,6 +266,9 @@ impl Config {
                  uplink.enabled must be true",
             ));
         }
+        if let Err((field, reason)) = self.web.validate() {
+            return Err(invalid(field, reason));
+        }
         if self.shutdown.grace > Duration::from_secs(600) {
             return Err(invalid("shutdown.grace", "must be at most 10 minutes"));
         }
@@ -343,6 +348,14 @@ mod tests {
             err.to_string().contains("frontdoor.max_core_filters"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_admin_page_on_the_network_needs_lan() {
+        let err = Config::from_toml("[web]\nlisten = \"0.0.0.0:8090\"\n").unwrap_err();
+        assert!(err.to_string().contains("web.listen"), "{err}");
+        let cfg = Config::from_toml("[web]\nlisten = \"0.0.0.0:8090\"\nlan = true\n").unwrap();
+        assert!(cfg.web.lan);
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod switching;
 pub mod sync;
 pub mod systemd;
 pub mod uplink;
+pub mod web;
 
 use crate::ca::{Ca, CaHandle};
 use crate::config::Config;
