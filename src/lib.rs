@@ -80,6 +80,8 @@ pub enum RunError {
     Credentials(#[from] credentials::inventory::InventoryError),
     #[error("credentials: {0}")]
     CredentialsService(#[from] credentials::service::CredentialsError),
+    #[error("admin page: {0}")]
+    Web(String),
     #[error("restoring retained messages: {0}")]
     Restore(#[from] frontdoor::restore::RestoreError),
 }
@@ -94,6 +96,9 @@ pub struct Endpoints {
     /// FDO rendezvous + owner (HTTP), if enabled.
     #[serde(default)]
     pub fdo: Option<SocketAddr>,
+    /// The admin page (`[web]`), if on.
+    #[serde(default)]
+    pub web: Option<SocketAddr>,
     pub pid: u32,
 }
 
@@ -102,6 +107,49 @@ impl Endpoints {
         let text = std::fs::read_to_string(data_dir.join(ENDPOINTS_FILE)).ok()?;
         serde_json::from_str(&text).ok()
     }
+}
+
+/// Bind the admin page's listener (before anything is announced); `None` when it is off
+/// or there is no inventory to show.
+async fn bind_web(
+    cfg: &web::WebConfig,
+    credentials: bool,
+) -> Result<Option<TcpListener>, RunError> {
+    if cfg.enabled && !credentials {
+        tracing::warn!("admin page off: it shows the credential inventory, and credentials.enabled = false");
+        return Ok(None);
+    }
+    web::bind(cfg).await.map_err(|cause| RunError::Bind {
+        what: "web",
+        addr: cfg.listen,
+        cause,
+    })
+}
+
+/// Serve the admin page over the credentials service.
+fn serve_web(
+    listener: TcpListener,
+    credentials: &credentials::service::CredentialsHandle,
+    cfg: &web::WebConfig,
+    data_dir: &Path,
+    identity: Option<(&str, &str)>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<(), RunError> {
+    let admins = web::admins::Admins::open(cfg.admins_path(data_dir))
+        .map_err(|e| RunError::Web(e.to_string()))?;
+    let mut state = web::WebState::new(credentials.clone(), admins, cfg.clone());
+    if cfg.tls {
+        let (cert, key) = identity.ok_or_else(|| RunError::Web("web.tls: no server certificate".into()))?;
+        state.tls = Some(web::tls_config(cert, key).map_err(|e| RunError::Web(e.to_string()))?);
+    }
+    let s = shutdown.clone();
+    tracker.spawn(async move {
+        if let Err(e) = web::serve(listener, state, s).await {
+            tracing::error!(error = %e, "admin page failed");
+        }
+    });
+    Ok(())
 }
 
 /// Create the data directory, or tighten an existing one, to 0700 (it holds the CA key):
@@ -203,6 +251,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             cause,
         })?;
     let admin_l = admin::bind(&data_dir)?;
+    let web_l = bind_web(&config.web, config.credentials.enabled).await?;
     let core = broker::start(
         &config.broker,
         broker::CoreLimits {
@@ -348,9 +397,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             None => None,
         },
         fdo: None,
+        web: match &web_l {
+            Some(l) => Some(local(l, "web", config.web.listen)?),
+            None => None,
+        },
         pid: std::process::id(),
     };
     let mut endpoints = endpoints;
+    if let (Some(l), Some(c)) = (web_l, &credentials) {
+        serve_web(
+            l,
+            c,
+            &config.web,
+            &data_dir,
+            Some((&server_cert, &server_key)),
+            &tracker,
+            &shutdown,
+        )?;
+    }
     let fdo_svc = match fdo_l {
         Some(l) => {
             let role = fdo::service::Role {
@@ -595,6 +659,9 @@ async fn join_store_owner(ca_thread: std::thread::JoinHandle<()>) {
 pub struct CloudEndpoints {
     pub cloud_id: String,
     pub fdo: SocketAddr,
+    /// The admin page (`[web]`), if on.
+    #[serde(default)]
+    pub web: Option<SocketAddr>,
     pub pid: u32,
 }
 
@@ -639,6 +706,7 @@ pub async fn run_cloud(config: Config, shutdown: CancellationToken) -> Result<()
             "must be true".into(),
         )))?;
     let admin_l = admin::bind(&data_dir)?;
+    let web_l = bind_web(&config.web, config.credentials.enabled).await?;
     let tracker = TaskTracker::new();
     let role = fdo::service::Role {
         registered_by: format!("cloud {id}"),
@@ -752,15 +820,37 @@ pub async fn run_cloud(config: Config, shutdown: CancellationToken) -> Result<()
             data_dir: data_dir.clone(),
             vouchers_changed: Some(svc.vouchers_changed.clone()),
             sync_wake: Some(sync_wake),
-            credentials,
+            credentials: credentials.clone(),
         },
         tracker.clone(),
         shutdown.clone(),
     ));
     spawn_crl_refresh(&ca, &config, &tracker, &shutdown);
+    let cloud_web = match (web_l, &credentials) {
+        (Some(l), Some(c)) => {
+            let identity = if config.web.tls {
+                Some(ca.server_identity(&config.ca.server_names).await?)
+            } else {
+                None
+            };
+            let addr = l.local_addr().ok();
+            serve_web(
+                l,
+                c,
+                &config.web,
+                &data_dir,
+                identity.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
+                &tracker,
+                &shutdown,
+            )?;
+            addr
+        }
+        _ => None,
+    };
     let ep = CloudEndpoints {
         cloud_id: id.clone(),
         fdo: svc.addr,
+        web: cloud_web,
         pid: std::process::id(),
     };
     let ep_text = serde_json::to_string_pretty(&ep).unwrap_or_default();

@@ -247,6 +247,9 @@ enabled = false
 [fdo]
 listen = "127.0.0.1:0"
 
+[web]
+listen = "127.0.0.1:0"
+
 {extra}
 "#,
         data_dir.display()
@@ -612,7 +615,7 @@ fn first_start_with_defaults_creates_the_ca() {
     // Only the ports differ from the defaults.
     std::fs::write(
         &cfg,
-        "[listeners]\nmqtts = \"127.0.0.1:0\"\nplain = \"127.0.0.1:0\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[fdo]\nlisten = \"127.0.0.1:0\"\n",
+        "[listeners]\nmqtts = \"127.0.0.1:0\"\nplain = \"127.0.0.1:0\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[fdo]\nlisten = \"127.0.0.1:0\"\n\n[web]\nlisten = \"127.0.0.1:0\"\n",
     )
     .unwrap();
     let log = dir.path().join("log");
@@ -666,7 +669,7 @@ fn a_clean_start_logs_no_warning_and_names_its_listeners_under_outpost() {
     let cfg = dir.path().join("ports.toml");
     std::fs::write(
         &cfg,
-        "[listeners]\nmqtts = \"127.0.0.1:0\"\nplain = \"127.0.0.1:0\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[fdo]\nlisten = \"127.0.0.1:0\"\n\n[mdns]\nenabled = false\n",
+        "[listeners]\nmqtts = \"127.0.0.1:0\"\nplain = \"127.0.0.1:0\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[fdo]\nlisten = \"127.0.0.1:0\"\n\n[mdns]\nenabled = false\n\n[web]\nlisten = \"127.0.0.1:0\"\n",
     )
     .unwrap();
     for round in 0..3 {

@@ -57,6 +57,9 @@ enabled = false
 [fdo]
 listen = "127.0.0.1:0"
 
+[web]
+listen = "127.0.0.1:0"
+
 {extra}
 "#,
         data_dir.display()

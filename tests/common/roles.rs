@@ -89,7 +89,7 @@ impl Cloud {
         std::fs::write(
             &config_path,
             format!(
-                "[gateway]\nid = \"cloud-test\"\ndata_dir = \"{}\"\n\n[mdns]\nenabled = false\n\n\
+                "[gateway]\nid = \"cloud-test\"\ndata_dir = \"{}\"\n\n[mdns]\nenabled = false\n\n[web]\nlisten = \"127.0.0.1:0\"\n\n\
                  [fdo]\nlisten = \"127.0.0.1:0\"\n{fdo_extra}\n",
                 data_dir.display()
             ),
