@@ -116,7 +116,9 @@ async fn bind_web(
     credentials: bool,
 ) -> Result<Option<TcpListener>, RunError> {
     if cfg.enabled && !credentials {
-        tracing::warn!("admin page off: it shows the credential inventory, and credentials.enabled = false");
+        tracing::warn!(
+            "admin page off: it shows the credential inventory, and credentials.enabled = false"
+        );
         return Ok(None);
     }
     web::bind(cfg).await.map_err(|cause| RunError::Bind {
@@ -140,7 +142,8 @@ fn serve_web(
         .map_err(|e| RunError::Web(e.to_string()))?;
     let mut state = web::WebState::new(credentials.clone(), admins, cfg.clone());
     if cfg.tls {
-        let (cert, key) = identity.ok_or_else(|| RunError::Web("web.tls: no server certificate".into()))?;
+        let (cert, key) =
+            identity.ok_or_else(|| RunError::Web("web.tls: no server certificate".into()))?;
         state.tls = Some(web::tls_config(cert, key).map_err(|e| RunError::Web(e.to_string()))?);
     }
     let s = shutdown.clone();

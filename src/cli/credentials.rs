@@ -92,10 +92,35 @@ pub enum CredCmd {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
+    /// The admin page's admins (argon2id hashes in `web.admins_file`).
+    Admin {
+        #[command(subcommand)]
+        cmd: AdminCmd,
+    },
     /// Cancel a job that has not ended.
     Cancel {
         /// The job id.
         job: String,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AdminCmd {
+    /// Add an admin, or give one a new password (asked twice on a terminal).
+    Add {
+        /// 1-64 characters of A-Z a-z 0-9 . _ @ -
+        user: String,
+        /// Read the password from the first line of standard input instead.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// Remove an admin (its open sessions end at their expiry).
+    Remove {
+        user: String,
         #[command(flatten)]
         cfg: ConfigArgs,
     },
@@ -118,7 +143,10 @@ impl CredCmd {
             CredCmd::List { cfg, .. }
             | CredCmd::Show { cfg, .. }
             | CredCmd::Cancel { cfg, .. }
-            | CredCmd::Bind { cfg, .. } => cfg,
+            | CredCmd::Bind { cfg, .. }
+            | CredCmd::Admin {
+                cmd: AdminCmd::Add { cfg, .. } | AdminCmd::Remove { cfg, .. },
+            } => cfg,
             CredCmd::Renew(a)
             | CredCmd::Invalidate(a)
             | CredCmd::Delete(a)
@@ -173,8 +201,51 @@ fn who() -> String {
     format!("cli:{user}")
 }
 
+fn admin(cmd: AdminCmd, config: &Config) -> anyhow::Result<()> {
+    use outpost::web::admins;
+    let path = config.web.admins_path(&config.gateway.data_dir);
+    match cmd {
+        AdminCmd::Add {
+            user,
+            password_stdin,
+            ..
+        } => {
+            admins::check_user(&user)?;
+            let password = if password_stdin {
+                let mut line = String::new();
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .context("reading the password")?;
+                line.trim_end_matches(['\n', '\r']).to_string()
+            } else {
+                let a = rpassword::prompt_password(format!("password for {user}: "))
+                    .context("reading the password (use --password-stdin without a terminal)")?;
+                let b = rpassword::prompt_password("again: ").context("reading the password")?;
+                if a != b {
+                    bail!("the two passwords differ");
+                }
+                a
+            };
+            outpost::prepare_data_dir(&config.gateway.data_dir)?;
+            admins::set_password_in(&path, &user, &password)?;
+            println!("admin {user} set in {}", path.display());
+        }
+        AdminCmd::Remove { user, .. } => {
+            if admins::remove(&path, &user)? {
+                println!("admin {user} removed from {}", path.display());
+            } else {
+                bail!("no admin {user} in {}", path.display());
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn credentials_command(cmd: CredCmd, config: Config) -> anyhow::Result<()> {
     let data_dir = config.gateway.data_dir.clone();
+    if let CredCmd::Admin { cmd } = cmd {
+        return admin(cmd, &config);
+    }
     let req = match &cmd {
         CredCmd::List { filters, .. } => Request::Credentials {
             query: query(filters)?,
@@ -206,6 +277,7 @@ pub async fn credentials_command(cmd: CredCmd, config: Config) -> anyhow::Result
             job: job.clone(),
             by: who(),
         },
+        CredCmd::Admin { .. } => unreachable!("handled above"),
     };
     let reply = match admin::call(&data_dir, &req).await? {
         Some(r) => r,
