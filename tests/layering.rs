@@ -102,6 +102,28 @@ fn the_check_sees_every_escape() {
     assert!(escapes("    use super::*;", &[], true).is_empty());
 }
 
+/// Issue 13: the admin page stands on the credentials service's API (and the model) only:
+/// no store, no CA, no broker. `crate::listen` is the crate's shared listener helper.
+#[test]
+fn the_admin_page_stands_on_the_credentials_api_only() {
+    let mut bad = Vec::new();
+    let mut files = 0;
+    for e in std::fs::read_dir(src("web")).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "rs") {
+            check(
+                &path,
+                &["web", "credentials", "duration", "listen"],
+                false,
+                &mut bad,
+            );
+            files += 1;
+        }
+    }
+    assert!(files >= 8, "only {files} files in src/web");
+    assert!(bad.is_empty(), "the admin page names:\n{}", bad.join("\n"));
+}
+
 /// Every `.rs` file under `src/`, recursively.
 fn all_sources(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {

@@ -14,6 +14,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::SystemTime;
 
+/// What tells a changed admins file: its modification time and its inode (every write
+/// renames a new file into place, so two writes within one timestamp tick still differ).
+type Stamp = Option<(SystemTime, u64)>;
+
+fn stamp(meta: &std::fs::Metadata) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    meta.modified().ok().map(|m| (m, meta.ino()))
+}
+
 /// Most admins one file holds.
 pub const MAX_ADMINS: usize = 256;
 /// Largest admins file read.
@@ -45,8 +54,13 @@ pub enum AdminsError {
 #[serde(deny_unknown_fields)]
 struct Admin {
     user: String,
-    /// PHC string (`$argon2id$v=19$m=...`).
+    /// PHC string (`$argon2id$v=19$m=...`); empty: no password login.
+    #[serde(default)]
     hash: String,
+    /// SHA-256 (lower-case hex) of the admin's client certificate (DER), pinned: a TLS
+    /// client presenting that certificate (and proving its key) is this admin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cert_sha256: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -80,7 +94,7 @@ fn hash(password: &str) -> Result<String, AdminsError> {
         .map_err(|e| AdminsError::Hash(e.to_string()))
 }
 
-fn read_file(path: &Path) -> Result<(Option<SystemTime>, AdminsFile), AdminsError> {
+fn read_file(path: &Path) -> Result<(Stamp, AdminsFile), AdminsError> {
     let io = |cause| AdminsError::Io {
         path: path.to_path_buf(),
         cause,
@@ -109,7 +123,7 @@ fn read_file(path: &Path) -> Result<(Option<SystemTime>, AdminsFile), AdminsErro
             reason: format!("more than {MAX_ADMINS} admins"),
         });
     }
-    Ok((meta.modified().ok(), file))
+    Ok((stamp(&meta), file))
 }
 
 fn write_file(path: &Path, file: &AdminsFile) -> Result<(), AdminsError> {
@@ -186,6 +200,36 @@ pub fn set_password_in(path: &Path, user: &str, password: &str) -> Result<(), Ad
             file.admin.push(Admin {
                 user: user.into(),
                 hash,
+                cert_sha256: None,
+            })
+        }
+    }
+    write_file(path, &file)
+}
+
+/// Pin admin `user`'s client certificate (`cert_der`), or unpin it with `None`; adds the
+/// admin (without a password) when it is not there yet.
+pub fn set_certificate(
+    path: &Path,
+    user: &str,
+    cert_der: Option<&[u8]>,
+) -> Result<(), AdminsError> {
+    check_user(user)?;
+    let (_, mut file) = read_file(path)?;
+    let fp = cert_der.map(|d| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(d)));
+    match file.admin.iter_mut().find(|a| a.user == user) {
+        Some(a) => a.cert_sha256 = fp,
+        None => {
+            if file.admin.len() >= MAX_ADMINS {
+                return Err(AdminsError::Malformed {
+                    path: path.to_path_buf(),
+                    reason: format!("already {MAX_ADMINS} admins"),
+                });
+            }
+            file.admin.push(Admin {
+                user: user.into(),
+                hash: String::new(),
+                cert_sha256: fp,
             })
         }
     }
@@ -207,7 +251,7 @@ pub fn remove(path: &Path, user: &str) -> Result<bool, AdminsError> {
 /// The admins of one file, read again when its modification time changes.
 pub struct Admins {
     path: PathBuf,
-    cache: Mutex<(Option<SystemTime>, Vec<Admin>)>,
+    cache: Mutex<(Stamp, Vec<Admin>)>,
 }
 
 /// A hash checked when the user does not exist, so that an unknown user costs the same
@@ -231,12 +275,11 @@ impl Admins {
         &self.path
     }
 
-    fn lookup(&self, user: &str) -> Option<String> {
-        let mtime = std::fs::metadata(&self.path)
-            .ok()
-            .and_then(|m| m.modified().ok());
+    /// The admins as the file says now (read again when it changed).
+    fn current(&self) -> std::sync::MutexGuard<'_, (Stamp, Vec<Admin>)> {
+        let now = std::fs::metadata(&self.path).ok().and_then(|m| stamp(&m));
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.0 != mtime {
+        if cache.0 != now {
             match read_file(&self.path) {
                 Ok((m, f)) => *cache = (m, f.admin),
                 // Keep the admins last read rather than locking everyone out.
@@ -244,10 +287,25 @@ impl Admins {
             }
         }
         cache
+    }
+
+    fn lookup(&self, user: &str) -> Option<String> {
+        self.current()
             .1
             .iter()
-            .find(|a| a.user == user)
+            .find(|a| a.user == user && !a.hash.is_empty())
             .map(|a| a.hash.clone())
+    }
+
+    /// The admin whose pinned client certificate has SHA-256 `fingerprint` (hex). Blocking
+    /// (reads the file when it changed).
+    pub fn user_for_certificate(&self, fingerprint: &str) -> Option<String> {
+        let fp = fingerprint.to_ascii_lowercase();
+        self.current()
+            .1
+            .iter()
+            .find(|a| a.cert_sha256.as_deref() == Some(fp.as_str()))
+            .map(|a| a.user.clone())
     }
 
     /// Whether `password` is `user`'s. Blocking (argon2): run it in `spawn_blocking`.
@@ -273,8 +331,7 @@ impl Admins {
 
     /// How many admins the file holds now.
     pub fn count(&self) -> usize {
-        let _ = self.lookup("");
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).1.len()
+        self.current().1.len()
     }
 }
 
@@ -296,8 +353,7 @@ mod tests {
         assert!(admins.verify("alice", "correct horse"));
         assert!(!admins.verify("alice", "wrong horse"));
         assert!(!admins.verify("bob", "correct horse"));
-        // A new password replaces the old one, and the running Admins sees it.
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        // A new password replaces the old one, and the running Admins sees it at once.
         set_password(dir.path(), "alice", "battery staple").unwrap();
         set_password(dir.path(), "bob", "another one").unwrap();
         assert!(!admins.verify("alice", "correct horse"));
@@ -307,6 +363,31 @@ mod tests {
         assert!(remove(&path, "bob").unwrap());
         assert!(!admins.verify("bob", "another one"));
         assert!(!dir.path().join("admins.toml.tmp").exists());
+        // A pinned client certificate: for alice (who keeps her password), and for dave,
+        // who has none.
+        set_certificate(&path, "alice", Some(b"alice's certificate")).unwrap();
+        set_certificate(&path, "dave", Some(b"dave's certificate")).unwrap();
+        let fp = |d: &[u8]| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(d));
+        assert_eq!(
+            admins
+                .user_for_certificate(&fp(b"alice's certificate"))
+                .as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            admins
+                .user_for_certificate(&fp(b"dave's certificate"))
+                .as_deref(),
+            Some("dave")
+        );
+        assert_eq!(admins.user_for_certificate(&fp(b"someone else")), None);
+        assert!(admins.verify("alice", "battery staple"));
+        assert!(!admins.verify("dave", ""));
+        set_certificate(&path, "alice", None).unwrap();
+        assert_eq!(
+            admins.user_for_certificate(&fp(b"alice's certificate")),
+            None
+        );
     }
 
     #[test]

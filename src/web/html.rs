@@ -119,3 +119,28 @@ mod tests {
         assert_eq!(url_component("é"), "%C3%A9");
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn unescape(s: &str) -> String {
+        s.replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&#39;", "'")
+            .replace("&amp;", "&")
+    }
+
+    proptest! {
+        /// Escaped text has no character that could open a tag or end an attribute, and
+        /// loses nothing.
+        #[test]
+        fn escaped_text_is_inert_and_lossless(s in ".{0,200}") {
+            let e = escape(&s);
+            prop_assert!(!e.contains(['<', '>', '"', '\'']));
+            prop_assert_eq!(unescape(&e), s);
+        }
+    }
+}

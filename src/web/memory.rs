@@ -134,7 +134,7 @@ impl MemoryOperator {
                         n.revoked_at = None;
                         if let (Some(nb), Some(na)) = (c.not_before, c.not_after) {
                             n.not_before = Some(at);
-                            n.not_after = Some(at + (na - nb));
+                            n.not_after = Some(at.saturating_add(na.saturating_sub(nb)));
                         }
                         n.set_state(
                             OpState::Issued,

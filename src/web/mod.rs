@@ -126,8 +126,61 @@ pub enum WebError {
     NoCertificate,
 }
 
-/// A TLS server configuration (ring, TLS 1.2/1.3, HTTP/1.1, no client certificate) from a
-/// PEM certificate chain and private key: the gateway's own server certificate.
+/// Accepts any client certificate whose key the client proves it holds (the handshake
+/// signature is checked), without a chain: the certificate itself is then looked up by its
+/// SHA-256 among the admins' pinned ones. A client without a certificate is accepted too
+/// (it logs in with a password).
+#[derive(Debug)]
+struct PinnedClientCerts {
+    algs: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::server::danger::ClientCertVerifier for PinnedClientCerts {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// The SHA-256 (hex) of the client certificate a TLS connection presented.
+#[derive(Clone, Debug)]
+pub struct ClientCertificate(pub String);
+
+/// A TLS server configuration (ring, TLS 1.2/1.3, HTTP/1.1) from a PEM certificate chain
+/// and private key: the gateway's own server certificate. Clients may present a
+/// certificate: one pinned in the admins file logs its admin in without a password.
 pub fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, WebError> {
     let chain: Vec<rustls::pki_types::CertificateDer<'static>> =
         rustls_pemfile::certs(&mut cert_pem.as_bytes())
@@ -140,10 +193,13 @@ pub fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerCon
         .map_err(|e| WebError::Tls(format!("key: {e}")))?
         .ok_or_else(|| WebError::Tls("no private key in the PEM".into()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(PinnedClientCerts {
+        algs: provider.signature_verification_algorithms,
+    });
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| WebError::Tls(e.to_string()))?
-        .with_no_client_auth()
+        .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| WebError::Tls(e.to_string()))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -313,7 +369,23 @@ pub async fn serve(
                 None => serve_connection(stream, peer, router, shutdown).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => serve_connection(s, peer, router, shutdown).await,
+                        Ok(Ok(s)) => {
+                            let client = s
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .map(|c| {
+                                    ClientCertificate(hex::encode(
+                                        <sha2::Sha256 as sha2::Digest>::digest(c.as_ref()),
+                                    ))
+                                });
+                            let router = match client {
+                                Some(c) => router.layer(axum::Extension(c)),
+                                None => router,
+                            };
+                            serve_connection(s, peer, router, shutdown).await
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "admin page: TLS handshake failed")
                         }
@@ -473,10 +545,60 @@ async fn guarded(sh: &Shared, path: &str, req: Request, next: Next) -> Response 
     let found = sid
         .as_deref()
         .and_then(|id| lock(&sh.sessions).touch(id, Instant::now()));
+    // No session: a pinned admin client certificate opens one (its cookie goes with the
+    // answer).
+    let mut new_cookie = None;
+    let found = match found {
+        Some(s) => Some(s),
+        None => match req.extensions().get::<ClientCertificate>().cloned() {
+            Some(ClientCertificate(fp)) => {
+                let admins = sh.admins.clone();
+                let user = tokio::task::spawn_blocking(move || admins.user_for_certificate(&fp))
+                    .await
+                    .ok()
+                    .flatten();
+                user.map(|u| {
+                    let (id, s) = lock(&sh.sessions).create(&u, Instant::now());
+                    tracing::info!(user = %u, "admin page: login with a client certificate");
+                    new_cookie = Some(session_cookie(sh, &id));
+                    s
+                })
+            }
+            None => None,
+        },
+    };
     let Some(s) = found else {
         return refuse(sh, path, StatusCode::UNAUTHORIZED, "log in first");
     };
+    if let Some(c) = new_cookie {
+        let mut resp = authorized(sh, path, s, req, next).await;
+        if let Ok(v) = HeaderValue::from_str(&c) {
+            resp.headers_mut().insert(header::SET_COOKIE, v);
+        }
+        return resp;
+    }
+    authorized(sh, path, s, req, next).await
+}
+
+/// The `Set-Cookie` value of session `id`.
+fn session_cookie(sh: &Shared, id: &str) -> String {
+    format!(
+        "{}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+        session::COOKIE,
+        sh.config.session_max.as_secs(),
+        if sh.secure { "; Secure" } else { "" }
+    )
+}
+
+async fn authorized(
+    sh: &Shared,
+    path: &str,
+    s: session::Session,
+    req: Request,
+    next: Next,
+) -> Response {
     let mut req = req;
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD);
     if !safe {
         // The token: the X-CSRF-Token header, else the form field `csrf`.
         let header_token = req
@@ -680,13 +802,7 @@ async fn login(
         let (sid, _) = lock(&sh.sessions).create(&user, Instant::now());
         tracing::info!(user = %user, %ip, "admin page: login");
         let mut r = see_other("/credentials");
-        let cookie = format!(
-            "{}={sid}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
-            session::COOKIE,
-            sh.config.session_max.as_secs(),
-            if sh.secure { "; Secure" } else { "" }
-        );
-        if let Ok(v) = HeaderValue::from_str(&cookie) {
+        if let Ok(v) = HeaderValue::from_str(&session_cookie(&sh, &sid)) {
             r.headers_mut().insert(header::SET_COOKIE, v);
         }
         return r;

@@ -69,6 +69,9 @@ pub fn parse(qs: Option<&str>) -> Result<Query, Invalid> {
     let mut seen: Vec<String> = Vec::new();
     let mut days: Option<i64> = None;
     for (k, v) in form_urlencoded::parse(qs.as_bytes()) {
+        if k.is_empty() {
+            return Err(bad("query", "a parameter without a name"));
+        }
         let Some(name) = NAMES.iter().find(|n| **n == k) else {
             let shown: String = k.chars().take(64).collect();
             return Err(bad(&shown, "unknown parameter"));
@@ -258,6 +261,7 @@ mod tests {
         assert_eq!(parse(Some(&long)).unwrap_err().field, "search");
         let ctl = "holder=a%07b";
         assert_eq!(parse(Some(ctl)).unwrap_err().field, "holder");
+        assert_eq!(parse(Some("=1")).unwrap_err().field, "query");
         let huge = "a".repeat(MAX_QUERY + 1);
         assert_eq!(parse(Some(&huge)).unwrap_err().field, "query");
     }
@@ -272,5 +276,37 @@ mod tests {
         .unwrap();
         assert_eq!(parse(Some(&to_query_string(&q))).unwrap(), q);
         assert_eq!(to_query_string(&Query::default()), "");
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any query string is parsed or refused with a field, never a panic; what parses
+        /// passes the model's own validation.
+        #[test]
+        fn any_query_string_is_parsed_or_refused(qs in ".{0,300}") {
+            match parse(Some(&qs)) {
+                Ok(q) => prop_assert!(q.validate().is_ok()),
+                Err(e) => prop_assert!(!e.field.is_empty()),
+            }
+        }
+
+        /// Pairs of known names with arbitrary values, percent-encoded: the same.
+        #[test]
+        fn known_names_with_any_values(
+            pairs in proptest::collection::vec((0usize..NAMES.len(), ".{0,40}"), 0..6)
+        ) {
+            let qs: Vec<String> = pairs
+                .iter()
+                .map(|(i, v)| format!("{}={}", NAMES[*i], url_component(v)))
+                .collect();
+            if let Ok(q) = parse(Some(&qs.join("&"))) {
+                prop_assert_eq!(parse(Some(&to_query_string(&q))).unwrap(), q);
+            }
+        }
     }
 }

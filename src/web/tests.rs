@@ -718,6 +718,70 @@ async fn over_tls_the_cookie_is_secure_and_web_tls_never_falls_back_to_plain() {
         cookie.contains("; Secure") && cookie.contains("HttpOnly"),
         "{cookie}"
     );
+    // An admin's pinned client certificate logs it in without a password; another
+    // certificate, or none, does not.
+    let client_cert = |name: &str| {
+        let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let c = rcgen::CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .self_signed(&k)
+            .unwrap();
+        (c, k)
+    };
+    let (carol, carol_key) = client_cert("carol");
+    let (mallory, mallory_key) = client_cert("carol");
+    admins::set_certificate(&dir.path().join("admins.toml"), "carol", Some(carol.der())).unwrap();
+    let ask = |c: Option<(&rcgen::Certificate, &rcgen::KeyPair)>| {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let b = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+        let cfg = match c {
+            Some((c, k)) => b
+                .with_client_auth_cert(
+                    vec![c.der().clone()],
+                    rustls::pki_types::PrivateKeyDer::Pkcs8(k.serialize_der().into()),
+                )
+                .unwrap(),
+            None => b.with_no_client_auth(),
+        };
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                .connect(
+                    rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                    tcp,
+                )
+                .await
+                .unwrap();
+            s.write_all(
+                b"GET /api/session HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            read_all(&mut s).await
+        }
+    };
+    let a = ask(Some((&carol, &carol_key))).await;
+    assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    assert!(
+        a.contains("\"user\":\"carol\"")
+            && a.to_ascii_lowercase()
+                .contains("set-cookie: outpost_session="),
+        "{a}"
+    );
+    let a = ask(Some((&mallory, &mallory_key))).await;
+    assert!(a.starts_with("HTTP/1.1 401"), "{a}");
+    let a = ask(None).await;
+    assert!(a.starts_with("HTTP/1.1 401"), "{a}");
+    // Unpinned: the certificate no longer opens a session.
+    admins::set_certificate(&dir.path().join("admins.toml"), "carol", None).unwrap();
+    let a = ask(Some((&carol, &carol_key))).await;
+    assert!(a.starts_with("HTTP/1.1 401"), "{a}");
     // Plain HTTP to the TLS port gets no page.
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     tcp.write_all(b"GET /login HTTP/1.1\r\nHost: localhost\r\n\r\n")

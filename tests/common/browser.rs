@@ -176,17 +176,57 @@ impl Browser {
         std::fs::write(path, png).expect("write the screenshot");
     }
 
-    /// End the browser session, then chromedriver.
+    /// End the browser session, then chromedriver, then whatever Chromium process of this
+    /// profile is left.
     pub async fn close(mut self) {
         let _ = self.client.clone().close().await;
+        self.end_processes();
+    }
+
+    /// Stop chromedriver and every Chromium process started with this profile (found by its
+    /// exact `--user-data-dir`, so no other browser on the machine is touched): TERM, then
+    /// KILL after 3 s.
+    fn end_processes(&mut self) {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
+        let flag = format!("--user-data-dir={}", self._profile.path().display());
+        let ours = || -> Vec<String> {
+            let Ok(dir) = std::fs::read_dir("/proc") else {
+                return Vec::new();
+            };
+            dir.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let pid = e.file_name().to_string_lossy().into_owned();
+                    if !pid.bytes().all(|b| b.is_ascii_digit()) {
+                        return None;
+                    }
+                    let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                    cmd.split(|b| *b == 0)
+                        .any(|a| a == flag.as_bytes())
+                        .then_some(pid)
+                })
+                .collect()
+        };
+        let signal = |sig: &str, pids: &[String]| {
+            if !pids.is_empty() {
+                let _ = Command::new("kill")
+                    .arg(sig)
+                    .args(pids)
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        };
+        signal("-TERM", &ours());
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !ours().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        signal("-KILL", &ours());
     }
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
+        self.end_processes();
     }
 }
