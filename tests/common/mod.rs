@@ -638,6 +638,7 @@ impl Gateway {
                 plain: None,
                 metrics: None,
                 fdo: None,
+                web: None,
                 pid: 0,
             },
         }
