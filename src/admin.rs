@@ -126,7 +126,7 @@ pub enum Reply {
         page: crate::credentials::model::Page,
     },
     Detail {
-        detail: Option<crate::credentials::service::Detail>,
+        detail: Option<Box<crate::credentials::service::Detail>>,
     },
     Jobs {
         jobs: Vec<crate::credentials::model::Job>,
@@ -271,7 +271,9 @@ async fn handle(req: Request, svc: &Services) -> Reply {
         Request::Credential { id } => match &svc.credentials {
             None => no_credentials(),
             Some(c) => match c.show(&id).await {
-                Ok(detail) => Reply::Detail { detail },
+                Ok(detail) => Reply::Detail {
+                    detail: detail.map(Box::new),
+                },
                 Err(e) => cred_err(e),
             },
         },
@@ -296,7 +298,9 @@ async fn handle(req: Request, svc: &Services) -> Reply {
             None => no_credentials(),
             Some(c) => match c.bind(&id, &vehicle, &ecu, &by).await {
                 Ok(_) => match c.show(&id).await {
-                    Ok(detail) => Reply::Detail { detail },
+                    Ok(detail) => Reply::Detail {
+                        detail: detail.map(Box::new),
+                    },
                     Err(e) => cred_err(e),
                 },
                 Err(e) => cred_err(e),

@@ -116,7 +116,8 @@ async fn an_admin_renews_one_certificate_and_invalidates_another_in_a_real_brows
 
     // Sort by holder, then by expiry: the rows come in not-after order (both ways).
     b.click("th[data-sort=holder] a").await;
-    b.wait_for("th[data-sort=holder][aria-sort=ascending]").await;
+    b.wait_for("th[data-sort=holder][aria-sort=ascending]")
+        .await;
     b.click("th[data-sort=not-after] a").await;
     b.wait_for("th[data-sort=not-after][aria-sort=ascending]")
         .await;
@@ -152,7 +153,7 @@ async fn an_admin_renews_one_certificate_and_invalidates_another_in_a_real_brows
         .await;
     assert_eq!(
         b.attrs("#inventory tbody tr", "data-id").await,
-        [a_id.clone()]
+        std::slice::from_ref(&a_id)
     );
     b.click(&format!("tr[data-id='{a_id}'] td.id a")).await;
     b.wait_for(&format!("#credential[data-id='{a_id}']")).await;

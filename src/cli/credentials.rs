@@ -356,11 +356,11 @@ async fn offline(config: &Config, req: Request) -> anyhow::Result<Reply> {
         }
         Request::Credential { id } => Reply::Detail {
             detail: match inv.get(&id).await? {
-                Some(c) => Some(outpost::credentials::service::Detail {
+                Some(c) => Some(Box::new(outpost::credentials::service::Detail {
                     validity: c.validity(now, exp),
                     jobs: inv.jobs_for_credential(&id).await?,
                     credential: c,
-                }),
+                })),
                 None => None,
             },
         },

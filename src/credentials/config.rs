@@ -104,7 +104,7 @@ pub struct CloudConfig {
 impl CloudConfig {
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         let u = &self.database_url;
-        if !u.is_empty() && !(u.starts_with("postgresql://") || u.starts_with("postgres://")) {
+        if !(u.is_empty() || u.starts_with("postgresql://") || u.starts_with("postgres://")) {
             return Err((
                 "cloud.database_url",
                 "must be a postgresql:// URL or empty".into(),

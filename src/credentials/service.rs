@@ -728,6 +728,9 @@ async fn cloud_link(
     }
 }
 
+/// An answer that waits for the batch's write (`Err`: the write failed).
+type Deferred = Box<dyn FnOnce(Result<(), String>) + Send + Sync>;
+
 /// What one batch changed, written at once before anything is said.
 #[derive(Default)]
 struct Writes {
@@ -735,7 +738,7 @@ struct Writes {
     jobs: HashMap<String, Job>,
     /// (device, command) to publish after the write.
     out: Vec<(String, ToDevice)>,
-    replies: Vec<Box<dyn FnOnce(Result<(), String>) + Send + Sync>>,
+    replies: Vec<Deferred>,
     /// Cloud messages to acknowledge once written.
     acks: Vec<crate::uplink::Delivery>,
     /// Cloud: messages for gateways, sent once written.
@@ -1016,7 +1019,7 @@ impl<S: InventoryStore> Owner<S> {
     }
 
     /// Gateway: a command of the fleet inventory.
-    async fn from_cloud(&mut self, w: &mut Writes, m: Down) -> Result<(), CredentialsError> {
+    async fn apply_down(&mut self, w: &mut Writes, m: Down) -> Result<(), CredentialsError> {
         match m {
             Down::Operate {
                 credential,
@@ -1061,7 +1064,7 @@ impl<S: InventoryStore> Owner<S> {
     }
 
     /// Cloud: a gateway's records, jobs or vehicle check-in.
-    async fn from_gateway(
+    async fn apply_up(
         &mut self,
         w: &mut Writes,
         gateway: &str,
@@ -1336,7 +1339,7 @@ impl<S: InventoryStore> Owner<S> {
             Command::Down { msg, delivery } => {
                 match msg {
                     Ok(m) => {
-                        if let Err(e) = self.from_cloud(w, m).await {
+                        if let Err(e) = self.apply_down(w, m).await {
                             tracing::warn!(error = %e, "credentials: the fleet inventory's command not carried out");
                         }
                     }
@@ -1349,7 +1352,7 @@ impl<S: InventoryStore> Owner<S> {
             Command::CloudUp { gateway, delivery } => {
                 match Up::decode(&delivery.publish.payload) {
                     Ok(m) => {
-                        if let Err(e) = self.from_gateway(w, &gateway, m).await {
+                        if let Err(e) = self.apply_up(w, &gateway, m).await {
                             if self.warn.allow() {
                                 tracing::warn!(%gateway, error = %e, "credentials: a gateway's message not applied");
                             }
