@@ -271,7 +271,7 @@ fn job_keys(j: &Job) -> Vec<Vec<u8>> {
 }
 
 /// The last of each id, in first-seen order.
-fn dedup<'a, T>(items: &'a [T], id: impl Fn(&T) -> &str) -> Vec<&'a T> {
+fn dedup<T>(items: &[T], id: impl Fn(&T) -> &str) -> Vec<&T> {
     let mut at: HashMap<&str, usize> = HashMap::with_capacity(items.len());
     let mut out: Vec<&T> = Vec::with_capacity(items.len());
     for it in items {
@@ -893,10 +893,13 @@ impl QueryIndex {
         let s = self.rows.len() as u32;
         self.rows.push(row);
         let h = self.hasher.hash_one(c.id.as_str());
-        if self.by_hash.contains_key(&h) {
-            self.overflow.insert(c.id.as_str().into(), s);
-        } else {
-            self.by_hash.insert(h, s);
+        match self.by_hash.entry(h) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.overflow.insert(c.id.as_str().into(), s);
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(s);
+            }
         }
     }
 }

@@ -573,7 +573,7 @@ impl JobColumns {
 }
 
 /// The last of each id, in first-seen order (one statement may not touch a row twice).
-fn dedup<'a, T>(items: &'a [T], id: impl Fn(&T) -> &str) -> Vec<&'a T> {
+fn dedup<T>(items: &[T], id: impl Fn(&T) -> &str) -> Vec<&T> {
     let mut at = std::collections::HashMap::with_capacity(items.len());
     let mut out: Vec<&T> = Vec::with_capacity(items.len());
     for it in items {
