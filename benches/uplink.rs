@@ -377,6 +377,7 @@ fn start_gateway(extra: &str) -> Gateway {
             plain: None,
             metrics: None,
             fdo: None,
+            web: None,
             pid: 0,
         },
     };

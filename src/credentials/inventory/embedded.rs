@@ -271,7 +271,7 @@ fn job_keys(j: &Job) -> Vec<Vec<u8>> {
 }
 
 /// The last of each id, in first-seen order.
-fn dedup<'a, T>(items: &'a [T], id: impl Fn(&T) -> &str) -> Vec<&'a T> {
+fn dedup<T>(items: &[T], id: impl Fn(&T) -> &str) -> Vec<&T> {
     let mut at: HashMap<&str, usize> = HashMap::with_capacity(items.len());
     let mut out: Vec<&T> = Vec::with_capacity(items.len());
     for it in items {
@@ -400,11 +400,14 @@ impl Inner {
         {
             let index = self.index.read().map_err(poisoned)?;
             let rows = &index.rows;
-            let mut hits: Vec<u32> = rows
+            // (an order-preserving 64-bit prefix of the sort key, slot): most comparisons
+            // end on the prefix without touching the rows; equal prefixes fall back to the
+            // full comparison.
+            let mut hits: Vec<(u64, u32)> = rows
                 .iter()
                 .enumerate()
                 .filter(|(_, r)| r.matches(q, needle.as_deref(), now, expiring))
-                .map(|(i, _)| i as u32)
+                .map(|(i, r)| (r.major(q.sort), i as u32))
                 .collect();
             let n = hits.len() as u64;
             let cap = self.count_cap.load(AtomicOrdering::Relaxed);
@@ -414,7 +417,11 @@ impl Inner {
                 .unwrap_or(usize::MAX)
                 .min(hits.len());
             let end = start.saturating_add(q.limit as usize).min(hits.len());
-            let cmp = |a: &u32, b: &u32| rows[*a as usize].compare(&rows[*b as usize], q);
+            let cmp = |a: &(u64, u32), b: &(u64, u32)| {
+                let o = a.0.cmp(&b.0);
+                let o = if q.desc { o.reverse() } else { o };
+                o.then_with(|| rows[a.1 as usize].compare(&rows[b.1 as usize], q))
+            };
             if end < hits.len() && end > 0 {
                 hits.select_nth_unstable_by(end - 1, cmp);
                 hits.truncate(end);
@@ -422,7 +429,7 @@ impl Inner {
             hits.sort_unstable_by(cmp);
             ids = hits[start..end.min(hits.len())]
                 .iter()
-                .map(|s| rows[*s as usize].id().to_string())
+                .map(|(_, s)| rows[*s as usize].id().to_string())
                 .collect();
         }
         let mut page = Vec::with_capacity(ids.len());
@@ -742,7 +749,22 @@ impl Row {
             return false;
         }
         if let Some(s) = needle {
-            let hit = [
+            if !self.search_hit(s) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Whether a searched field, lower-cased, contains `needle` (lower-cased already): on
+    /// an ASCII row, candidates for the needle's first byte in either case over the whole
+    /// `text` (memchr), a match counted only when it lies within one field.
+    fn search_hit(&self, needle: &str) -> bool {
+        if needle.is_empty() {
+            return true;
+        }
+        if !self.text.is_ascii() {
+            return [
                 Some(self.id()),
                 Some(self.serial()),
                 Some(self.holder()),
@@ -752,12 +774,64 @@ impl Row {
             ]
             .into_iter()
             .flatten()
-            .any(|f| contains_folded(f, s));
-            if !hit {
-                return false;
-            }
+            .any(|f| f.to_lowercase().contains(needle));
         }
-        true
+        // The lower case of ASCII is ASCII: a needle with anything else cannot match.
+        if !needle.is_ascii() {
+            return false;
+        }
+        let (h, n) = (self.text.as_bytes(), needle.as_bytes());
+        if n.len() > h.len() {
+            return false;
+        }
+        let first = n[0];
+        let last_start = h.len() - n.len();
+        memchr::memchr2_iter(first, first.to_ascii_uppercase(), &h[..=last_start]).any(|i| {
+            let rest = h[i + 1..i + n.len()]
+                .iter()
+                .zip(&n[1..])
+                .all(|(a, b)| a.to_ascii_lowercase() == *b);
+            // The end of the field the match starts in (absent fields are empty).
+            let field_end = self
+                .ends
+                .iter()
+                .map(|&e| e as usize)
+                .find(|&e| i < e)
+                .unwrap_or(h.len());
+            rest && i + n.len() <= field_end
+        })
+    }
+
+    /// A coarsening of [`Row::compare`]'s ascending order on `k` (before the tie-break by
+    /// id): `major(a) < major(b)` implies `a` sorts before `b`.
+    fn major(&self, k: SortKey) -> u64 {
+        fn prefix(s: &str) -> u64 {
+            let mut b = [0u8; 8];
+            let n = s.len().min(8);
+            b[..n].copy_from_slice(&s.as_bytes()[..n]);
+            u64::from_be_bytes(b)
+        }
+        // None first; monotone non-decreasing in the value.
+        fn num(v: Option<i64>) -> u64 {
+            v.map_or(0, |v| ((v as u64) ^ (1 << 63)).saturating_add(1))
+        }
+        fn opt(v: Option<&str>) -> u64 {
+            v.map_or(0, |s| prefix(s).saturating_add(1))
+        }
+        match k {
+            SortKey::Id => prefix(self.id()),
+            SortKey::Kind => prefix(self.kind.as_str()),
+            SortKey::Serial => prefix(self.serial()),
+            SortKey::Holder => prefix(self.holder()),
+            SortKey::Vehicle => opt(self.vehicle()),
+            SortKey::Ecu => opt(self.ecu()),
+            SortKey::Server => prefix(self.server()),
+            SortKey::NotBefore => num(self.not_before()),
+            SortKey::NotAfter => num(self.not_after()),
+            SortKey::OpState => prefix(self.op_state.as_str()),
+            SortKey::OpDate => num(Some(self.op_date)),
+            SortKey::LastSeen => num(self.last_seen()),
+        }
     }
 
     /// [`Query::compare`] on rows.
@@ -784,29 +858,6 @@ impl Row {
             o
         }
     }
-}
-
-/// `hay.to_lowercase().contains(needle)` for a lower-cased `needle`, without allocating
-/// when `hay` is ASCII (whose lower case is its ASCII lower case).
-fn contains_folded(hay: &str, needle: &str) -> bool {
-    if !hay.is_ascii() {
-        return hay.to_lowercase().contains(needle);
-    }
-    let (h, n) = (hay.as_bytes(), needle.as_bytes());
-    if n.is_empty() {
-        return true;
-    }
-    if n.len() > h.len() {
-        return false;
-    }
-    let first = n[0];
-    (0..=h.len() - n.len()).any(|i| {
-        h[i].to_ascii_lowercase() == first
-            && h[i + 1..i + n.len()]
-                .iter()
-                .zip(&n[1..])
-                .all(|(a, b)| a.to_ascii_lowercase() == *b)
-    })
 }
 
 /// Rows by slot, and the slot of each id (by a 64-bit hash; the rare id whose hash another
@@ -842,10 +893,13 @@ impl QueryIndex {
         let s = self.rows.len() as u32;
         self.rows.push(row);
         let h = self.hasher.hash_one(c.id.as_str());
-        if self.by_hash.contains_key(&h) {
-            self.overflow.insert(c.id.as_str().into(), s);
-        } else {
-            self.by_hash.insert(h, s);
+        match self.by_hash.entry(h) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.overflow.insert(c.id.as_str().into(), s);
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(s);
+            }
         }
     }
 }
@@ -855,23 +909,56 @@ mod tests {
     use super::*;
 
     #[test]
-    fn folded_search_agrees_with_to_lowercase() {
-        for (hay, needle) in [
-            ("Dev-ABC", "abc"),
-            ("Dev-ABC", "dev-abc"),
-            ("dev", "deve"),
-            ("", ""),
-            ("x", ""),
-            ("KELVIN", "k"),
-            ("ÄBC", "äb"),
-            ("abc", "c"),
-            ("abc", "ca"),
-        ] {
-            assert_eq!(
-                contains_folded(hay, needle),
-                hay.to_lowercase().contains(needle),
-                "{hay} {needle}"
-            );
+    fn the_search_agrees_with_query_matches() {
+        let mut c = Credential::new(
+            "cert:AB12".into(),
+            Kind::Certificate,
+            "ab12".into(),
+            "Dev-X".into(),
+            0,
+        );
+        c.vehicle = Some("VIN9".into());
+        c.server = "cloud".into();
+        let mut u = c.clone();
+        u.holder = "gw-ÖLberg".into();
+        u.ecu = Some("K".into());
+        let mut bare = c.clone();
+        bare.vehicle = None;
+        for rec in [&c, &u, &bare] {
+            let row = Row::new(rec);
+            for needle in [
+                "",
+                "ab",
+                "AB12",
+                "dev-x",
+                "x",
+                "vin9",
+                "cloud",
+                "12dev",
+                "b12d",
+                "2dev",
+                "9cl",
+                "xv",
+                "öl",
+                "ÖL",
+                "k",
+                "\u{212a}",
+                "gw-ölberg",
+                "nope",
+                "cert:ab12ab12",
+            ] {
+                let q = Query {
+                    search: Some(needle.into()),
+                    ..Query::default()
+                };
+                assert_eq!(
+                    row.search_hit(&needle.to_lowercase()),
+                    q.matches(rec, 0, 0),
+                    "{:?} in {}",
+                    needle,
+                    rec.holder
+                );
+            }
         }
     }
 
@@ -895,5 +982,68 @@ mod tests {
         );
         assert_eq!((r.vehicle(), r.ecu()), (Some(""), None));
         assert_eq!((r.not_after(), r.last_seen()), (None, Some(-3)));
+    }
+
+    #[test]
+    fn the_sort_prefix_never_contradicts_compare() {
+        let texts = [
+            "",
+            "a",
+            "ab",
+            "ab\u{1}",
+            "abcdefgh",
+            "abcdefghi",
+            "abcdefgz",
+            "b",
+            "Ä",
+            "\u{ff}",
+        ];
+        let times = [
+            None,
+            Some(i64::MIN),
+            Some(-1),
+            Some(0),
+            Some(i64::MAX - 1),
+            Some(i64::MAX),
+        ];
+        let mut rows = Vec::new();
+        for (i, t) in texts.iter().enumerate() {
+            for (j, n) in times.iter().enumerate() {
+                let mut c = Credential::new(
+                    format!("{t}{j}"),
+                    Kind::ALL[(i + j) % 5],
+                    t.to_string(),
+                    t.to_string(),
+                    n.unwrap_or(7),
+                );
+                c.server = t.to_string();
+                c.vehicle = (j % 2 == 0).then(|| t.to_string());
+                c.ecu = (j % 3 == 0).then(|| t.to_string());
+                c.not_before = *n;
+                c.not_after = *n;
+                c.last_seen = *n;
+                c.op_state = OpState::ALL[(i * 7 + j) % 11];
+                rows.push(Row::new(&c));
+            }
+        }
+        for sort in SortKey::ALL {
+            let q = Query {
+                sort,
+                ..Query::default()
+            };
+            for a in &rows {
+                for b in &rows {
+                    if a.major(sort) < b.major(sort) {
+                        assert_eq!(
+                            a.compare(b, &q),
+                            Ordering::Less,
+                            "{sort:?} {} {}",
+                            a.id(),
+                            b.id()
+                        );
+                    }
+                }
+            }
+        }
     }
 }

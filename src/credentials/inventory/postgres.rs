@@ -573,7 +573,7 @@ impl JobColumns {
 }
 
 /// The last of each id, in first-seen order (one statement may not touch a row twice).
-fn dedup<'a, T>(items: &'a [T], id: impl Fn(&T) -> &str) -> Vec<&'a T> {
+fn dedup<T>(items: &[T], id: impl Fn(&T) -> &str) -> Vec<&T> {
     let mut at = std::collections::HashMap::with_capacity(items.len());
     let mut out: Vec<&T> = Vec::with_capacity(items.len());
     for it in items {
@@ -779,10 +779,15 @@ impl super::InventoryStore for PgInventory {
         let mut g = Filter::of(q, now, expiring);
         let limit = g.param(i64::from(q.limit));
         let offset = g.param(i64::try_from(q.offset).unwrap_or(i64::MAX));
+        // The page's ids first, then their records: so that the rows skipped by the offset
+        // are not converted to text (`record::text` in the inner query would be computed
+        // for every row the LIMIT sees). The outer ORDER BY sorts the page's rows only.
+        let order = order_by(q);
         let page_sql = format!(
-            "SELECT id, record::text FROM credentials WHERE {} ORDER BY {} LIMIT {limit} OFFSET {offset}",
+            "SELECT id, c.record::text FROM (SELECT id FROM credentials WHERE {} \
+             ORDER BY {order} LIMIT {limit} OFFSET {offset}) p JOIN credentials c USING (id) \
+             ORDER BY {order}",
             g.sql(),
-            order_by(q)
         );
         let page_params = g.refs();
         // Both on one connection, pipelined.
