@@ -187,6 +187,9 @@ struct Measured {
     note: String,
     /// Per mix entry: sorted latencies, and the last page's total.
     lat: Vec<(Vec<Duration>, u64, bool)>,
+    /// Per mix entry: the HTML page's and the JSON API's sorted request times through the
+    /// real credentials service and admin page (empty with BENCH_PAGE=0).
+    page: Vec<(Vec<Duration>, Vec<Duration>)>,
 }
 
 async fn load(inv: &Inventory, rows: usize) -> f64 {
@@ -270,8 +273,11 @@ fn main() {
             let reopen_s = t.elapsed().as_secs_f64();
             eprintln!("embedded: querying");
             let lat = measure(&inv, rows, iters).await;
+            let (inv, page) = page::measure(inv, rows, iters, &parent).await;
+            drop(inv);
             Measured {
                 name: "embedded",
+                page,
                 load_s,
                 note: format!(
                     "RSS {rss0:.0} MiB before the load, {rss:.0} MiB after it (rows + sled \
@@ -308,6 +314,7 @@ fn main() {
             let analyze_s = t.elapsed().as_secs_f64();
             eprintln!("postgres: querying");
             let lat = measure(&inv, rows, iters).await;
+            let (_inv, page) = page::measure(inv, rows, iters, &parent).await;
             let size = cluster
                 .psql(
                     &db,
@@ -317,6 +324,7 @@ fn main() {
                 .unwrap_or_default();
             Measured {
                 name: "postgres",
+                page,
                 load_s,
                 note: format!(
                     "PostgreSQL {}; pg_trgm index {trigram}; VACUUM ANALYZE {analyze_s:.1} s; {}",
@@ -364,5 +372,193 @@ fn main() {
             totals.push(format!("{total}{}", if *exact { "" } else { "+" }));
         }
         println!("{line} | {}", totals.join(" / "));
+    }
+    if results.iter().all(|r| r.page.is_empty()) {
+        return;
+    }
+    println!();
+    println!(
+        "the same queries as requests to the admin page (HTML, 50 rows) and its JSON API, over \
+         loopback HTTP with a session, through the credentials service (ms, client-side: \
+         request written to answer read)"
+    );
+    let mut header = format!("{:<28}", "request");
+    for r in &results {
+        header.push_str(&format!(" | {:>8} page p50 | p95 | api p50 | p95", r.name));
+    }
+    println!("{header}");
+    for (k, (_, label)) in MIX.iter().enumerate() {
+        let mut line = format!("{label:<28}");
+        for r in &results {
+            let (p, a) = &r.page[k];
+            line.push_str(&format!(
+                " | {:>17.1} | {:>5.1} | {:>7.1} | {:>5.1}",
+                pct(p, 0.5),
+                pct(p, 0.95),
+                pct(a, 0.5),
+                pct(a, 0.95)
+            ));
+        }
+        println!("{line}");
+    }
+}
+
+/// The page and API requests: the real service (`credentials::service::start`, no core)
+/// over the loaded inventory, the real admin page over it, a logged-in session.
+mod page {
+    use super::{query, Inventory, MIX};
+    use outpost::credentials::model::Query;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn url(q: &Query) -> String {
+        let mut p = vec![
+            format!("sort={}", q.sort.as_str()),
+            format!("limit={}", q.limit),
+            format!("offset={}", q.offset),
+        ];
+        if q.desc {
+            p.push("desc=1".into());
+        }
+        if let Some(s) = &q.search {
+            p.push(format!("search={s}"));
+        }
+        if let Some(s) = q.op_state {
+            p.push(format!("op_state={}", s.as_str()));
+        }
+        if let Some(v) = &q.vehicle {
+            p.push(format!("vehicle={v}"));
+        }
+        if let Some(e) = q.expiring_within {
+            p.push(format!("expiring_within={e}"));
+        }
+        p.join("&")
+    }
+
+    async fn get(addr: std::net::SocketAddr, path: &str, cookie: &str) -> (u16, usize) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.expect("read");
+        let status = std::str::from_utf8(&buf[..buf.len().min(12)])
+            .ok()
+            .and_then(|l| l.get(9..12))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, buf.len())
+    }
+
+    pub async fn measure(
+        inv: Inventory,
+        rows: usize,
+        iters: usize,
+        parent: &std::path::Path,
+    ) -> (Arc<Inventory>, Vec<(Vec<Duration>, Vec<Duration>)>) {
+        let inv = Arc::new(inv);
+        if std::env::var("BENCH_PAGE").as_deref() == Ok("0") {
+            return (inv, Vec::new());
+        }
+        let dir = tempfile::tempdir_in(parent).expect("temp dir");
+        let ca_store = outpost::store::Store::open(&dir.path().join("ca-store")).expect("store");
+        let ca = outpost::ca::Ca::open_or_create(
+            &dir.path().join("ca"),
+            "bench",
+            &outpost::ca::CaConfig::default(),
+            ca_store,
+        )
+        .expect("CA");
+        let issuer = outpost::credentials::service::issuer_name(ca.ca_der());
+        let (ca, _thread) = outpost::ca::CaHandle::spawn(ca).expect("CA thread");
+        let tracker = tokio_util::task::TaskTracker::new();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let handle = outpost::credentials::service::start(
+            outpost::credentials::CredentialsConfig::default(),
+            inv.clone(),
+            outpost::credentials::service::Deps {
+                ca,
+                core: None,
+                durable: None,
+                live: Arc::new(|_: &str| false),
+                issuer,
+                vehicle: None,
+                up: None,
+                fleet: None,
+            },
+            &tracker,
+            stop.clone(),
+        );
+        let admins_path = dir.path().join("admins.toml");
+        outpost::web::admins::set_password_in(&admins_path, "bench", "bench passphrase")
+            .expect("admin");
+        let cfg = outpost::web::WebConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            ..outpost::web::WebConfig::default()
+        };
+        let l = outpost::web::bind(&cfg).await.expect("bind").expect("on");
+        let addr = l.local_addr().expect("addr");
+        let state = outpost::web::WebState::new(
+            handle,
+            outpost::web::admins::Admins::open(admins_path).expect("admins"),
+            cfg,
+        );
+        tokio::spawn(outpost::web::serve(l, state, stop.clone()));
+        // Log in: the session cookie.
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let body = "user=bench&password=bench+passphrase";
+        let req = format!(
+            "POST /login HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.expect("read");
+        let text = String::from_utf8_lossy(&buf);
+        let cookie = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("set-cookie: ")
+                    .or_else(|| l.strip_prefix("Set-Cookie: "))
+            })
+            .and_then(|c| c.split(';').next())
+            .expect("a session cookie after the login")
+            .to_string();
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut out: Vec<(Vec<Duration>, Vec<Duration>)> = MIX
+            .iter()
+            .map(|_| (Vec::with_capacity(iters), Vec::with_capacity(iters)))
+            .collect();
+        let n = iters.min(100);
+        for round in 0..=n {
+            for (k, (m, _)) in MIX.iter().enumerate() {
+                let q = url(&query(*m, rows, &mut rng));
+                let t = Instant::now();
+                let (st, len) = get(addr, &format!("/credentials?{q}"), &cookie).await;
+                let page = t.elapsed();
+                assert_eq!(st, 200, "page {q}: {st}");
+                assert!(len > 1000);
+                let t = Instant::now();
+                let (st, _) = get(addr, &format!("/api/credentials?{q}"), &cookie).await;
+                let api = t.elapsed();
+                assert_eq!(st, 200, "api {q}: {st}");
+                if round > 0 {
+                    out[k].0.push(page);
+                    out[k].1.push(api);
+                }
+            }
+        }
+        for o in &mut out {
+            o.0.sort();
+            o.1.sort();
+        }
+        stop.cancel();
+        tracker.close();
+        tracker.wait().await;
+        (inv, out)
     }
 }
