@@ -39,8 +39,12 @@ use tokio_util::task::TaskTracker;
 
 /// The owner's client id on the routing core.
 pub const CLIENT_ID: &str = "outpost~credentials";
+/// The owner's publishing client on the routing core.
+pub const OUT_CLIENT_ID: &str = "outpost~credentials-out";
 /// Most commands applied in one write.
 pub const BATCH: usize = 256;
+/// Most redeliveries one tick sends.
+pub const RETRIES_PER_TICK: usize = 256;
 /// Most open jobs one holder may have (a flood of operations is refused beyond it).
 pub const MAX_OPEN_JOBS_PER_DEVICE: usize = 64;
 
@@ -431,13 +435,16 @@ pub fn start<S: InventoryStore>(
         o.set_max_packet_size(1 << 20, 1 << 20);
         let (client, eventloop) = AsyncClient::new(o, 1024);
         tracker.spawn(intake(
-            client.clone(),
+            client,
             eventloop,
             tx.clone(),
             stats.clone(),
             shutdown.clone(),
         ));
-        client
+        // The owner publishes through a client of its own whose event loop never waits on
+        // anything: the intake may wait for room in the owner's channel, and if the owner's
+        // publishes went through the intake's client the two would wait on each other.
+        crate::broker::local_client(core, OUT_CLIENT_ID, shutdown.clone())
     });
     tracker.spawn(follow_ca(deps.ca.clone(), tx.clone(), shutdown.clone()));
     let mut deps = deps;
@@ -464,7 +471,7 @@ pub fn start<S: InventoryStore>(
         client,
         tx,
         stats,
-        open: HashMap::new(),
+        open: OpenJobs::default(),
         revoke_at: HashMap::new(),
         openers: HashMap::new(),
         last_policy: 0,
@@ -771,6 +778,83 @@ impl Writes {
     }
 }
 
+/// The jobs not ended, with their holders and credentials indexed (a check-in looks up its
+/// device's jobs, not every open job).
+#[derive(Default)]
+struct OpenJobs {
+    jobs: HashMap<String, Job>,
+    by_device: HashMap<String, HashSet<String>>,
+    by_cred: HashMap<String, HashSet<String>>,
+}
+
+impl OpenJobs {
+    fn from_jobs(jobs: impl IntoIterator<Item = Job>) -> OpenJobs {
+        let mut o = OpenJobs::default();
+        for j in jobs {
+            o.insert(j);
+        }
+        o
+    }
+    fn insert(&mut self, j: Job) {
+        self.remove(&j.id);
+        self.by_device
+            .entry(j.device.clone())
+            .or_default()
+            .insert(j.id.clone());
+        self.by_cred
+            .entry(j.credential.clone())
+            .or_default()
+            .insert(j.id.clone());
+        self.jobs.insert(j.id.clone(), j);
+    }
+    fn remove(&mut self, id: &str) -> Option<Job> {
+        let j = self.jobs.remove(id)?;
+        for (map, key) in [
+            (&mut self.by_device, &j.device),
+            (&mut self.by_cred, &j.credential),
+        ] {
+            if let Some(set) = map.get_mut(key) {
+                set.remove(id);
+                if set.is_empty() {
+                    map.remove(key);
+                }
+            }
+        }
+        Some(j)
+    }
+    fn get(&self, id: &str) -> Option<&Job> {
+        self.jobs.get(id)
+    }
+    fn len(&self) -> usize {
+        self.jobs.len()
+    }
+    fn of_device<'a>(&'a self, device: &str) -> impl Iterator<Item = &'a Job> + 'a {
+        self.by_device
+            .get(device)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.jobs.get(id))
+    }
+    fn of_credential<'a>(&'a self, cred: &str) -> impl Iterator<Item = &'a Job> + 'a {
+        self.by_cred
+            .get(cred)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.jobs.get(id))
+    }
+    fn retain(&mut self, keep: impl Fn(&Job) -> bool) {
+        let drop: Vec<String> = self
+            .jobs
+            .values()
+            .filter(|j| !keep(j))
+            .map(|j| j.id.clone())
+            .collect();
+        for id in drop {
+            self.remove(&id);
+        }
+    }
+}
+
 struct Owner<S> {
     cfg: CredentialsConfig,
     inv: Arc<S>,
@@ -779,7 +863,7 @@ struct Owner<S> {
     tx: mpsc::Sender<Command>,
     stats: Arc<CredentialStats>,
     /// Every job not ended (loaded at start), by id.
-    open: HashMap<String, Job>,
+    open: OpenJobs,
     /// Credentials to revoke at a time (an invalidation's grace), by id.
     revoke_at: HashMap<String, i64>,
     /// Rotations in flight: the new key, until the holder confirms (never written down).
@@ -798,13 +882,13 @@ impl<S: InventoryStore> Owner<S> {
         match self.inv.open_jobs(100_000).await {
             Ok(jobs) => {
                 for j in jobs {
-                    self.open.insert(j.id.clone(), j);
+                    self.open.insert(j);
                 }
             }
             Err(e) => tracing::error!(error = %e, "credentials: cannot load the open jobs"),
         }
         // Cloud: mirrored jobs are the gateways' to run.
-        self.open.retain(|_, j| j.gateway.is_none());
+        self.open.retain(|j| j.gateway.is_none());
         tracing::info!(open_jobs = self.open.len(), "credentials service up");
         if self.deps.up.is_some() {
             self.resync().await;
@@ -869,7 +953,7 @@ impl<S: InventoryStore> Owner<S> {
                     if j.state.is_terminal() {
                         self.open.remove(&j.id);
                     } else {
-                        self.open.insert(j.id.clone(), j);
+                        self.open.insert(j);
                     }
                 }
                 for (device, cmd) in w.out {
@@ -881,7 +965,7 @@ impl<S: InventoryStore> Owner<S> {
                 // attempt starts from what is on disk.
                 tracing::error!(error = %e, "credentials: inventory write failed; nothing sent");
                 if let Ok(jobs) = self.inv.open_jobs(100_000).await {
-                    self.open = jobs.into_iter().map(|j| (j.id.clone(), j)).collect();
+                    self.open = OpenJobs::from_jobs(jobs);
                 }
             }
         }
@@ -1049,9 +1133,9 @@ impl<S: InventoryStore> Owner<S> {
                     w.cred(c2);
                     let busy = self
                         .open
-                        .values()
-                        .chain(w.jobs.values())
-                        .any(|j| j.credential == c.id && !j.state.is_terminal());
+                        .of_credential(&c.id)
+                        .chain(w.jobs.values().filter(|j| j.credential == c.id))
+                        .any(|j| !j.state.is_terminal());
                     if !busy && !c.op_state.is_final() {
                         self.operate(w, &c.id, Operation::Delete, "cloud:binding", &reason)
                             .await?;
@@ -1476,9 +1560,9 @@ impl<S: InventoryStore> Owner<S> {
         }
         let busy = self
             .open
-            .values()
-            .chain(w.jobs.values())
-            .any(|j| j.credential == id && !j.state.is_terminal());
+            .of_credential(id)
+            .chain(w.jobs.values().filter(|j| j.credential == id))
+            .any(|j| !j.state.is_terminal());
         if busy {
             return Err(CredentialsError::NotAllowed(format!(
                 "{id} has a job running: wait for it or cancel it"
@@ -1515,7 +1599,7 @@ impl<S: InventoryStore> Owner<S> {
         }
         let mut jobs = Vec::new();
         for device in holders {
-            let open_for = self.open.values().filter(|j| j.device == device).count();
+            let open_for = self.open.of_device(&device).count();
             if open_for >= MAX_OPEN_JOBS_PER_DEVICE {
                 return Err(CredentialsError::NotAllowed(format!(
                     "{device} has {open_for} jobs open already"
@@ -1569,7 +1653,7 @@ impl<S: InventoryStore> Owner<S> {
         w.cred(c);
         for j in &jobs {
             w.job(j.clone());
-            self.open.insert(j.id.clone(), j.clone());
+            self.open.insert(j.clone());
             self.deliver(w, j.id.as_str()).await?;
         }
         if self.revoke_at.get(id).is_some_and(|at| *at <= t) {
@@ -1839,11 +1923,7 @@ impl<S: InventoryStore> Owner<S> {
                     c.flag("unknown-binding", t, "binding", why.clone());
                     w.cred(c.clone());
                     let id = c.id.clone();
-                    if !self
-                        .open
-                        .values()
-                        .any(|j| j.credential == id && !j.state.is_terminal())
-                    {
+                    if !self.open.of_credential(&id).any(|j| !j.state.is_terminal()) {
                         // The ECU is told first; the revocation follows when it confirms
                         // or after `invalidate_grace` (at once if it is gone).
                         self.operate(w, &id, Operation::Delete, "binding", &why)
@@ -1896,8 +1976,8 @@ impl<S: InventoryStore> Owner<S> {
         // but not answered: the holder may have missed it while reconnecting).
         let mine: Vec<String> = self
             .open
-            .values()
-            .filter(|j| j.device == device && !j.state.is_terminal())
+            .of_device(device)
+            .filter(|j| !j.state.is_terminal())
             .map(|j| j.id.clone())
             .collect();
         for j in mine {
@@ -2213,8 +2293,8 @@ impl<S: InventoryStore> Owner<S> {
         w.job(j);
         let siblings: Vec<Job> = self
             .open
-            .values()
-            .filter(|o| o.credential == cred && o.op == op)
+            .of_credential(&cred)
+            .filter(|o| o.op == op)
             .map(|o| w.jobs.get(&o.id).cloned().unwrap_or_else(|| o.clone()))
             .collect();
         if siblings.iter().any(|s| !s.state.is_terminal()) {
@@ -2265,8 +2345,24 @@ impl<S: InventoryStore> Owner<S> {
         for id in due {
             self.revoke(w, &id, "invalidated (grace over)").await?;
         }
-        let open: Vec<Job> = self.open.values().cloned().collect();
-        for j in open {
+        // Retries wait while the owner has a backlog (the holders' answers may be in it),
+        // and at most RETRIES_PER_TICK go per tick.
+        let backlog = self.tx.max_capacity() - self.tx.capacity() > BATCH;
+        let mut retries = 0usize;
+        let due: Vec<Job> = self
+            .open
+            .jobs
+            .values()
+            .filter(|j| t >= j.deadline || t >= j.next_attempt_at)
+            .cloned()
+            .collect();
+        for j in due {
+            if t < j.deadline && j.state != JobState::Queued {
+                if backlog || retries >= RETRIES_PER_TICK {
+                    continue;
+                }
+                retries += 1;
+            }
             if j.state.is_terminal() {
                 continue;
             }
@@ -2324,7 +2420,7 @@ impl<S: InventoryStore> Owner<S> {
             if (t as f64) < due || t >= na {
                 continue;
             }
-            let busy = self.open.values().any(|j| j.credential == c.id);
+            let busy = self.open.of_credential(&c.id).next().is_some();
             if busy {
                 continue;
             }
