@@ -142,20 +142,45 @@ impl Track {
             self.done.notify_one();
         }
     }
-    async fn wait(&self, timeout: Duration, what: &str) {
-        if tokio::time::timeout(timeout, self.done.notified())
-            .await
-            .is_err()
-        {
-            panic!(
-                "{what}: {} of {} devices answered within {} s",
-                self.distinct.load(Relaxed),
-                self.got.len(),
-                timeout.as_secs()
-            );
+    /// Until every device answered; stops the bench when nothing new came for `STALL`, or
+    /// past `timeout`, saying how far it got (and `ctx`: the service's counters).
+    async fn wait(&self, timeout: Duration, what: &str, ctx: &dyn Fn() -> String) {
+        let start = Instant::now();
+        let (mut last, mut since) = (usize::MAX, Instant::now());
+        loop {
+            if tokio::time::timeout(Duration::from_millis(250), self.done.notified())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            let now = self.distinct.load(Relaxed);
+            if now == self.got.len() {
+                return;
+            }
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+            let stalled = since.elapsed() > STALL;
+            if stalled || start.elapsed() > timeout {
+                panic!(
+                    "{what}: {} of {} devices answered; {} ({})",
+                    now,
+                    self.got.len(),
+                    if stalled {
+                        format!("nothing new for {} s: stalled", STALL.as_secs())
+                    } else {
+                        format!("not within {} s", timeout.as_secs())
+                    },
+                    ctx()
+                );
+            }
         }
     }
 }
+
+/// No new answer for this long: the run is stuck, not slow.
+const STALL: Duration = Duration::from_secs(60);
 
 struct Figures {
     span: Duration,
@@ -303,7 +328,9 @@ async fn anchor(
     )
     .await;
     track
-        .wait(timeout, if echo { "anchor B" } else { "anchor A" })
+        .wait(timeout, if echo { "anchor B" } else { "anchor A" }, &|| {
+            String::new()
+        })
         .await;
     // Let late duplicates (none expected) arrive before counting.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -543,7 +570,17 @@ async fn run(n: usize, k: usize, timeout: Duration) {
     )
     .await;
     let published = track.t0.elapsed();
-    track.wait(timeout, "the storm").await;
+    let st = stats.clone();
+    track
+        .wait(timeout, "the storm", &move || {
+            format!(
+                "service: {} reports taken, {} commands sent, {} writes",
+                st.reports.load(Relaxed),
+                st.commands_sent.load(Relaxed),
+                st.writes.load(Relaxed)
+            )
+        })
+        .await;
     let (w1, r1) = (stats.writes.load(Relaxed), stats.reports.load(Relaxed));
     let s = figures(&track);
     let first = track
@@ -571,6 +608,9 @@ async fn run(n: usize, k: usize, timeout: Duration) {
         b.rate,
         b.rate / s.rate
     );
+    // Holders away again, so that no retry is in flight when the core clients stop.
+    live.store(false, Relaxed);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     svc_stop.cancel();
     stop.cancel();
     tracker.close();
