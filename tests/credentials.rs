@@ -5,7 +5,7 @@
 mod common;
 
 use common::security_helpers::{strs, wait_until, Proc, MSG_FORMAT};
-use common::{tls_args, Creds, Gateway, BIN};
+use common::{tls_args, Creds, Gateway};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -19,37 +19,13 @@ fn gateway(extra: &str) -> Gateway {
     ))
 }
 
-/// A device agent's state directory holding `c` (as onboarding would have left it).
 fn agent_dir(gw: &Gateway, c: &Creds) -> PathBuf {
-    let d = gw.dir.path().join("agents").join(&c.id);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::copy(&c.key, d.join("mqtt.key")).unwrap();
-    std::fs::copy(&c.cert, d.join("mqtt.crt")).unwrap();
-    std::fs::copy(&c.ca, d.join("mqtt-ca.crt")).unwrap();
-    std::fs::write(
-        d.join("mqtt.json"),
-        serde_json::json!({
-            "client_id": c.id,
-            "servers": [format!("mqtts://127.0.0.1:{}", gw.mqtts().port())],
-        })
-        .to_string(),
-    )
-    .unwrap();
-    d
+    common::agent_state(gw.dir.path(), gw, c)
 }
 
-/// `outpost device` on a state directory; its JSON events are the lines of the Proc.
+/// The agent, once connected.
 fn agent(dir: &Path) -> Proc {
-    let args: Vec<String> = vec![
-        "device".into(),
-        "--state-dir".into(),
-        dir.display().to_string(),
-        "--cred".into(),
-        dir.join("unused.cred").display().to_string(),
-        "--interval".into(),
-        "0s".into(),
-    ];
-    let mut p = Proc::spawn(BIN, &args);
+    let mut p = common::spawn_agent(dir);
     p.wait_for(LIMIT, "agent connected", |l| {
         l.contains(r#""event":"connected""#)
     });

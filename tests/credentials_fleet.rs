@@ -9,28 +9,13 @@ mod common;
 
 use cloud::{Cloud as Broker, CloudPki};
 use common::roles::{uplink_section, Cloud};
-use common::security_helpers::{wait_until, Proc};
+use common::security_helpers::wait_until;
 use common::{Creds, Gateway, BIN};
 use outpost::credentials::fleet_msg::{self, Ecu, Up, VehicleReport};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-fn agent_dir(work: &Path, gw: &Gateway, c: &Creds) -> PathBuf {
-    let d = work.join("agents").join(&c.id);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::copy(&c.key, d.join("mqtt.key")).unwrap();
-    std::fs::copy(&c.cert, d.join("mqtt.crt")).unwrap();
-    std::fs::copy(gw.data_dir.join("ca.crt"), d.join("mqtt-ca.crt")).unwrap();
-    std::fs::write(
-        d.join("mqtt.json"),
-        serde_json::json!({"client_id": c.id, "servers": [format!("mqtts://127.0.0.1:{}", gw.mqtts().port())]}).to_string(),
-    )
-    .unwrap();
-    d
-}
 
 fn show(cloud: &Cloud, id: &str) -> serde_json::Value {
     serde_json::from_str(&cloud.cli(&["credentials", "show", id])).unwrap()
@@ -199,19 +184,8 @@ fn ecu_in_the_wrong_vehicle(database_url: String) {
         ca: gw.data_dir.join("ca.crt"),
         serial: serial.clone(),
     };
-    let dir = agent_dir(work.path(), &gw, &ecu);
-    let mut ag = Proc::spawn(
-        BIN,
-        &[
-            "device".into(),
-            "--state-dir".into(),
-            dir.display().to_string(),
-            "--cred".into(),
-            dir.join("unused").display().to_string(),
-            "--interval".into(),
-            "0s".into(),
-        ],
-    );
+    let dir = common::agent_state(work.path(), &gw, &ecu);
+    let mut ag = common::spawn_agent(&dir);
     // B, offline or not, decides itself: the ECU deletes it.
     ag.wait_for(LIMIT, "deleted on B's command", |l| {
         l.contains("credential-deleted")

@@ -11,7 +11,7 @@ mod common;
 
 use browser::Browser;
 use common::security_helpers::{Proc, LIMIT as SEC_LIMIT};
-use common::{tls_args, Creds, Gateway, BIN};
+use common::{tls_args, Gateway, BIN};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -25,20 +25,6 @@ fn shots(tmp: &Path) -> PathBuf {
     } else {
         tmp.join("screenshots")
     }
-}
-
-fn agent_dir(gw: &Gateway, c: &Creds) -> PathBuf {
-    let d = gw.dir.path().join("agents").join(&c.id);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::copy(&c.key, d.join("mqtt.key")).unwrap();
-    std::fs::copy(&c.cert, d.join("mqtt.crt")).unwrap();
-    std::fs::copy(&c.ca, d.join("mqtt-ca.crt")).unwrap();
-    std::fs::write(
-        d.join("mqtt.json"),
-        serde_json::json!({"client_id": c.id, "servers": [format!("mqtts://127.0.0.1:{}", gw.mqtts().port())]}).to_string(),
-    )
-    .unwrap();
-    d
 }
 
 async fn wait_text(b: &Browser, css: &str, want: &str) -> Vec<String> {
@@ -88,19 +74,8 @@ async fn an_admin_renews_one_certificate_and_invalidates_another_in_a_real_brows
     }
     let a = gw.issue("web-a");
     let b_dev = gw.issue("web-b");
-    let dir = agent_dir(&gw, &a);
-    let mut agent = Proc::spawn(
-        BIN,
-        &[
-            "device".into(),
-            "--state-dir".into(),
-            dir.display().to_string(),
-            "--cred".into(),
-            dir.join("unused").display().to_string(),
-            "--interval".into(),
-            "0s".into(),
-        ],
-    );
+    let dir = common::agent_state(gw.dir.path(), &gw, &a);
+    let mut agent = common::spawn_agent(&dir);
     agent.wait_for(SEC_LIMIT, "agent connected", |l| {
         l.contains(r#""event":"connected""#)
     });

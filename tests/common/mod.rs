@@ -662,3 +662,41 @@ pub fn strip_ansi(log: &str) -> String {
     }
     out
 }
+
+/// A device agent's state directory (under `work`) holding `c`, as onboarding would have
+/// left it: its key and certificate, the gateway's CA to trust, and `mqtt.json` naming
+/// the gateway's TLS listener.
+pub fn agent_state(work: &Path, gw: &Gateway, c: &Creds) -> PathBuf {
+    let d = work.join("agents").join(&c.id);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(&c.key, d.join("mqtt.key")).unwrap();
+    std::fs::copy(&c.cert, d.join("mqtt.crt")).unwrap();
+    std::fs::copy(gw.data_dir.join("ca.crt"), d.join("mqtt-ca.crt")).unwrap();
+    std::fs::write(
+        d.join("mqtt.json"),
+        serde_json::json!({
+            "client_id": c.id,
+            "servers": [format!("mqtts://127.0.0.1:{}", gw.mqtts().port())],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    d
+}
+
+/// `outpost device` on a state directory, without heartbeats; its JSON events are the
+/// lines of the process.
+pub fn spawn_agent(dir: &Path) -> security_helpers::Proc {
+    security_helpers::Proc::spawn(
+        BIN,
+        &[
+            "device".into(),
+            "--state-dir".into(),
+            dir.display().to_string(),
+            "--cred".into(),
+            dir.join("unused.cred").display().to_string(),
+            "--interval".into(),
+            "0s".into(),
+        ],
+    )
+}
