@@ -437,6 +437,8 @@ async fn run(n: usize, k: usize, timeout: Duration) {
         live: Arc::new(move |_: &str| l.load(Relaxed)),
         issuer: service::issuer_name(ca.ca_der()),
         vehicle: None,
+        up: None,
+        fleet: None,
     };
     let svc: CredentialsHandle = service::start(
         CredentialsConfig::default(),

@@ -201,7 +201,7 @@ async fn load(inv: &Inventory, rows: usize) -> f64 {
         let chunk: Vec<Credential> = (i..i + n).map(|j| credential(j, &mut rng)).collect();
         inv.put(&chunk).await.expect("load");
         i += n;
-        if (i / LOAD_CHUNK) % 20 == 0 {
+        if (i / LOAD_CHUNK).is_multiple_of(20) {
             eprintln!("  loaded {i} in {:.0} s", t.elapsed().as_secs_f64());
         }
     }

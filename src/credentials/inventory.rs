@@ -197,3 +197,21 @@ impl InventoryStore for Inventory {
         delegate!(self, i => i.open_jobs(limit))
     }
 }
+
+/// The last of each id, in first-seen order: a batch that names one credential or job twice
+/// writes its last version once (both stores).
+fn dedup<T>(items: &[T], id: impl Fn(&T) -> &str) -> Vec<&T> {
+    let mut at: std::collections::HashMap<&str, usize> =
+        std::collections::HashMap::with_capacity(items.len());
+    let mut out: Vec<&T> = Vec::with_capacity(items.len());
+    for it in items {
+        match at.get(id(it)) {
+            Some(&i) => out[i] = it,
+            None => {
+                at.insert(id(it), out.len());
+                out.push(it);
+            }
+        }
+    }
+    out
+}

@@ -270,22 +270,6 @@ fn job_keys(j: &Job) -> Vec<Vec<u8>> {
     out
 }
 
-/// The last of each id, in first-seen order.
-fn dedup<T>(items: &[T], id: impl Fn(&T) -> &str) -> Vec<&T> {
-    let mut at: HashMap<&str, usize> = HashMap::with_capacity(items.len());
-    let mut out: Vec<&T> = Vec::with_capacity(items.len());
-    for it in items {
-        match at.get(id(it)) {
-            Some(&i) => out[i] = it,
-            None => {
-                at.insert(id(it), out.len());
-                out.push(it);
-            }
-        }
-    }
-    out
-}
-
 impl Inner {
     /// Write credentials and jobs as one batch, update the index, then flush.
     fn write(&self, jobs: &[Job], creds: &[Credential]) -> Result<(), InventoryError> {
@@ -295,8 +279,8 @@ impl Inner {
         for j in jobs {
             check_job_keys(j)?;
         }
-        let creds = dedup(creds, |c| &c.id);
-        let jobs = dedup(jobs, |j| &j.id);
+        let creds = super::dedup(creds, |c| &c.id);
+        let jobs = super::dedup(jobs, |j| &j.id);
         let mut puts = Vec::with_capacity(creds.len() * 6 + jobs.len() * 4);
         let mut removes = Vec::new();
         {

@@ -572,22 +572,6 @@ impl JobColumns {
     }
 }
 
-/// The last of each id, in first-seen order (one statement may not touch a row twice).
-fn dedup<T>(items: &[T], id: impl Fn(&T) -> &str) -> Vec<&T> {
-    let mut at = std::collections::HashMap::with_capacity(items.len());
-    let mut out: Vec<&T> = Vec::with_capacity(items.len());
-    for it in items {
-        match at.get(id(it)) {
-            Some(&i) => out[i] = it,
-            None => {
-                at.insert(id(it), out.len());
-                out.push(it);
-            }
-        }
-    }
-    out
-}
-
 impl PgInventory {
     /// Connect to `url` (`postgresql://user@host:port/db`; plain TCP or a Unix socket
     /// directory as `host`, no TLS: the database is local) and make the schema when it is
@@ -683,8 +667,8 @@ impl PgInventory {
         for j in jobs {
             check_job_keys(j)?;
         }
-        let creds = dedup(creds, |c| &c.id);
-        let jobs = dedup(jobs, |j| &j.id);
+        let creds = super::dedup(creds, |c| &c.id);
+        let jobs = super::dedup(jobs, |j| &j.id);
         let mut cred_chunks = Vec::new();
         for chunk in creds.chunks(PUT_CHUNK) {
             cred_chunks.push(CredColumns::of(chunk)?);
