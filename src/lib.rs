@@ -208,6 +208,14 @@ fn log_listening(what: &str, addr: SocketAddr) {
     tracing::info!(listener = what, %addr, "listening");
 }
 
+fn web_label(cfg: &web::WebConfig) -> &'static str {
+    if cfg.tls {
+        "admin page (HTTPS)"
+    } else {
+        "admin page (HTTP)"
+    }
+}
+
 fn local(l: &TcpListener, what: &'static str, addr: SocketAddr) -> Result<SocketAddr, RunError> {
     l.local_addr()
         .map_err(|cause| RunError::Bind { what, addr, cause })
@@ -468,6 +476,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     }
     if let Some(a) = endpoints.metrics {
         log_listening("metrics (Prometheus)", a);
+    }
+    if let Some(a) = endpoints.web {
+        log_listening(web_label(&config.web), a);
     }
     tracing::info!(path = %data_dir.join(admin::SOCKET).display(), "admin socket");
 
@@ -837,6 +848,9 @@ pub async fn run_cloud(config: Config, shutdown: CancellationToken) -> Result<()
                 None
             };
             let addr = l.local_addr().ok();
+            if let Some(a) = addr {
+                log_listening(web_label(&config.web), a);
+            }
             serve_web(
                 l,
                 c,

@@ -690,7 +690,8 @@ fn a_clean_start_logs_no_warning_and_names_its_listeners_under_outpost() {
             .collect();
         assert!(loud.is_empty(), "start {round}: {loud:#?}\n{text}");
         let listening: Vec<&str> = text.lines().filter(|l| l.contains(" listening ")).collect();
-        assert_eq!(listening.len(), 4, "{text}");
+        // mqtts, fdo, plain, metrics and the admin page.
+        assert_eq!(listening.len(), 5, "{text}");
         for l in listening {
             assert!(l.contains(" outpost: listening"), "{l}");
         }

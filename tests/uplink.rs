@@ -503,9 +503,20 @@ when_full = \"drop-oldest\"\n",
     );
     rig.wait_state(true, Duration::from_secs(15));
     let sub = rig.cloud_subscriber("outpost/gw-test/devices/+/telemetry/#");
+    // The credential inventory's records share the queue: q-2's certificate record goes
+    // up (the queue is empty again) before the link is cut, so the queue holds only
+    // telemetry while it is.
+    let appended = rig.gw.metric("outpost_uplink_queue_appended_total");
+    let dev = rig.gw.issue("q-2");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while rig.gw.metric("outpost_uplink_queue_appended_total") == appended
+        || rig.gw.metric("outpost_uplink_queue_depth") > 0
+    {
+        assert!(Instant::now() < deadline, "q-2's record never went up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     rig.proxy.set(Fault::Blackhole);
     rig.wait_state(false, Duration::from_secs(10));
-    let dev = rig.gw.issue("q-2");
     let addr = rig.gw.mqtts();
     publish_at_least_once(
         || addr,

@@ -24,12 +24,16 @@ pub struct Filters {
     /// valid, expiring, expired, revoked or future.
     #[arg(long)]
     validity: Option<String>,
+    /// Destination server the credential is used with (exact: gateway, cloud, ota or a named one).
     #[arg(long)]
     server: Option<String>,
+    /// Holder: a device id (exact).
     #[arg(long)]
     holder: Option<String>,
+    /// Vehicle id the credential is bound to (exact).
     #[arg(long)]
     vehicle: Option<String>,
+    /// ECU id the credential is bound to (exact).
     #[arg(long)]
     ecu: Option<String>,
     /// Valid now and ending within this many days.
@@ -85,8 +89,10 @@ pub enum CredCmd {
     Bind {
         /// The credential id.
         id: String,
+        /// The vehicle id (as its gateway reports it at check-in).
         #[arg(long)]
         vehicle: String,
+        /// The ECU id within that vehicle.
         #[arg(long)]
         ecu: String,
         #[command(flatten)]
@@ -118,8 +124,9 @@ pub enum AdminCmd {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
-    /// Remove an admin (its open sessions end at their expiry).
+    /// Remove an admin (its open sessions end at their next request).
     Remove {
+        /// The admin's user name.
         user: String,
         #[command(flatten)]
         cfg: ConfigArgs,

@@ -329,6 +329,12 @@ impl Admins {
         ok && known
     }
 
+    /// Whether `user` is still in the file (with a password or a pinned certificate).
+    /// Blocking (a `stat`, and a read when the file changed).
+    pub fn is_admin(&self, user: &str) -> bool {
+        self.current().1.iter().any(|a| a.user == user)
+    }
+
     /// How many admins the file holds now.
     pub fn count(&self) -> usize {
         self.current().1.len()

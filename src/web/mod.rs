@@ -330,14 +330,12 @@ pub async fn serve(
              cross it in clear; set web.tls = true or put a TLS proxy in front"
         );
     }
+    // A fresh gateway has no admin yet: that is not a fault (the page answers nobody).
     if state.admins.count() == 0 {
-        tracing::warn!(
+        tracing::info!(
             file = %state.admins.path().display(),
             "admin page: no admin yet (add one with `outpost credentials admin add`)"
         );
-    }
-    if let Ok(a) = listener.local_addr() {
-        tracing::info!(addr = %a, "admin page listening");
     }
     let router = router(state);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -542,9 +540,22 @@ async fn guarded(sh: &Shared, path: &str, req: Request, next: Next) -> Response 
         return next.run(req).await;
     }
     let sid = cookie_value(req.headers(), session::COOKIE).map(str::to_string);
-    let found = sid
+    let mut found = sid
         .as_deref()
         .and_then(|id| lock(&sh.sessions).touch(id, Instant::now()));
+    // An admin removed from the admins file loses the sessions it has, at their next request.
+    if let (Some(s), Some(id)) = (&found, sid.as_deref()) {
+        let admins = sh.admins.clone();
+        let user = s.user.clone();
+        let still = tokio::task::spawn_blocking(move || admins.is_admin(&user))
+            .await
+            .unwrap_or(false);
+        if !still {
+            tracing::warn!(user = %s.user, "admin page: session of a removed admin ended");
+            lock(&sh.sessions).remove(id);
+            found = None;
+        }
+    }
     // No session: a pinned admin client certificate opens one (its cookie goes with the
     // answer).
     let mut new_cookie = None;

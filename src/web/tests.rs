@@ -257,6 +257,31 @@ async fn a_login_gives_a_strict_http_only_cookie_and_logout_ends_it() {
 }
 
 #[tokio::test]
+async fn removing_an_admin_ends_its_open_sessions() {
+    let t = fixture(vec![cert("01", "dev-1", now() + 1000)], fast());
+    let (cookie, _) = t.login().await;
+    assert_eq!(
+        t.get("/api/credentials", Some(&cookie)).await.status,
+        StatusCode::OK
+    );
+    assert!(admins::remove(&t._dir.path().join("admins.toml"), "alice").unwrap());
+    assert_eq!(
+        t.get("/api/credentials", Some(&cookie)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // The session is gone, not just refused once: adding alice back does not revive it.
+    set_password(t._dir.path(), "alice", PASSWORD).unwrap();
+    assert_eq!(
+        t.get("/api/credentials", Some(&cookie)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        t.get("/credentials", Some(&cookie)).await.status,
+        StatusCode::SEE_OTHER
+    );
+}
+
+#[tokio::test]
 async fn state_changes_need_the_sessions_csrf_token_and_this_origin() {
     let t = fixture(vec![cert("01", "dev-1", now() + 1000)], fast());
     let (cookie, csrf) = t.login().await;
