@@ -382,6 +382,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                 key_pem: std::fs::read_to_string(&config.uplink.key_file).ok(),
                 cert_pem: std::fs::read_to_string(&config.uplink.cert_file).ok(),
                 down,
+                link: uplink.state.clone(),
             }),
             fleet: None,
         };

@@ -506,6 +506,24 @@ when_full = \"drop-oldest\"\n",
     // The credential inventory's records share the queue: q-2's certificate record goes
     // up (the queue is empty again) before the link is cut, so the queue holds only
     // telemetry while it is.
+    let inv = CloudSubscriber::start(
+        rig.cloud.port,
+        tls_client_config(
+            &rig.pki.ca,
+            &rig.pki.dir.join("cloud-app.crt"),
+            &rig.pki.dir.join("cloud-app.key"),
+        ),
+        "cloud-app-inventory",
+        "outpost/gw-test/credentials/up",
+    );
+    let mentions_q2 = |inv: &CloudSubscriber| {
+        inv.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p)| p.contains("\"holder\":\"q-2\""))
+            .count()
+    };
     let appended = rig.gw.metric("outpost_uplink_queue_appended_total");
     let dev = rig.gw.issue("q-2");
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -515,6 +533,14 @@ when_full = \"drop-oldest\"\n",
         assert!(Instant::now() < deadline, "q-2's record never went up");
         std::thread::sleep(Duration::from_millis(20));
     }
+    while mentions_q2(&inv) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "q-2's record never reached the cloud"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = mentions_q2(&inv);
     rig.proxy.set(Fault::Blackhole);
     rig.wait_state(false, Duration::from_secs(10));
     let addr = rig.gw.mqtts();
@@ -547,6 +573,17 @@ when_full = \"drop-oldest\"\n",
         2000,
         "delivered + dropped must account for all"
     );
+    // Some of what was dropped might have been the inventory's: once the link is back the
+    // gateway sends its inventory again (credentials::service, resync after drops).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while mentions_q2(&inv) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "no resync of the inventory after the queue dropped messages\n{}",
+            rig.gw.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(
         unique.contains(&"q-2:1999".to_string()),
         "the newest survive"

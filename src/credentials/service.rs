@@ -47,6 +47,9 @@ pub const BATCH: usize = 256;
 pub const RETRIES_PER_TICK: usize = 256;
 /// Most open jobs one holder may have (a flood of operations is refused beyond it).
 pub const MAX_OPEN_JOBS_PER_DEVICE: usize = 64;
+/// Shortest time between two resyncs of the inventory after the uplink queue dropped
+/// messages.
+pub const RESYNC_MIN_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
@@ -316,6 +319,9 @@ pub struct UpSide {
     pub cert_pem: Option<String>,
     /// `outpost/{gateway}/credentials/down`, from the uplink session.
     pub down: mpsc::Receiver<crate::uplink::Delivery>,
+    /// The uplink's state: after the queue dropped messages (`when_full = "drop-oldest"`),
+    /// the inventory goes up again once the link is back.
+    pub link: tokio::sync::watch::Receiver<crate::uplink::detect::LinkState>,
 }
 
 /// The cloud's side of the fleet inventory.
@@ -475,6 +481,8 @@ pub fn start<S: InventoryStore>(
         revoke_at: HashMap::new(),
         openers: HashMap::new(),
         last_policy: 0,
+        resynced_at_drops: 0,
+        last_resync: None,
         present: BTreeMap::new(),
         down_out,
         warn: crate::frontdoor::bounds::WarnLimiter::gateway_wide(
@@ -869,6 +877,10 @@ struct Owner<S> {
     /// Rotations in flight: the new key, until the holder confirms (never written down).
     openers: HashMap<String, (String, Vec<u8>)>,
     last_policy: i64,
+    /// The uplink queue's dropped count when the inventory last went up whole, and when it
+    /// last went up after drops (the start's resync does not count).
+    resynced_at_drops: u64,
+    last_resync: Option<std::time::Instant>,
     /// Vehicle gateway: the ECUs that checked in since start and the certificate serials
     /// each reported (the vehicle check-in), at most `fleet_msg::MAX_ECUS`.
     present: BTreeMap<String, Vec<String>>,
@@ -1063,11 +1075,42 @@ impl<S: InventoryStore> Owner<S> {
         }
     }
 
-    /// Gateway start: every record goes up once (the cloud may have missed updates).
-    async fn resync(&self) {
+    /// Gateway: the uplink queue dropped messages since the last resync (some may have been
+    /// ours) and the link is up: the inventory goes up again, at most once per
+    /// `RESYNC_MIN_INTERVAL` (a resync that itself pushes old messages out counts once).
+    async fn resync_after_drops(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
         let Some(up) = &self.deps.up else {
             return;
         };
+        let dropped = up.queue.stats().dropped.load(Relaxed);
+        if dropped == self.resynced_at_drops
+            || *up.link.borrow() != crate::uplink::detect::LinkState::Online
+            || self
+                .last_resync
+                .is_some_and(|t| t.elapsed() < RESYNC_MIN_INTERVAL)
+        {
+            return;
+        }
+        tracing::info!(
+            dropped = dropped - self.resynced_at_drops,
+            "credentials: the uplink queue dropped messages; the inventory goes up again"
+        );
+        self.last_resync = Some(std::time::Instant::now());
+        self.resync().await;
+    }
+
+    /// Gateway start (and after the uplink queue dropped messages): every record goes up
+    /// once (the cloud may have missed updates).
+    async fn resync(&mut self) {
+        let Some(up) = &self.deps.up else {
+            return;
+        };
+        self.resynced_at_drops = up
+            .queue
+            .stats()
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed);
         let mut q = Query {
             limit: fleet_msg::MAX_RECORDS as u32,
             sort: super::model::SortKey::Id,
@@ -2335,6 +2378,7 @@ impl<S: InventoryStore> Owner<S> {
 
     /// Retries, timeouts, due revocations and the renewal policy.
     async fn tick(&mut self, w: &mut Writes) -> Result<(), CredentialsError> {
+        self.resync_after_drops().await;
         let t = now();
         let due: Vec<String> = self
             .revoke_at
