@@ -353,6 +353,24 @@ mod tests {
         );
     }
 
+    /// Found by the `can_rules` fuzz target in CI: a level written with a hundred leading
+    /// zeros parsed to a different f64 than its shortest form parses to, so a set that passed
+    /// its checks came back from its own serialisation as another set. serde_json's
+    /// `float_roundtrip` parses every decimal to the nearest f64.
+    #[test]
+    fn a_level_survives_its_own_serialisation_bit_for_bit() {
+        let tiny = format!("0.{}1737264693", "0".repeat(114));
+        let doc = DOC.replacen("0.95", &tiny, 1);
+        let first = Rules::parse(doc.as_bytes()).unwrap();
+        let again = serde_json::to_vec(&first.set).unwrap();
+        let back = Rules::parse(&again).unwrap();
+        assert_eq!(
+            back.set.rules[0].level.to_bits(),
+            first.set.rules[0].level.to_bits()
+        );
+        assert_eq!(back.set, first.set);
+    }
+
     #[test]
     fn a_rate_rule_keeps_at_most_its_limit() {
         let mut r = Rules::parse(DOC.as_bytes()).unwrap();
