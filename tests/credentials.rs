@@ -459,3 +459,94 @@ fn a_job_whose_holder_never_comes_times_out_and_the_credential_says_so() {
     // And a new operation may start.
     op(&gw, "renew", &id);
 }
+
+/// A holder that connects and reports at once must not get each command twice: the command
+/// went out when it came online, so its report resends only what went out more than
+/// `RESEND_QUIET` (2 s) ago. One raw TLS session is the device (a report from a second
+/// connection would take its session over); the retry is far away (60 s), so every command
+/// on the wire is the delivery or a check-in's resend.
+#[tokio::test]
+async fn a_check_in_right_after_a_command_does_not_resend_it_but_a_later_one_does() {
+    use common::wire;
+    use tokio::io::AsyncWriteExt;
+    common::require_mosquitto();
+    let gw = Gateway::start_with("[credentials]\nretry_min = \"60s\"\nretry_max = \"60s\"\n");
+    let c = gw.issue("quiet-c");
+    let mut s = common::tls_connect(gw.mqtts(), common::device_tls_config(&c))
+        .await
+        .expect("TLS");
+    assert_eq!(common::mqtt_connect(&mut s, "quiet-c", LIMIT).await, 0);
+    common::mqtt_subscribe(&mut s, "devices/quiet-c/commands/outpost/credentials", 1).await;
+    let topic = b"devices/quiet-c/commands/outpost/credentials";
+    // Commands on the wire within `limit` (each acknowledged), stopping at the first if asked.
+    async fn commands(
+        s: &mut common::TlsStream,
+        topic: &[u8],
+        limit: Duration,
+        first: bool,
+    ) -> usize {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut n = 0;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Ok(p) = tokio::time::timeout(left, common::read_packet(s)).await else {
+                return n;
+            };
+            let p = p.expect("read").expect("the gateway closed the session");
+            if p.kind() != 3 {
+                continue;
+            }
+            let len = u16::from_be_bytes([p.body[0], p.body[1]]) as usize;
+            if (p.first >> 1) & 3 == 1 {
+                let pid = u16::from_be_bytes([p.body[2 + len], p.body[3 + len]]);
+                s.write_all(&wire::ack(4, pid)).await.expect("PUBACK");
+            }
+            if &p.body[2..2 + len] == topic {
+                n += 1;
+                if first {
+                    return n;
+                }
+            }
+        }
+    }
+    let id = format!("cert:{}", c.serial);
+    op(&gw, "renew", &id);
+    assert_eq!(commands(&mut s, topic, LIMIT, true).await, 1, "the command");
+    let sent = std::time::Instant::now();
+    let report = format!(
+        r#"{{"v":1,"credentials":[{{"kind":"certificate","id":"{}","server":"gateway"}}]}}"#,
+        c.serial
+    );
+    let check_in = async |s: &mut common::TlsStream| {
+        let before = gw.metric("outpost_credentials_reports_total");
+        s.write_all(&wire::publish(
+            "devices/quiet-c/credentials/report",
+            report.as_bytes(),
+            0,
+            0,
+        ))
+        .await
+        .expect("report");
+        let deadline = std::time::Instant::now() + LIMIT;
+        while gw.metric("outpost_credentials_reports_total") <= before {
+            assert!(std::time::Instant::now() < deadline, "report never taken");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    check_in(&mut s).await;
+    assert!(
+        sent.elapsed() < Duration::from_millis(1500),
+        "the check-in came too late for this test: {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(
+        commands(&mut s, topic, Duration::from_millis(500), false).await,
+        0,
+        "the check-in resent a command that had just gone out"
+    );
+    // Later, the holder may have missed it: its check-in resends.
+    tokio::time::sleep(Duration::from_millis(2200).saturating_sub(sent.elapsed())).await;
+    check_in(&mut s).await;
+    assert_eq!(commands(&mut s, topic, LIMIT, true).await, 1, "the resend");
+    assert_eq!(job_states(&show(&gw, &id)), vec!["delivered"]);
+}

@@ -50,6 +50,11 @@ pub const MAX_OPEN_JOBS_PER_DEVICE: usize = 64;
 /// Shortest time between two resyncs of the inventory after the uplink queue dropped
 /// messages.
 pub const RESYNC_MIN_INTERVAL: Duration = Duration::from_secs(60);
+/// A check-in resends a delivered, unanswered command only when it went out at least this
+/// long ago: a holder that connects and reports at once would otherwise get every command
+/// twice (the tick delivers to it as soon as it is online, then its report resends). A
+/// holder that did miss it gets it from the retry (`retry_min` later).
+pub const RESEND_QUIET: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
@@ -483,6 +488,7 @@ pub fn start<S: InventoryStore>(
         last_policy: 0,
         resynced_at_drops: 0,
         last_resync: None,
+        sent_at: HashMap::new(),
         present: BTreeMap::new(),
         down_out,
         warn: crate::frontdoor::bounds::WarnLimiter::gateway_wide(
@@ -881,6 +887,9 @@ struct Owner<S> {
     /// last went up after drops (the start's resync does not count).
     resynced_at_drops: u64,
     last_resync: Option<std::time::Instant>,
+    /// When each job's command last went out (jobs sent within `RESEND_QUIET`; pruned each
+    /// tick, forgotten on restart).
+    sent_at: HashMap<String, std::time::Instant>,
     /// Vehicle gateway: the ECUs that checked in since start and the certificate serials
     /// each reported (the vehicle check-in), at most `fleet_msg::MAX_ECUS`.
     present: BTreeMap<String, Vec<String>>,
@@ -1821,6 +1830,7 @@ impl<S: InventoryStore> Owner<S> {
         j.updated_at = t;
         j.next_attempt_at = t.saturating_add(self.backoff(j.attempts));
         w.out.push((j.device.clone(), cmd));
+        self.sent_at.insert(j.id.clone(), std::time::Instant::now());
         w.job(j);
         Ok(())
     }
@@ -2016,11 +2026,17 @@ impl<S: InventoryStore> Owner<S> {
             }
         }
         // The check-in delivers everything queued for it (and resends what was delivered
-        // but not answered: the holder may have missed it while reconnecting).
+        // but not answered: the holder may have missed it while reconnecting), except what
+        // went out within `RESEND_QUIET`.
         let mine: Vec<String> = self
             .open
             .of_device(device)
             .filter(|j| !j.state.is_terminal())
+            .filter(|j| {
+                self.sent_at
+                    .get(&j.id)
+                    .is_none_or(|at| at.elapsed() >= RESEND_QUIET)
+            })
             .map(|j| j.id.clone())
             .collect();
         for j in mine {
@@ -2379,6 +2395,7 @@ impl<S: InventoryStore> Owner<S> {
     /// Retries, timeouts, due revocations and the renewal policy.
     async fn tick(&mut self, w: &mut Writes) -> Result<(), CredentialsError> {
         self.resync_after_drops().await;
+        self.sent_at.retain(|_, at| at.elapsed() < RESEND_QUIET);
         let t = now();
         let due: Vec<String> = self
             .revoke_at
