@@ -51,10 +51,14 @@ pub const MAX_OPEN_JOBS_PER_DEVICE: usize = 64;
 /// messages.
 pub const RESYNC_MIN_INTERVAL: Duration = Duration::from_secs(60);
 /// A check-in resends a delivered, unanswered command only when it went out at least this
-/// long ago: a holder that connects and reports at once would otherwise get every command
-/// twice (the tick delivers to it as soon as it is online, then its report resends). A
-/// holder that did miss it gets it from the retry (`retry_min` later).
-pub const RESEND_QUIET: Duration = Duration::from_secs(2);
+/// long before the report came in: a holder that connects and reports at once would otherwise get every command
+/// twice (the tick delivers to it as soon as it is online, then its report resends; in a
+/// storm the report may wait seconds in the intake). A holder that did miss it gets it
+/// from the retry (`retry_min` later, 5 s by default).
+pub const RESEND_QUIET: Duration = Duration::from_secs(5);
+/// How long the owner remembers when a command went out (longer than a report waits in a
+/// storm's backlog; at most one entry per open job).
+const SENT_AT_KEEP: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
@@ -168,10 +172,11 @@ enum Command {
         by: String,
         reply: Reply<Job>,
     },
-    /// A holder's check-in.
+    /// A holder's check-in, and when the intake took it.
     Report {
         device: String,
         report: Report,
+        at: std::time::Instant,
     },
     /// A holder's progress on one of its jobs.
     Update {
@@ -534,7 +539,11 @@ async fn intake(
                 let device = device.to_string();
                 let cmd = match *what {
                     "report" => match Report::decode(&p.payload) {
-                        Ok(report) => Command::Report { device, report },
+                        Ok(report) => Command::Report {
+                            device,
+                            report,
+                            at: std::time::Instant::now(),
+                        },
                         Err(e) => {
                             stats.reports_refused.fetch_add(1, Relaxed);
                             if warn.allow() {
@@ -887,8 +896,8 @@ struct Owner<S> {
     /// last went up after drops (the start's resync does not count).
     resynced_at_drops: u64,
     last_resync: Option<std::time::Instant>,
-    /// When each job's command last went out (jobs sent within `RESEND_QUIET`; pruned each
-    /// tick, forgotten on restart).
+    /// When each job's command last went out (within `SENT_AT_KEEP`; pruned each tick,
+    /// forgotten on restart).
     sent_at: HashMap<String, std::time::Instant>,
     /// Vehicle gateway: the ECUs that checked in since start and the certificate serials
     /// each reported (the vehicle check-in), at most `fleet_msg::MAX_ECUS`.
@@ -1434,7 +1443,7 @@ impl<S: InventoryStore> Owner<S> {
                     let _ = reply.send(Err(e));
                 }
             },
-            Command::Report { device, report } => self.report(w, &device, report).await?,
+            Command::Report { device, report, at } => self.report(w, &device, report, at).await?,
             Command::Update { device, update } => self.update(w, &device, update).await?,
             Command::Ca(CaEvent::Issued(rec)) | Command::Ca(CaEvent::Revoked(rec)) => {
                 self.record_cert(w, &rec).await?
@@ -1870,6 +1879,7 @@ impl<S: InventoryStore> Owner<S> {
         w: &mut Writes,
         device: &str,
         r: Report,
+        at: std::time::Instant,
     ) -> Result<(), CredentialsError> {
         use std::sync::atomic::Ordering::Relaxed;
         self.stats.reports.fetch_add(1, Relaxed);
@@ -2027,15 +2037,17 @@ impl<S: InventoryStore> Owner<S> {
         }
         // The check-in delivers everything queued for it (and resends what was delivered
         // but not answered: the holder may have missed it while reconnecting), except what
-        // went out within `RESEND_QUIET`.
+        // went out less than `RESEND_QUIET` before the report came in (or after it: then
+        // the holder was online with this connection when it went out).
         let mine: Vec<String> = self
             .open
             .of_device(device)
             .filter(|j| !j.state.is_terminal())
             .filter(|j| {
-                self.sent_at
-                    .get(&j.id)
-                    .is_none_or(|at| at.elapsed() >= RESEND_QUIET)
+                self.sent_at.get(&j.id).is_none_or(|sent| {
+                    at.checked_duration_since(*sent)
+                        .is_some_and(|d| d >= RESEND_QUIET)
+                })
             })
             .map(|j| j.id.clone())
             .collect();
@@ -2395,7 +2407,7 @@ impl<S: InventoryStore> Owner<S> {
     /// Retries, timeouts, due revocations and the renewal policy.
     async fn tick(&mut self, w: &mut Writes) -> Result<(), CredentialsError> {
         self.resync_after_drops().await;
-        self.sent_at.retain(|_, at| at.elapsed() < RESEND_QUIET);
+        self.sent_at.retain(|_, at| at.elapsed() < SENT_AT_KEEP);
         let t = now();
         let due: Vec<String> = self
             .revoke_at
