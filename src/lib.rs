@@ -6,6 +6,7 @@
 
 pub mod acl;
 pub mod admin;
+pub mod authz;
 pub mod broker;
 pub mod ca;
 pub mod can;

@@ -258,3 +258,34 @@ fn the_credential_records_and_messages_are_leaves_and_the_inventory_stands_on_th
         bad.join("\n")
     );
 }
+
+/// Issue 14's escalation ladder is a pure state machine: it names no other module of the
+/// crate and reads no clock (every event carries its time), so its state-machine tests
+/// are the whole truth about it.
+#[test]
+fn the_authz_ladder_is_pure() {
+    let path = src("authz/ladder.rs");
+    let mut bad = Vec::new();
+    check(&path, &[], false, &mut bad);
+    let text = std::fs::read_to_string(&path).unwrap();
+    for (n, line) in text.lines().enumerate() {
+        let code = line.split("//").next().unwrap_or("");
+        for clock in [
+            "Instant",
+            "SystemTime",
+            "std::time",
+            "tokio",
+            "std::fs",
+            "std::net",
+        ] {
+            if code.contains(clock) {
+                bad.push(format!("{}:{}: {clock}", path.display(), n + 1));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "the ladder is not pure:\n{}",
+        bad.join("\n")
+    );
+}
