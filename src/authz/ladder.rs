@@ -269,6 +269,13 @@ mod tests {
         }
     }
 
+    fn with_steps(steps: &[Step]) -> LadderConfig {
+        LadderConfig {
+            steps: steps.to_vec(),
+            ..cfg()
+        }
+    }
+
     /// Two violations within `findtime` at `at` and `at + 1`.
     fn offence(s: &mut State, at: i64, c: &LadderConfig) -> Vec<Effect> {
         let mut e = s.step(Event::Violation { at }, c);
@@ -330,10 +337,7 @@ mod tests {
 
     #[test]
     fn revoked_is_absorbing() {
-        let c = LadderConfig {
-            steps: vec![Step::Revoke],
-            ..cfg()
-        };
+        let c = with_steps(&[Step::Revoke]);
         let mut s = State::default();
         assert_eq!(offence(&mut s, 0, &c), vec![Effect::Revoke]);
         let before = s.clone();
@@ -352,10 +356,7 @@ mod tests {
 
     #[test]
     fn violation_while_locked_out_does_not_climb() {
-        let c = LadderConfig {
-            steps: vec![Step::Lockout, Step::Revoke],
-            ..cfg()
-        };
+        let c = with_steps(&[Step::Lockout, Step::Revoke]);
         let mut s = State::default();
         offence(&mut s, 0, &c);
         for k in 2..50 {
@@ -367,10 +368,7 @@ mod tests {
 
     #[test]
     fn lockout_expired_on_tick_and_on_the_next_violation() {
-        let c = LadderConfig {
-            steps: vec![Step::Lockout],
-            ..cfg()
-        };
+        let c = with_steps(&[Step::Lockout]);
         let mut s = State::default();
         offence(&mut s, 0, &c);
         assert!(s.step(Event::Tick { at: 30 }, &c).is_empty());
@@ -390,10 +388,7 @@ mod tests {
 
     #[test]
     fn lift_ends_lockout_and_downgrade_and_keeps_the_history_unless_asked() {
-        let c = LadderConfig {
-            steps: vec![Step::Downgrade, Step::Lockout],
-            ..cfg()
-        };
+        let c = with_steps(&[Step::Downgrade, Step::Lockout]);
         let mut s = State::default();
         offence(&mut s, 0, &c);
         offence(&mut s, 5, &c);
