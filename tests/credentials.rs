@@ -469,7 +469,6 @@ fn a_job_whose_holder_never_comes_times_out_and_the_credential_says_so() {
 async fn a_check_in_right_after_a_command_does_not_resend_it_but_a_later_one_does() {
     use common::wire;
     use tokio::io::AsyncWriteExt;
-    common::require_mosquitto();
     let gw = Gateway::start_with("[credentials]\nretry_min = \"60s\"\nretry_max = \"60s\"\n");
     let c = gw.issue("quiet-c");
     let mut s = common::tls_connect(gw.mqtts(), common::device_tls_config(&c))

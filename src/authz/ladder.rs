@@ -210,9 +210,18 @@ impl State {
     }
 
     fn offence(&mut self, at: i64, cfg: &LadderConfig, out: &mut Vec<Effect>) {
-        let k = (self.offences as usize).min(cfg.steps.len() - 1);
+        // Past the end the last step repeats (`validate` refuses an empty ladder; an
+        // unchecked one takes no step rather than panic).
+        let Some(step) = cfg
+            .steps
+            .get(self.offences as usize)
+            .or(cfg.steps.last())
+            .copied()
+        else {
+            return;
+        };
         self.offences = self.offences.saturating_add(1);
-        match cfg.steps[k] {
+        match step {
             Step::Warn => out.push(Effect::Warned {
                 offence: self.offences,
             }),

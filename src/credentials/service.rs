@@ -51,10 +51,10 @@ pub const MAX_OPEN_JOBS_PER_DEVICE: usize = 64;
 /// messages.
 pub const RESYNC_MIN_INTERVAL: Duration = Duration::from_secs(60);
 /// A check-in resends a delivered, unanswered command only when it went out at least this
-/// long before the report came in: a holder that connects and reports at once would otherwise get every command
-/// twice (the tick delivers to it as soon as it is online, then its report resends; in a
-/// storm the report may wait seconds in the intake). A holder that did miss it gets it
-/// from the retry (`retry_min` later, 5 s by default).
+/// long before the report came in: a holder that connects and reports at once would
+/// otherwise get every command twice (the tick delivers to it as soon as it is online, then
+/// its report resends; in a storm the report may wait seconds in the intake). A holder that
+/// did miss it gets it from the retry (`retry_min` later, 5 s by default).
 pub const RESEND_QUIET: Duration = Duration::from_secs(5);
 /// How long the owner remembers when a command went out (longer than a report waits in a
 /// storm's backlog; at most one entry per open job).
